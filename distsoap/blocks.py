@@ -1,0 +1,129 @@
+"""Blocks: how SOAP sees one parameter.
+
+A *block* is a parameter tensor as the preconditioner sees it: optionally permuted (channels_last
+4-D tensors become NCHW) and with adjacent small dims merged (``merge_dims``). Each block dim of
+size <= ``max_precond_dim`` is *factored*: it gets a Kronecker factor and an eigenbasis; larger
+dims are left unrotated. The rules follow shared/SOAP.md ("Shapes").
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+DATA_FORMATS = ("channels_first", "channels_last")
+
+
+def merge_shape(shape: tuple[int, ...], max_precond_dim: int) -> tuple[int, ...]:
+    """Merge adjacent dims while their product stays <= ``max_precond_dim``.
+
+    Walks the dims left to right keeping a running product. When multiplying in the next dim
+    would exceed ``max_precond_dim``, the running product is emitted (or the dim itself when the
+    running product is 1). A trailing running product of 1 is dropped unless nothing was emitted.
+
+    Args:
+        shape: the tensor shape to merge.
+        max_precond_dim: the largest merged dim that is still preconditioned.
+
+    Returns:
+        The merged shape; its product equals the product of ``shape``.
+    """
+    merged: list[int] = []
+    running = 1
+    for dim in shape:
+        if running * dim > max_precond_dim:
+            if running > 1:
+                merged.append(running)
+                running = dim
+            else:
+                merged.append(dim)
+                running = 1
+        else:
+            running *= dim
+    if running > 1 or not merged:
+        merged.append(running)
+    return tuple(merged)
+
+
+@dataclass(frozen=True)
+class BlockSpec:
+    """The layout of one parameter as a SOAP block.
+
+    Attributes:
+        param_shape: shape of the parameter (and of its gradient).
+        channels_last: the 4-D parameter is stored NHWC and is permuted to NCHW before merging.
+        block_shape: shape after the permutation and merging; moments are stored in this shape.
+        factored: one flag per block dim: True when that dim has a factor and an eigenbasis.
+    """
+
+    param_shape: tuple[int, ...]
+    channels_last: bool
+    block_shape: tuple[int, ...]
+    factored: tuple[bool, ...]
+
+    @property
+    def factor_dims(self) -> list[int]:
+        """Sizes of the factored dims, in block-dim order."""
+        return [d for d, f in zip(self.block_shape, self.factored, strict=True) if f]
+
+    @property
+    def numel(self) -> int:
+        """Number of elements of the block (equal to the parameter's)."""
+        n = 1
+        for d in self.param_shape:
+            n *= d
+        return n
+
+    def to_block(self, tensor: torch.Tensor) -> torch.Tensor:
+        """View (or copy, if the layout demands it) a parameter-shaped tensor as a block."""
+        if self.channels_last:
+            tensor = tensor.permute(0, 3, 1, 2)
+        return tensor.reshape(self.block_shape)
+
+    def from_block(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Bring a block-shaped tensor back to the parameter's shape (a view where possible)."""
+        if self.channels_last:
+            n, h, w, c = self.param_shape
+            return tensor.reshape(n, c, h, w).permute(0, 2, 3, 1)
+        return tensor.reshape(self.param_shape)
+
+
+def make_block_spec(
+    shape: tuple[int, ...] | torch.Size,
+    *,
+    max_precond_dim: int,
+    merge_dims: bool,
+    precondition_1d: bool,
+    data_format: str,
+) -> BlockSpec:
+    """Describe how SOAP preconditions a parameter of the given shape.
+
+    Args:
+        shape: the parameter's shape.
+        max_precond_dim: dims larger than this get no factor (identity rotation on that side).
+        merge_dims: merge adjacent small dims first (see :func:`merge_shape`).
+        precondition_1d: give 1-D parameters a factor too (else they are plain Adam).
+        data_format: ``"channels_first"`` or ``"channels_last"``; the latter permutes 4-D
+            parameters NHWC -> NCHW before merging (only when ``merge_dims`` is set, as in the
+            reference implementation).
+
+    Returns:
+        The block spec.
+    """
+    if data_format not in DATA_FORMATS:
+        raise ValueError(f"data_format must be one of {DATA_FORMATS}, got {data_format!r}")
+    shape = tuple(int(d) for d in shape)
+    channels_last = False
+    if len(shape) == 1:
+        block_shape = shape
+        factored = (precondition_1d and shape[0] <= max_precond_dim,)
+    else:
+        block_shape = shape
+        if merge_dims and len(shape) >= 2:
+            if data_format == "channels_last" and len(shape) == 4:
+                channels_last = True
+                block_shape = (shape[0], shape[3], shape[1], shape[2])
+            block_shape = merge_shape(block_shape, max_precond_dim)
+        factored = tuple(d <= max_precond_dim for d in block_shape)
+    return BlockSpec(shape, channels_last, block_shape, factored)

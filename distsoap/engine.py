@@ -1,0 +1,154 @@
+"""The SOAP step on a stack of same-shape blocks (shared/SOAP.md, "Every later call").
+
+Pure computation: given a block's stacked state and gradients, produce the parameter deltas and
+advance the state. Placement and communication (who computes which block) live elsewhere; every
+strategy calls these two functions.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from distsoap.kernels import rotated_adam_direction
+from distsoap.math.bases import initial_basis, refresh_bases
+from distsoap.math.rotations import rotate_in, rotate_out, update_factors
+
+
+def step_size(group: dict[str, Any], step: int) -> float:
+    """``lr * sqrt(1 - beta2^t) / (1 - beta1^t)`` with bias correction, else ``lr``."""
+    lr = group["lr"]
+    if not group["correct_bias"]:
+        return lr
+    beta1, beta2 = group["betas"]
+    return lr * (1.0 - beta2**step) ** 0.5 / (1.0 - beta1**step)
+
+
+def _per_block(values: list[float], like: torch.Tensor) -> torch.Tensor | float:
+    """A float when every block shares the value, else a ``(B,)`` tensor."""
+    if all(v == values[0] for v in values):
+        return values[0]
+    return torch.tensor(values, dtype=like.dtype, device=like.device)
+
+
+def _stacked(tensors: dict[str, torch.Tensor], prefix: str, rank: int) -> list:
+    return [tensors.get(f"{prefix}_{dim}") for dim in range(rank)]
+
+
+def soap_update(
+    tensors: dict[str, torch.Tensor],
+    grads: torch.Tensor,
+    steps: list[int],
+    group: dict[str, Any],
+    shampoo_beta: float,
+    precondition_frequency: int,
+) -> torch.Tensor:
+    """One SOAP update for a stack of blocks whose bases are initialised.
+
+    Args:
+        tensors: the stacked state: ``exp_avg``, ``exp_avg_sq`` ``(B, *block)`` and, per factored
+            block dim i, ``factor_i`` and ``basis_i`` ``(B, d_i, d_i)``. Updated in place, or
+            replaced by new tensors (refreshed bases, permuted second moments); the caller
+            stores the dict's final contents.
+        grads: gradients ``(B, *block)`` in the factors' dtype.
+        steps: each block's update count *after* this update (t in shared/SOAP.md).
+        group: the param group (lr, betas, eps, correct_bias, normalize_grads).
+        shampoo_beta: the blocks' factor EMA coefficient.
+        precondition_frequency: refresh a block's bases when its t is a multiple of this.
+
+    Returns:
+        The parameter deltas ``-step_size * U`` ``(B, *block)``; weight decay is not included.
+    """
+    rank = grads.dim() - 1
+    bases = _stacked(tensors, "basis", rank)
+    factors = _stacked(tensors, "factor", rank)
+    beta1, beta2 = group["betas"]
+
+    sizes = [-step_size(group, t) for t in steps]
+    scale = 1.0 if group["normalize_grads"] else _per_block(sizes, grads)
+    grad_rotated = rotate_in(grads, bases)
+    direction = rotated_adam_direction(
+        tensors["exp_avg"], tensors["exp_avg_sq"], grad_rotated, beta1, beta2, group["eps"], scale
+    )
+    delta = rotate_out(direction, bases)
+    if group["normalize_grads"]:
+        flat = delta.reshape(delta.shape[0], -1)
+        rms = flat.square().mean(dim=1).sqrt().add_(1e-30)
+        scales = torch.tensor(sizes, dtype=delta.dtype, device=delta.device) / rms
+        delta = delta * scales.view(-1, *[1] * rank)
+
+    update_factors(factors, grads, shampoo_beta)
+    due = [row for row, t in enumerate(steps) if t % precondition_frequency == 0]
+    if due and any(b is not None for b in bases):
+        _refresh_rows(tensors, due, rank)
+    return delta
+
+
+def _refresh_rows(tensors: dict[str, torch.Tensor], rows: list[int], rank: int) -> None:
+    """Refresh the bases of some rows of the stack, carrying the moments into the new bases."""
+    everything = len(rows) == tensors["exp_avg"].shape[0]
+    index = None if everything else torch.tensor(rows, device=tensors["exp_avg"].device)
+
+    def pick(t: torch.Tensor | None) -> torch.Tensor | None:
+        return t if t is None or index is None else t.index_select(0, index)
+
+    def put(key: str, value: torch.Tensor) -> None:
+        current = tensors[key]
+        if index is None:
+            current.copy_(value)
+        else:
+            current.index_copy_(0, index, value.to(current.dtype))
+
+    bases = [pick(b) for b in _stacked(tensors, "basis", rank)]
+    factors = [pick(f) for f in _stacked(tensors, "factor", rank)]
+    compute = next(b for b in bases if b is not None).dtype
+    exp_avg = rotate_out(pick(tensors["exp_avg"]).to(compute), bases)  # a. back to weight space
+    new_bases, exp_avg_sq = refresh_bases(factors, bases, pick(tensors["exp_avg_sq"]))  # c.
+    put("exp_avg", rotate_in(exp_avg, new_bases))  # d. into the new bases
+    put("exp_avg_sq", exp_avg_sq)
+    for dim, basis in enumerate(new_bases):
+        if basis is not None:
+            put(f"basis_{dim}", basis)
+
+
+def first_call(
+    state: dict[str, Any], factored: tuple[bool, ...], grad: torch.Tensor, moment_dtype: torch.dtype
+) -> None:
+    """First call for a block: create its state, accumulate the factors, and compute the bases.
+
+    No update is made and the step counter stays 0. The state must already hold ``step``,
+    ``shampoo_beta`` and ``precondition_frequency``. When a factor is all zero or not finite
+    (e.g. the all-zero gradient of torch DCP's state-initialising step) the bases are
+    provisional (identity) and ``bases_ready`` stays False, so the next call with a real
+    gradient starts again from here instead of freezing a meaningless basis.
+
+    Args:
+        state: the block's state dict, filled in place.
+        factored: per block dim, whether it has a factor.
+        grad: the block's gradient in block shape, in the factors' dtype.
+        moment_dtype: dtype of ``exp_avg`` and ``exp_avg_sq``.
+    """
+    if "exp_avg" not in state:
+        state["exp_avg"] = torch.zeros_like(grad, dtype=moment_dtype)
+        state["exp_avg_sq"] = torch.zeros_like(grad, dtype=moment_dtype)
+        for dim, has_factor in enumerate(factored):
+            if has_factor:
+                size = grad.shape[dim]
+                state[f"factor_{dim}"] = grad.new_zeros(size, size)
+                state[f"basis_{dim}"] = torch.eye(size, dtype=grad.dtype, device=grad.device)
+    factors = [
+        state[f"factor_{dim}"].unsqueeze(0) if has_factor else None
+        for dim, has_factor in enumerate(factored)
+    ]
+    update_factors(factors, grad.unsqueeze(0), state["shampoo_beta"])
+    usable = [f for f in factors if f is not None]
+    ready = all(bool(torch.isfinite(f).all()) and bool(f.abs().amax() > 0) for f in usable)
+    for dim, factor in enumerate(factors):
+        if factor is None:
+            continue
+        if ready:
+            state[f"basis_{dim}"].copy_(initial_basis(factor)[0])
+        else:
+            factor.zero_()  # discard this call: the next one starts from zero factors again
+    state["bases_ready"] = ready

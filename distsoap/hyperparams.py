@@ -1,0 +1,85 @@
+"""SOAP's hyperparameters: the reference's names and defaults, and their valid ranges."""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any
+
+from distsoap.blocks import DATA_FORMATS
+
+# Names and defaults of the public reference implementation (shared/SOAP.md), so that replacing
+# its import with distsoap's is enough.
+DEFAULTS: dict[str, Any] = {
+    "lr": 3e-3,
+    "betas": (0.95, 0.95),
+    "shampoo_beta": -1,
+    "eps": 1e-8,
+    "weight_decay": 0.01,
+    "precondition_frequency": 10,
+    "max_precond_dim": 10000,
+    "merge_dims": False,
+    "precondition_1d": False,
+    "normalize_grads": False,
+    "correct_bias": True,
+}
+
+_BOOLEAN_KEYS = ("merge_dims", "precondition_1d", "normalize_grads", "correct_bias")
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def validate_data_format(data_format: Any) -> None:
+    """Raise ValueError unless ``data_format`` is one of the two supported layouts."""
+    if data_format not in DATA_FORMATS:
+        raise ValueError(f"data_format must be one of {DATA_FORMATS}, got {data_format!r}")
+
+
+def validate_group(group: dict[str, Any], data_format: str = "channels_first") -> None:
+    """Check one param group's hyperparameters; raise ValueError naming the valid range.
+
+    Args:
+        group: a param group (hyperparameters and ``params``).
+        data_format: the optimizer-wide data format.
+    """
+    validate_data_format(data_format)
+    lr = group["lr"]
+    if not _is_real(lr) or not lr >= 0:
+        raise ValueError(f"lr must be a real number >= 0, got {lr!r}")
+    betas = group["betas"]
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise ValueError(f"betas must be a pair (beta1, beta2), each in [0, 1), got {betas!r}")
+    for name, beta in zip(("beta1", "beta2"), betas, strict=True):
+        if not _is_real(beta) or not 0.0 <= beta < 1.0:
+            raise ValueError(f"{name} must be in [0, 1), got {beta!r}")
+    shampoo_beta = group["shampoo_beta"]
+    if not _is_real(shampoo_beta) or not shampoo_beta < 1.0:
+        raise ValueError(
+            "shampoo_beta must be in [0, 1), or negative to use beta2, " f"got {shampoo_beta!r}"
+        )
+    eps = group["eps"]
+    if not _is_real(eps) or not eps >= 0:
+        raise ValueError(f"eps must be a real number >= 0, got {eps!r}")
+    weight_decay = group["weight_decay"]
+    if not _is_real(weight_decay) or not weight_decay >= 0:
+        raise ValueError(f"weight_decay must be a real number >= 0, got {weight_decay!r}")
+    frequency = group["precondition_frequency"]
+    if not _is_int(frequency) or frequency < 1:
+        raise ValueError(f"precondition_frequency must be an integer >= 1, got {frequency!r}")
+    max_dim = group["max_precond_dim"]
+    if not _is_int(max_dim) or max_dim < 1:
+        raise ValueError(f"max_precond_dim must be an integer >= 1, got {max_dim!r}")
+    for key in _BOOLEAN_KEYS:
+        if not isinstance(group[key], bool):
+            raise ValueError(f"{key} must be True or False, got {group[key]!r}")
+
+
+def resolved_shampoo_beta(group: dict[str, Any]) -> float:
+    """The factor EMA coefficient: ``shampoo_beta``, or beta2 when it is negative."""
+    shampoo_beta = group["shampoo_beta"]
+    return float(shampoo_beta if shampoo_beta >= 0 else group["betas"][1])

@@ -1,0 +1,264 @@
+"""``distsoap.SOAP``: the drop-in optimizer (single process).
+
+Same constructor as the public reference implementation. Parameters are turned into blocks
+(:mod:`distsoap.blocks`), blocks of one shape are stacked into buckets (:mod:`distsoap.bucket`)
+and each bucket is stepped with batched matmuls (:mod:`distsoap.engine`).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from functools import lru_cache
+from itertools import chain
+from typing import Any
+
+import torch
+
+from distsoap.blocks import BlockSpec, make_block_spec
+from distsoap.bucket import Bucket, block_tensor_keys
+from distsoap.engine import first_call, soap_update
+from distsoap.hyperparams import (
+    DEFAULTS,
+    resolved_shampoo_beta,
+    validate_data_format,
+    validate_group,
+)
+
+_MOMENT_DTYPES = (torch.float32, torch.bfloat16, torch.float64)
+
+_cached_block_spec = lru_cache(maxsize=None)(make_block_spec)
+
+
+def compute_dtype(param: torch.Tensor) -> torch.dtype:
+    """Dtype of factors, bases and the math: fp64 for fp64 parameters, else fp32."""
+    return torch.float64 if param.dtype == torch.float64 else torch.float32
+
+
+def check_gradient(param: torch.Tensor) -> None:
+    """Reject gradients SOAP cannot precondition."""
+    grad = param.grad
+    if grad.is_sparse:
+        raise RuntimeError("SOAP does not support sparse gradients (use a dense embedding)")
+    if grad.is_complex() or param.is_complex():
+        raise RuntimeError("SOAP does not support complex parameters or gradients")
+
+
+class SOAP(torch.optim.Optimizer):
+    """SOAP: Shampoo with Adam in the preconditioner's eigenbasis (Vyas et al., 2024).
+
+    A drop-in replacement for the public reference implementation (same arguments, defaults and
+    step-for-step behaviour; see shared/SOAP.md and the README's hyperparameter table), with the
+    work batched over same-shape blocks.
+
+    Args:
+        params: parameters or param groups.
+        lr: learning rate.
+        betas: Adam's (beta1, beta2).
+        shampoo_beta: EMA coefficient of the Kronecker factors; negative means beta2.
+        eps: added to the square root of the (uncorrected) second moment.
+        weight_decay: decoupled weight decay, applied after the update.
+        precondition_frequency: refresh the eigenbases every this many updates.
+        max_precond_dim: dims larger than this are not rotated.
+        merge_dims: merge adjacent small dims before preconditioning.
+        precondition_1d: precondition 1-D parameters too (else they get plain Adam).
+        normalize_grads: divide each parameter's update by its RMS.
+        data_format: ``"channels_first"`` or ``"channels_last"`` (4-D tensors are permuted
+            NHWC -> NCHW before merging).
+        correct_bias: fold Adam's bias correction into the step size.
+        moment_dtype: keyword-only; dtype of ``exp_avg`` and ``exp_avg_sq`` (fp32 default;
+            bf16 halves their memory at some accuracy cost; fp64 parameters always use fp64).
+    """
+
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
+        lr: float = DEFAULTS["lr"],
+        betas: tuple[float, float] = DEFAULTS["betas"],
+        shampoo_beta: float = DEFAULTS["shampoo_beta"],
+        eps: float = DEFAULTS["eps"],
+        weight_decay: float = DEFAULTS["weight_decay"],
+        precondition_frequency: int = DEFAULTS["precondition_frequency"],
+        max_precond_dim: int = DEFAULTS["max_precond_dim"],
+        merge_dims: bool = DEFAULTS["merge_dims"],
+        precondition_1d: bool = DEFAULTS["precondition_1d"],
+        normalize_grads: bool = DEFAULTS["normalize_grads"],
+        data_format: str = "channels_first",
+        correct_bias: bool = DEFAULTS["correct_bias"],
+        *,
+        moment_dtype: torch.dtype = torch.float32,
+    ):
+        validate_data_format(data_format)
+        if moment_dtype not in _MOMENT_DTYPES:
+            raise ValueError(f"moment_dtype must be one of {_MOMENT_DTYPES}, got {moment_dtype}")
+        self.data_format = data_format
+        self.moment_dtype = moment_dtype
+        self._buckets: dict[tuple, Bucket] = {}
+        defaults = dict(
+            lr=lr,
+            betas=betas,
+            shampoo_beta=shampoo_beta,
+            eps=eps,
+            weight_decay=weight_decay,
+            precondition_frequency=precondition_frequency,
+            max_precond_dim=max_precond_dim,
+            merge_dims=merge_dims,
+            precondition_1d=precondition_1d,
+            normalize_grads=normalize_grads,
+            correct_bias=correct_bias,
+        )
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a param group after checking its hyperparameters (ValueError if out of range)."""
+        super().add_param_group(param_group)
+        try:
+            validate_group(self.param_groups[-1], self.data_format)
+        except ValueError:
+            self.param_groups.pop()
+            raise
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state.update(data_format=self.data_format, moment_dtype=self.moment_dtype)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._buckets = {}
+
+    def block_spec(self, param: torch.Tensor, group: dict[str, Any]) -> BlockSpec:
+        """How this optimizer sees ``param`` (its block shape and factored dims)."""
+        return _cached_block_spec(
+            tuple(param.shape),
+            max_precond_dim=group["max_precond_dim"],
+            merge_dims=group["merge_dims"],
+            precondition_1d=group["precondition_1d"],
+            data_format=self.data_format,
+        )
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
+        """Perform one optimization step.
+
+        Args:
+            closure: re-evaluates the model and returns the loss (optional).
+
+        Returns:
+            The closure's loss, or None.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for index, group in enumerate(self.param_groups):
+            ready: dict[tuple, list[torch.Tensor]] = defaultdict(list)
+            for param in group["params"]:
+                if param.grad is None:
+                    continue
+                check_gradient(param)
+                spec = self.block_spec(param, group)
+                state = self.state[param]
+                if not state.get("bases_ready", False):
+                    self._first_call(param, spec, group, state)
+                    continue
+                if state["exp_avg"].shape != spec.block_shape:
+                    raise ValueError(
+                        f"a parameter's SOAP state has block shape {tuple(state['exp_avg'].shape)}"
+                        f" but max_precond_dim / merge_dims / precondition_1d now give "
+                        f"{spec.block_shape}; these cannot change during training"
+                    )
+                key = (
+                    index,
+                    spec.block_shape,
+                    spec.factored,
+                    compute_dtype(param),
+                    param.device,
+                    state["precondition_frequency"],
+                    state["shampoo_beta"],
+                )
+                ready[key].append(param)
+            for key, params in ready.items():
+                self._step_bucket(key, params, group)
+        return loss
+
+    def _first_call(
+        self, param: torch.Tensor, spec: BlockSpec, group: dict[str, Any], state: dict[str, Any]
+    ) -> None:
+        if not state:
+            state["step"] = 0
+            state["precondition_frequency"] = group["precondition_frequency"]
+            state["shampoo_beta"] = resolved_shampoo_beta(group)
+        dtype = compute_dtype(param)
+        moments = torch.float64 if dtype == torch.float64 else self.moment_dtype
+        grad = spec.to_block(param.grad).to(dtype)
+        first_call(state, spec.factored, grad, moments)
+
+    def _bucket(self, key: tuple, params: list[torch.Tensor]) -> Bucket:
+        """The bucket for ``key``, (re)built if some of ``params`` are not members yet."""
+        bucket = self._buckets.get(key)
+        if bucket is not None and bucket.holds(params):
+            return bucket
+        members = list(bucket.params) if bucket is not None else []
+        known = {id(p) for p in members}
+        members += [p for p in params if id(p) not in known]
+        keys = block_tensor_keys(key[2])
+        bucket = Bucket(members, [self.state[p] for p in members], keys)
+        self._buckets[key] = bucket
+        return bucket
+
+    def _step_bucket(self, key: tuple, params: list[torch.Tensor], group: dict[str, Any]) -> None:
+        _, block_shape, _, dtype, _, frequency, shampoo_beta = key
+        bucket = self._bucket(key, params)
+        rows = [bucket.row[id(p)] for p in params]
+        specs = [self.block_spec(p, group) for p in params]
+        grads = torch.stack([s.to_block(p.grad).to(dtype) for s, p in zip(specs, params)])
+        steps = []
+        for p in params:
+            self.state[p]["step"] += 1
+            steps.append(self.state[p]["step"])
+        tensors = bucket.select(rows)
+        deltas = soap_update(tensors, grads, steps, group, shampoo_beta, frequency)
+        bucket.write_back(rows, tensors)
+        apply_deltas(params, [s.from_block(d) for s, d in zip(specs, deltas)], group)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state dict, keeping fp32 factors and bases whatever the parameter dtype.
+
+        ``torch.optim.Optimizer.load_state_dict`` casts every floating-point state tensor to its
+        parameter's dtype, which would round fp32 factors of bf16 parameters; here the state is
+        loaded as saved (moved to the parameter's device and copied).
+        """
+        saved_state = state_dict["state"]
+        super().load_state_dict({**state_dict, "state": {}})
+        saved_ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
+        params = chain.from_iterable(g["params"] for g in self.param_groups)
+        for saved_id, param in zip(saved_ids, params, strict=True):
+            if saved_id in saved_state:
+                self.state[param] = {
+                    k: v.to(param.device, copy=True) if isinstance(v, torch.Tensor) else v
+                    for k, v in saved_state[saved_id].items()
+                }
+        self._buckets = {}
+
+
+def apply_deltas(
+    params: list[torch.Tensor], deltas: list[torch.Tensor], group: dict[str, Any]
+) -> None:
+    """``W <- W + delta``, then decoupled decay ``W <- W - lr * wd * W`` on the new W.
+
+    Parameters whose dtype differs from the deltas' (bf16, fp16) are updated in the deltas'
+    precision and rounded once.
+    """
+    decay = -group["lr"] * group["weight_decay"]
+    same = [i for i, (p, d) in enumerate(zip(params, deltas)) if p.dtype == d.dtype]
+    if same:
+        same_params = [params[i] for i in same]
+        torch._foreach_add_(same_params, [deltas[i] for i in same])
+        if group["weight_decay"] > 0:
+            torch._foreach_add_(same_params, same_params, alpha=decay)
+    for i in sorted(set(range(len(params))) - set(same)):
+        weight = params[i].to(deltas[i].dtype).add_(deltas[i])
+        if group["weight_decay"] > 0:
+            weight.add_(weight, alpha=decay)
+        params[i].copy_(weight)

@@ -1,0 +1,35 @@
+"""Packaging for distsoap.
+
+The Triton kernels live in the top-level ``kernels/`` folder of the repository but are installed
+as ``distsoap.kernels``: a top-level module named ``kernels`` already exists on PyPI.
+"""
+
+from setuptools import setup
+
+EXTRAS = {
+    "demo": ["matplotlib>=3.7", "tqdm>=4.60"],
+    "triton": ["triton>=3.0"],
+    "deepspeed": ["deepspeed>=0.16"],
+    "mpi": ["mpi4py>=3.1"],
+    "bench": ["heavyball", "pytorch-optimizer"],
+    "dev": ["pytest>=7.4", "pytest-timeout>=2.2", "ruff>=0.5", "matplotlib>=3.7", "tqdm>=4.60"],
+}
+
+setup(
+    name="distsoap",
+    version="0.1.0",
+    description="SOAP (Shampoo with Adam in the preconditioner's eigenbasis) for distributed PyTorch",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=["distsoap", "distsoap.math", "distsoap.demo", "distsoap.kernels"],
+    package_dir={"distsoap.kernels": "kernels"},
+    install_requires=["torch>=2.6", "numpy"],
+    extras_require=EXTRAS,
+    entry_points={"console_scripts": ["distsoap-demo=distsoap.demo.__main__:main"]},
+    license="Apache-2.0",
+    classifiers=[
+        "Programming Language :: Python :: 3",
+        "Topic :: Scientific/Engineering :: Artificial Intelligence",
+    ],
+)
