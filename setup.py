@@ -4,6 +4,8 @@ The Triton kernels live in the top-level ``kernels/`` folder of the repository b
 as ``distsoap.kernels``: a top-level module named ``kernels`` already exists on PyPI.
 """
 
+from pathlib import Path
+
 from setuptools import setup
 
 EXTRAS = {
@@ -18,8 +20,8 @@ EXTRAS = {
 setup(
     name="distsoap",
     version="0.1.0",
-    description="SOAP (Shampoo with Adam in the preconditioner's eigenbasis) for distributed PyTorch",
-    long_description=open("README.md", encoding="utf-8").read(),
+    description="SOAP (Shampoo with Adam in the preconditioner's eigenbasis), distributed",
+    long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=["distsoap", "distsoap.math", "distsoap.demo", "distsoap.kernels"],

@@ -28,6 +28,7 @@ def merge_shape(shape: tuple[int, ...], max_precond_dim: int) -> tuple[int, ...]
 
     Returns:
         The merged shape; its product equals the product of ``shape``.
+
     """
     merged: list[int] = []
     running = 1
@@ -55,6 +56,7 @@ class BlockSpec:
         channels_last: the 4-D parameter is stored NHWC and is permuted to NCHW before merging.
         block_shape: shape after the permutation and merging; moments are stored in this shape.
         factored: one flag per block dim: True when that dim has a factor and an eigenbasis.
+
     """
 
     param_shape: tuple[int, ...]
@@ -110,6 +112,7 @@ def make_block_spec(
 
     Returns:
         The block spec.
+
     """
     if data_format not in DATA_FORMATS:
         raise ValueError(f"data_format must be one of {DATA_FORMATS}, got {data_format!r}")

@@ -27,6 +27,7 @@ class Bucket:
         params: the member parameters, in a fixed order (their row in every stack).
         states: their state dicts; tensors are moved into the stacks and replaced by views.
         keys: the state keys to stack.
+
     """
 
     def __init__(self, params: list[torch.Tensor], states: list[dict], keys: list[str]):
@@ -46,8 +47,11 @@ class Bucket:
         return all(id(p) in self.row for p in params)
 
     def select(self, rows: list[int]) -> dict[str, torch.Tensor]:
-        """The stacked tensors for these rows: the storage itself when all rows are asked for
-        in order, else copies that :meth:`write_back` returns to the storage."""
+        """The stacked tensors for these rows.
+
+        The storage itself when all rows are asked for in order, else copies that
+        :meth:`write_back` returns to the storage.
+        """
         if rows == list(range(len(self))):
             return dict(self.storage)
         index = torch.tensor(rows, device=next(iter(self.storage.values())).device)

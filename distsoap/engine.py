@@ -59,6 +59,7 @@ def soap_update(
 
     Returns:
         The parameter deltas ``-step_size * U`` ``(B, *block)``; weight decay is not included.
+
     """
     rank = grads.dim() - 1
     bases = _stacked(tensors, "basis", rank)
@@ -118,16 +119,18 @@ def first_call(
     """First call for a block: create its state, accumulate the factors, and compute the bases.
 
     No update is made and the step counter stays 0. The state must already hold ``step``,
-    ``shampoo_beta`` and ``precondition_frequency``. When a factor is all zero or not finite
-    (e.g. the all-zero gradient of torch DCP's state-initialising step) the bases are
-    provisional (identity) and ``bases_ready`` stays False, so the next call with a real
-    gradient starts again from here instead of freezing a meaningless basis.
+    ``shampoo_beta`` and ``precondition_frequency``. When the gradient or a factor is all zero
+    or not finite (e.g. the all-zero gradient of torch DCP's state-initialising step) the call
+    is discarded: the factors are reset to zero, the bases are provisional (identity) and
+    ``bases_ready`` stays False, so the next call with a real gradient is the first call again
+    instead of freezing a meaningless basis (the public reference would keep it).
 
     Args:
         state: the block's state dict, filled in place.
         factored: per block dim, whether it has a factor.
         grad: the block's gradient in block shape, in the factors' dtype.
         moment_dtype: dtype of ``exp_avg`` and ``exp_avg_sq``.
+
     """
     if "exp_avg" not in state:
         state["exp_avg"] = torch.zeros_like(grad, dtype=moment_dtype)
@@ -142,8 +145,8 @@ def first_call(
         for dim, has_factor in enumerate(factored)
     ]
     update_factors(factors, grad.unsqueeze(0), state["shampoo_beta"])
-    usable = [f for f in factors if f is not None]
-    ready = all(bool(torch.isfinite(f).all()) and bool(f.abs().amax() > 0) for f in usable)
+    usable = [grad] + [f for f in factors if f is not None]
+    ready = all(bool(torch.isfinite(t).all()) and bool(t.abs().amax() > 0) for t in usable)
     for dim, factor in enumerate(factors):
         if factor is None:
             continue

@@ -46,6 +46,7 @@ def validate_group(group: dict[str, Any], data_format: str = "channels_first") -
     Args:
         group: a param group (hyperparameters and ``params``).
         data_format: the optimizer-wide data format.
+
     """
     validate_data_format(data_format)
     lr = group["lr"]
@@ -60,7 +61,7 @@ def validate_group(group: dict[str, Any], data_format: str = "channels_first") -
     shampoo_beta = group["shampoo_beta"]
     if not _is_real(shampoo_beta) or not shampoo_beta < 1.0:
         raise ValueError(
-            "shampoo_beta must be in [0, 1), or negative to use beta2, " f"got {shampoo_beta!r}"
+            f"shampoo_beta must be in [0, 1), or negative to use beta2, got {shampoo_beta!r}"
         )
     eps = group["eps"]
     if not _is_real(eps) or not eps >= 0:

@@ -68,6 +68,7 @@ class SOAP(torch.optim.Optimizer):
         correct_bias: fold Adam's bias correction into the step size.
         moment_dtype: keyword-only; dtype of ``exp_avg`` and ``exp_avg_sq`` (fp32 default;
             bf16 halves their memory at some accuracy cost; fp64 parameters always use fp64).
+
     """
 
     def __init__(
@@ -146,6 +147,7 @@ class SOAP(torch.optim.Optimizer):
 
         Returns:
             The closure's loss, or None.
+
         """
         loss = None
         if closure is not None:

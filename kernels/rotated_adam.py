@@ -35,6 +35,7 @@ def rotated_adam_direction(
 
     Returns:
         The scaled Adam direction, in ``grad_rotated``'s dtype.
+
     """
     compute = grad_rotated.dtype
     m = exp_avg if exp_avg.dtype == compute else exp_avg.to(compute)

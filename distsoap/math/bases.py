@@ -32,6 +32,7 @@ def initial_basis(factor: torch.Tensor) -> torch.Tensor:
 
     Returns:
         ``(B, d, d)`` orthogonal matrices, eigenvectors in columns by descending eigenvalue.
+
     """
     try:
         return _eigh_descending(factor)
@@ -58,6 +59,7 @@ def refresh_bases(
 
     Returns:
         The new bases (None where not factored) and the permuted second moments.
+
     """
     new_bases: list[torch.Tensor | None] = []
     batch = exp_avg_sq.shape[0]

@@ -66,6 +66,7 @@ def update_factors(
         factors: per block dim, a ``(B, d_i, d_i)`` stack updated in place, or None.
         grad: the gradient stack ``(B, d_1, ..., d_k)`` in the factors' dtype.
         shampoo_beta: the EMA factor.
+
     """
     for dim, factor in enumerate(factors):
         if factor is None:
