@@ -1,0 +1,149 @@
+"""One training run of the demo model: warm-up then cosine schedule, clipping, periodic eval."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from distsoap import SOAP
+from distsoap.demo.corpus import ByteBatches
+from distsoap.demo.model import GPT
+
+
+@dataclass
+class RunConfig:
+    """Settings of one training run."""
+
+    optimizer: str
+    """``"soap"`` or ``"adamw"``."""
+    lr: float
+    """Peak learning rate."""
+    steps: int = 400
+    """Optimizer steps."""
+    batch_size: int = 32
+    """Sequences per step."""
+    warmup_fraction: float = 0.05
+    """Share of the steps spent warming the lr up linearly; then cosine decay to 0."""
+    clip: float = 1.0
+    """Gradient-norm clipping threshold (both optimizers)."""
+    weight_decay: float = 0.01
+    """Decoupled weight decay (both optimizers)."""
+    precondition_frequency: int = 10
+    """SOAP's eigenbasis refresh interval."""
+    eval_every: int = 20
+    """Evaluate the validation loss every this many steps."""
+    eval_batches: int = 4
+    """Validation batches per evaluation (the same batches every time)."""
+    seed: int = 0
+    """Seeds the data order (the model is initialised by the caller)."""
+
+
+@dataclass
+class RunResult:
+    """What a run measured."""
+
+    name: str
+    train_loss: list[float] = field(default_factory=list)
+    eval_steps: list[int] = field(default_factory=list)
+    val_loss: list[float] = field(default_factory=list)
+    wall_seconds: float = 0.0
+    optimizer_seconds: float = 0.0
+
+
+def make_optimizer(name: str, model: torch.nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
+    """SOAP with the reference's betas, or AdamW with the usual LM betas."""
+    if name == "soap":
+        return SOAP(
+            model.parameters(),
+            lr=cfg.lr,
+            betas=(0.95, 0.95),
+            weight_decay=cfg.weight_decay,
+            precondition_frequency=cfg.precondition_frequency,
+        )
+    if name == "adamw":
+        return torch.optim.AdamW(
+            model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay
+        )
+    raise ValueError(f"optimizer must be 'soap' or 'adamw', got {name!r}")
+
+
+def lr_factor(step: int, total: int, warmup_fraction: float) -> float:
+    """Linear warm-up to 1, then cosine decay to 0."""
+    warmup = max(1, int(total * warmup_fraction))
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1 + math.cos(math.pi * progress))
+
+
+@torch.no_grad()
+def evaluate(model: GPT, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
+    """Mean validation loss over fixed batches."""
+    model.eval()
+    losses = [float(model(x, y)[1]) for x, y in batches]
+    model.train()
+    return sum(losses) / len(losses)
+
+
+def train_run(
+    model: GPT,
+    data: ByteBatches,
+    cfg: RunConfig,
+    device: torch.device,
+    progress=None,
+) -> RunResult:
+    """Train ``model`` in place and return the losses and timings.
+
+    Args:
+        model: the model, already initialised and on ``device``.
+        data: the corpus batches.
+        cfg: run settings.
+        device: where to compute.
+        progress: an optional tqdm-like bar (``update`` and ``set_postfix`` are called).
+
+    """
+    optimizer = make_optimizer(cfg.optimizer, model, cfg)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, cfg.steps, cfg.warmup_fraction)
+    )
+    train_gen = torch.Generator().manual_seed(cfg.seed)
+    val_gen = torch.Generator().manual_seed(10_000 + cfg.seed)
+    val_batches = [
+        tuple(t.to(device) for t in data.batch("val", cfg.batch_size, val_gen))
+        for _ in range(cfg.eval_batches)
+    ]
+    result = RunResult(cfg.optimizer)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    start = time.perf_counter()
+    for step in range(cfg.steps):
+        x, y = (t.to(device) for t in data.batch("train", cfg.batch_size, train_gen))
+        _, loss = model(x, y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
+        sync()
+        opt_start = time.perf_counter()
+        optimizer.step()
+        sync()
+        result.optimizer_seconds += time.perf_counter() - opt_start
+        scheduler.step()
+        result.train_loss.append(loss.item())
+        if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
+            result.eval_steps.append(step + 1)
+            result.val_loss.append(evaluate(model, val_batches))
+        if progress is not None:
+            progress.update(1)
+            progress.set_postfix(loss=f"{result.train_loss[-1]:.3f}", refresh=False)
+    result.wall_seconds = time.perf_counter() - start
+    return result
+
+
+def steps_to_reach(result: RunResult, target: float) -> int | None:
+    """The first evaluation step whose validation loss is <= ``target`` (None if never)."""
+    for step, loss in zip(result.eval_steps, result.val_loss):
+        if loss <= target:
+            return step
+    return None
