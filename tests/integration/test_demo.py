@@ -1,0 +1,92 @@
+"""The demo end to end (tiny settings) and its building blocks."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from distsoap.demo.corpus import ByteBatches, load_corpus, stdlib_source_files
+from distsoap.demo.train import lr_factor
+
+TINY = [
+    "--steps",
+    "6",
+    "--eval-every",
+    "3",
+    "--layers",
+    "1",
+    "--d-model",
+    "32",
+    "--heads",
+    "2",
+    "--context",
+    "32",
+    "--batch-size",
+    "4",
+    "--corpus-bytes",
+    "200000",
+    "--no-progress",
+]
+
+
+def test_demo_writes_plot_and_summary(tmp_path):
+    out = tmp_path / "demo"
+    proc = subprocess.run(
+        [sys.executable, "-m", "distsoap.demo", *TINY, "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    png = (out / "loss_curves.png").read_bytes()
+    assert png.startswith(b"\x89PNG")
+    summary = json.loads((out / "summary.json").read_text())
+    head = summary["headline"]
+    for name in ("soap", "adamw"):
+        run = summary["runs"][name]
+        assert len(run["train_loss"]) == 6
+        assert run["eval_steps"] == [3, 6]
+        # bytes start near ln(256) = 5.55 nats; a few steps must already bring it down
+        assert run["val_loss"][-1] < 5.3
+        assert 0 < head[name]["optimizer_time_share"] < 1
+    assert "soap_steps_to_adamw_final_val_loss" in head
+
+
+def test_demo_rejects_bad_arguments(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "distsoap.demo", "--steps", "0"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert "--steps must be >= 1" in proc.stderr
+
+
+def test_corpus_is_stdlib_sources_without_tests():
+    files = stdlib_source_files()
+    assert len(files) > 100
+    parts = {p for f in files for p in f.parts}
+    assert not parts & {"encodings", "test", "tests", "site-packages"}
+    data = load_corpus(100_000)
+    assert data.dtype == torch.uint8 and len(data) == 100_000
+    assert b"def " in bytes(data[:100_000].tolist())
+
+
+def test_batches_are_shifted_windows():
+    data = torch.arange(1000) % 256
+    batches = ByteBatches(data.to(torch.uint8), context=16)
+    x, y = batches.batch("train", 8, torch.Generator().manual_seed(0))
+    assert x.shape == y.shape == (8, 16)
+    assert torch.equal(x[:, 1:], y[:, :-1])
+    with pytest.raises(ValueError, match="val_fraction"):
+        ByteBatches(data.to(torch.uint8), 16, val_fraction=1.5)
+
+
+def test_schedule_warms_up_then_decays():
+    factors = [lr_factor(s, 100, 0.05) for s in range(100)]
+    assert factors[0] == pytest.approx(0.2) and factors[4] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(factors[4:], factors[5:]))
+    assert factors[-1] < 0.01
