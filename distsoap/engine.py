@@ -155,3 +155,30 @@ def first_call(
         else:
             factor.zero_()  # discard this call: the next one starts from zero factors again
     state["bases_ready"] = ready
+
+
+def apply_deltas(
+    params: list[torch.Tensor], deltas: list[torch.Tensor], group: dict[str, Any]
+) -> None:
+    """``W <- W + delta``, then decoupled decay ``W <- W - lr * wd * W`` on the new W.
+
+    Parameters and deltas in fp32 (fp64 for fp64 parameters) take one ``foreach`` path; others
+    (bf16 / fp16 parameters, or deltas that crossed the wire in bf16) are updated in fp32 and
+    rounded to the parameter's dtype once.
+    """
+    decay = -group["lr"] * group["weight_decay"]
+    fast, slow = [], []
+    for p, d in zip(params, deltas, strict=True):
+        work = torch.float64 if p.dtype == torch.float64 else torch.float32
+        (fast if p.dtype == d.dtype == work else slow).append((p, d))
+    if fast:
+        fast_params = [p for p, _ in fast]
+        torch._foreach_add_(fast_params, [d for _, d in fast])
+        if group["weight_decay"] > 0:
+            torch._foreach_add_(fast_params, fast_params, alpha=decay)
+    for p, d in slow:
+        work = torch.float64 if p.dtype == torch.float64 else torch.float32
+        weight = p.to(work).add_(d.to(work))
+        if group["weight_decay"] > 0:
+            weight.add_(weight, alpha=decay)
+        p.copy_(weight)

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager
 from functools import lru_cache
 from itertools import chain
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from distsoap.blocks import BlockSpec, make_block_spec
 from distsoap.bucket import Bucket, block_tensor_keys
@@ -24,6 +26,7 @@ from distsoap.hyperparams import (
     validate_data_format,
     validate_group,
 )
+from distsoap.strategies import Strategy, make_strategy
 
 _MOMENT_DTYPES = (torch.float32, torch.bfloat16, torch.float64)
 
@@ -35,9 +38,8 @@ def compute_dtype(param: torch.Tensor) -> torch.dtype:
     return torch.float64 if param.dtype == torch.float64 else torch.float32
 
 
-def check_gradient(param: torch.Tensor) -> None:
+def check_gradient(param: torch.Tensor, grad: torch.Tensor) -> None:
     """Reject gradients SOAP cannot precondition."""
-    grad = param.grad
     if grad.is_sparse:
         raise RuntimeError("SOAP does not support sparse gradients (use a dense embedding)")
     if grad.is_complex() or param.is_complex():
@@ -68,6 +70,16 @@ class SOAP(torch.optim.Optimizer):
         correct_bias: fold Adam's bias correction into the step size.
         moment_dtype: keyword-only; dtype of ``exp_avg`` and ``exp_avg_sq`` (fp32 default;
             bf16 halves their memory at some accuracy cost; fp64 parameters always use fp64).
+        strategy: keyword-only; ``"auto"`` (``"ddp"`` when a process group of more than one
+            rank is initialised, else ``"single"``), ``"single"`` (every rank computes
+            everything), ``"ddp"`` (model wrapped in DistributedDataParallel; each block's state
+            and work on one owner rank, updates all-gathered) or ``"zero2"`` (no DDP wrapper:
+            distsoap also synchronises the gradients, to their owners, during backward).
+        process_group: keyword-only; the group to shard over (None: the world).
+        comm_dtype: keyword-only; dtype of the updates on the wire. fp32 is exact; bf16 and
+            fp16 halve the bytes and are approximate (updates rounded once, equally on every
+            rank, so replicas stay identical).
+        bucket_cap_mb: keyword-only; MiB of gradients per communication bucket.
 
     """
 
@@ -88,6 +100,10 @@ class SOAP(torch.optim.Optimizer):
         correct_bias: bool = DEFAULTS["correct_bias"],
         *,
         moment_dtype: torch.dtype = torch.float32,
+        strategy: str = "auto",
+        process_group: dist.ProcessGroup | None = None,
+        comm_dtype: torch.dtype = torch.float32,
+        bucket_cap_mb: float = 25.0,
     ):
         validate_data_format(data_format)
         if moment_dtype not in _MOMENT_DTYPES:
@@ -95,6 +111,7 @@ class SOAP(torch.optim.Optimizer):
         self.data_format = data_format
         self.moment_dtype = moment_dtype
         self._buckets: dict[tuple, Bucket] = {}
+        self._layouts: dict[int, tuple[torch.Size, torch.device]] = {}
         defaults = dict(
             lr=lr,
             betas=betas,
@@ -109,6 +126,38 @@ class SOAP(torch.optim.Optimizer):
             correct_bias=correct_bias,
         )
         super().__init__(params, defaults)
+        self._strategy = make_strategy(
+            self, strategy, process_group, comm_dtype=comm_dtype, bucket_cap_mb=bucket_cap_mb
+        )
+
+    @property
+    def strategy(self) -> Strategy:
+        """How the work is spread over ranks (single process, data parallel, ...)."""
+        return self._strategy
+
+    @property
+    def comm_stats(self) -> dict[str, object]:
+        """Bytes this rank sent, by kind (``grad_sync``, ``update_gather``), last step and total."""
+        return self._strategy.stats.as_dict()
+
+    def no_sync(self) -> AbstractContextManager:
+        """Skip gradient synchronisation for accumulation micro-batches (strategy="zero2").
+
+        Backward passes inside the context only accumulate into ``.grad``; the backward of the
+        last micro-batch, outside it, synchronises the accumulated gradients. Other strategies
+        accept the context and do nothing (with DDP, use the model's own ``no_sync``).
+        """
+        return self._strategy.no_sync()
+
+    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
+        """Clip the (synchronised) gradients to a total 2-norm of ``max_norm``; return the norm.
+
+        Equals ``torch.nn.utils.clip_grad_norm_`` on the data-parallel averaged gradients. With
+        strategy="zero2" the local ``.grad`` are not averaged, so use this method, not torch's.
+        """
+        if not max_norm > 0:
+            raise ValueError(f"max_norm must be > 0, got {max_norm}")
+        return self._strategy.clip_grad_norm_(float(max_norm))
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a param group after checking its hyperparameters (ValueError if out of range)."""
@@ -118,6 +167,10 @@ class SOAP(torch.optim.Optimizer):
         except ValueError:
             self.param_groups.pop()
             raise
+        for p in self.param_groups[-1]["params"]:
+            self._layouts[id(p)] = (p.shape, p.device)
+        if getattr(self, "_strategy", None) is not None:
+            self._strategy.param_groups_changed()
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
@@ -127,6 +180,8 @@ class SOAP(torch.optim.Optimizer):
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self._buckets = {}
+        self._layouts = {id(p): (p.shape, p.device) for g in self.param_groups for p in g["params"]}
+        self._strategy = make_strategy(self, "single", None)
 
     def block_spec(self, param: torch.Tensor, group: dict[str, Any]) -> BlockSpec:
         """How this optimizer sees ``param`` (its block shape and factored dims)."""
@@ -153,16 +208,50 @@ class SOAP(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._check_layouts()
+        self._strategy.step()
+        return loss
+
+    def _check_layouts(self) -> None:
+        for group in self.param_groups:
+            for p in group["params"]:
+                if self._layouts[id(p)] != (p.shape, p.device):
+                    shape, device = self._layouts[id(p)]
+                    raise ValueError(
+                        f"a parameter changed from shape {tuple(shape)} on {device} to "
+                        f"{tuple(p.shape)} on {p.device}; SOAP's state is tied to both "
+                        "(create the optimizer after moving or resizing the model)"
+                    )
+
+    def compute_updates(
+        self, grads: dict[int, torch.Tensor]
+    ) -> dict[int, tuple[dict[str, Any], torch.Tensor | None]]:
+        """SOAP on this rank's blocks: advance their state and return their parameter deltas.
+
+        This is the engine every strategy calls; it does not touch the parameters.
+
+        Args:
+            grads: ``id(param)`` -> the full gradient of that parameter (parameter shape). Only
+                these parameters are stepped; their state lives on this rank.
+
+        Returns:
+            ``id(param)`` -> (its param group, its delta ``-step_size * U`` in parameter shape,
+            or None on a first call, which makes no update).
+
+        """
+        result: dict[int, tuple[dict[str, Any], torch.Tensor | None]] = {}
         for index, group in enumerate(self.param_groups):
             ready: dict[tuple, list[torch.Tensor]] = defaultdict(list)
             for param in group["params"]:
-                if param.grad is None:
+                grad = grads.get(id(param))
+                if grad is None:
                     continue
-                check_gradient(param)
+                check_gradient(param, grad)
                 spec = self.block_spec(param, group)
                 state = self.state[param]
                 if not state.get("bases_ready", False):
-                    self._first_call(param, spec, group, state)
+                    self._first_call(param, grad, spec, group, state)
+                    result[id(param)] = (group, None)
                     continue
                 if state["exp_avg"].shape != spec.block_shape:
                     raise ValueError(
@@ -181,11 +270,18 @@ class SOAP(torch.optim.Optimizer):
                 )
                 ready[key].append(param)
             for key, params in ready.items():
-                self._step_bucket(key, params, group)
-        return loss
+                deltas = self._step_bucket(key, params, grads, group)
+                for param, delta in zip(params, deltas):
+                    result[id(param)] = (group, delta)
+        return result
 
     def _first_call(
-        self, param: torch.Tensor, spec: BlockSpec, group: dict[str, Any], state: dict[str, Any]
+        self,
+        param: torch.Tensor,
+        grad: torch.Tensor,
+        spec: BlockSpec,
+        group: dict[str, Any],
+        state: dict[str, Any],
     ) -> None:
         if not state:
             state["step"] = 0
@@ -193,8 +289,7 @@ class SOAP(torch.optim.Optimizer):
             state["shampoo_beta"] = resolved_shampoo_beta(group)
         dtype = compute_dtype(param)
         moments = torch.float64 if dtype == torch.float64 else self.moment_dtype
-        grad = spec.to_block(param.grad).to(dtype)
-        first_call(state, spec.factored, grad, moments)
+        first_call(state, spec.factored, spec.to_block(grad).to(dtype), moments)
 
     def _bucket(self, key: tuple, params: list[torch.Tensor]) -> Bucket:
         """The bucket for ``key``, (re)built if some of ``params`` are not members yet."""
@@ -209,20 +304,26 @@ class SOAP(torch.optim.Optimizer):
         self._buckets[key] = bucket
         return bucket
 
-    def _step_bucket(self, key: tuple, params: list[torch.Tensor], group: dict[str, Any]) -> None:
-        _, block_shape, _, dtype, _, frequency, shampoo_beta = key
+    def _step_bucket(
+        self,
+        key: tuple,
+        params: list[torch.Tensor],
+        grads: dict[int, torch.Tensor],
+        group: dict[str, Any],
+    ) -> list[torch.Tensor]:
+        _, _, _, dtype, _, frequency, shampoo_beta = key
         bucket = self._bucket(key, params)
         rows = [bucket.row[id(p)] for p in params]
         specs = [self.block_spec(p, group) for p in params]
-        grads = torch.stack([s.to_block(p.grad).to(dtype) for s, p in zip(specs, params)])
+        stacked = torch.stack([s.to_block(grads[id(p)]).to(dtype) for s, p in zip(specs, params)])
         steps = []
         for p in params:
             self.state[p]["step"] += 1
             steps.append(self.state[p]["step"])
         tensors = bucket.select(rows)
-        deltas = soap_update(tensors, grads, steps, group, shampoo_beta, frequency)
+        deltas = soap_update(tensors, stacked, steps, group, shampoo_beta, frequency)
         bucket.write_back(rows, tensors)
-        apply_deltas(params, [s.from_block(d) for s, d in zip(specs, deltas)], group)
+        return [s.from_block(d) for s, d in zip(specs, deltas)]
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict, keeping fp32 factors and bases whatever the parameter dtype.
@@ -242,25 +343,3 @@ class SOAP(torch.optim.Optimizer):
                     for k, v in saved_state[saved_id].items()
                 }
         self._buckets = {}
-
-
-def apply_deltas(
-    params: list[torch.Tensor], deltas: list[torch.Tensor], group: dict[str, Any]
-) -> None:
-    """``W <- W + delta``, then decoupled decay ``W <- W - lr * wd * W`` on the new W.
-
-    Parameters whose dtype differs from the deltas' (bf16, fp16) are updated in the deltas'
-    precision and rounded once.
-    """
-    decay = -group["lr"] * group["weight_decay"]
-    same = [i for i, (p, d) in enumerate(zip(params, deltas)) if p.dtype == d.dtype]
-    if same:
-        same_params = [params[i] for i in same]
-        torch._foreach_add_(same_params, [deltas[i] for i in same])
-        if group["weight_decay"] > 0:
-            torch._foreach_add_(same_params, same_params, alpha=decay)
-    for i in sorted(set(range(len(params))) - set(same)):
-        weight = params[i].to(deltas[i].dtype).add_(deltas[i])
-        if group["weight_decay"] > 0:
-            weight.add_(weight, alpha=decay)
-        params[i].copy_(weight)

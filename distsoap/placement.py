@@ -1,0 +1,90 @@
+"""Placement: which rank owns (stores and computes) each block.
+
+Every rank runs the same deterministic assignment on the same metadata, so no communication is
+needed to agree on it. The cost of a block has two parts that must both be balanced:
+
+- compute per step: rotations in and out and the two factor products, ``~3 * numel * d_i`` per
+  factored dim i (``m^2 n + m n^2``-type terms), plus the refresh amortised over the cycle,
+  ``~2 d_i^3 / precondition_frequency`` (one ``GG Q`` product and one QR);
+- state bytes: the two moments and, per factored dim, a factor and a basis.
+
+The assignment is a vector form of greedy longest-processing-time: blocks in descending order of
+their larger normalised cost, each given to the rank whose larger normalised load after adding it
+is smallest (ties to the lowest rank).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from distsoap.blocks import BlockSpec
+
+
+@dataclass(frozen=True)
+class BlockCost:
+    """Modelled cost of one block."""
+
+    flops: float
+    """Multiply-adds per step, refresh amortised."""
+    state_bytes: int
+    """Bytes of SOAP state the owner holds."""
+
+
+def block_cost(
+    spec: BlockSpec, precondition_frequency: int, moment_bytes: int = 4, factor_bytes: int = 4
+) -> BlockCost:
+    """Cost model of one block (see the module docstring).
+
+    Args:
+        spec: the block's layout.
+        precondition_frequency: refresh interval of the block's bases.
+        moment_bytes: bytes per element of ``exp_avg`` / ``exp_avg_sq``.
+        factor_bytes: bytes per element of factors and bases.
+
+    """
+    numel = spec.numel
+    flops = float(numel) * 4  # elementwise Adam, applying the update: never zero
+    state = 2 * numel * moment_bytes
+    for d in spec.factor_dims:
+        flops += 3.0 * numel * d + 2.0 * d**3 / precondition_frequency
+        state += 2 * d * d * factor_bytes
+    return BlockCost(flops, state)
+
+
+def assign_owners(costs: list[BlockCost], world_size: int) -> list[int]:
+    """Give every block an owner rank, balancing compute and state bytes together.
+
+    Args:
+        costs: one cost per block, in a fixed order shared by every rank.
+        world_size: number of ranks.
+
+    Returns:
+        The owner rank of each block.
+
+    """
+    if world_size < 1:
+        raise ValueError(f"world_size must be >= 1, got {world_size}")
+    total_flops = sum(c.flops for c in costs) or 1.0
+    total_bytes = sum(c.state_bytes for c in costs) or 1
+    normalised = [(c.flops / total_flops, c.state_bytes / total_bytes) for c in costs]
+    order = sorted(range(len(costs)), key=lambda i: (-max(normalised[i]), i))
+    loads = [(0.0, 0.0)] * world_size
+    owners = [0] * len(costs)
+    for i in order:
+        f, b = normalised[i]
+        rank = min(range(world_size), key=lambda r: (max(loads[r][0] + f, loads[r][1] + b), r))
+        loads[rank] = (loads[rank][0] + f, loads[rank][1] + b)
+        owners[i] = rank
+    return owners
+
+
+def load_balance(costs: list[BlockCost], owners: list[int], world_size: int) -> dict[str, float]:
+    """Max over mean of the per-rank modelled compute and state bytes (1.0 is perfect)."""
+    flops = [0.0] * world_size
+    state = [0.0] * world_size
+    for cost, owner in zip(costs, owners):
+        flops[owner] += cost.flops
+        state[owner] += cost.state_bytes
+    mean_f = sum(flops) / world_size or 1.0
+    mean_b = sum(state) / world_size or 1.0
+    return {"flops": max(flops) / mean_f, "state_bytes": max(state) / mean_b}

@@ -1,0 +1,207 @@
+"""Replicated parameters, sharded SOAP: each block's state and work on exactly one owner rank.
+
+Mode A (``strategy="ddp"``): the model is wrapped in DistributedDataParallel, so ``.grad`` is
+already averaged and equal on every rank. Owners compute their blocks' updates; the updates are
+all-gathered bucket by bucket (each bucket launched asynchronously as soon as this rank's part is
+computed) and every rank applies the same values.
+
+Mode B (``strategy="zero2"``): no wrapper. :class:`~distsoap.strategies.grad_sync.GradSync`
+sends each owner the gradients of its blocks during backward; the rest is as in mode A.
+"""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager, nullcontext
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.distributed as dist
+
+from distsoap.comm import CommStats, PendingExchange, build_buckets, launch_gather
+from distsoap.engine import apply_deltas
+from distsoap.placement import assign_owners, block_cost
+from distsoap.strategies.grad_sync import GradSync
+
+if TYPE_CHECKING:
+    from distsoap.optimizer import SOAP
+
+
+class DataParallel:
+    """Owner-sharded SOAP over replicated parameters (see the module docstring).
+
+    Args:
+        optimizer: the SOAP optimizer.
+        group: the process group (None: the world).
+        sync_gradients: mode B; distsoap averages the gradients itself.
+        comm_dtype: dtype of the updates on the wire (fp32 exact; bf16 / fp16 approximate).
+        bucket_cap_mb: size of a communication bucket in MiB of gradients.
+
+    """
+
+    def __init__(
+        self,
+        optimizer: SOAP,
+        group: dist.ProcessGroup | None,
+        *,
+        sync_gradients: bool,
+        comm_dtype: torch.dtype,
+        bucket_cap_mb: float,
+    ):
+        self.optimizer = optimizer
+        self.group = group
+        self.rank = dist.get_rank(group)
+        self.world = dist.get_world_size(group)
+        self.sync_gradients = sync_gradients
+        self.name = "zero2" if sync_gradients else "ddp"
+        self.comm_dtype = comm_dtype
+        self.bucket_cap_mb = bucket_cap_mb
+        self.stats = CommStats()
+        self._checked_replicas = False
+        self._place()
+
+    def _place(self) -> None:
+        """Owners and buckets from the trainable parameters; identical on every rank."""
+        opt = self.optimizer
+        self.params: list[torch.Tensor] = []
+        self.groups: list[dict[str, Any]] = []
+        costs = []
+        for group in opt.param_groups:
+            for p in group["params"]:
+                if not p.requires_grad:
+                    continue
+                self.params.append(p)
+                self.groups.append(group)
+                costs.append(block_cost(opt.block_spec(p, group), group["precondition_frequency"]))
+        self.costs = costs
+        self.owners = assign_owners(costs, self.world)
+        element = max(p.element_size() for p in self.params) if self.params else 4
+        self.buckets = build_buckets(
+            [p.numel() for p in self.params],
+            [p.dtype for p in self.params],
+            self.owners,
+            self.world,
+            max(1, int(self.bucket_cap_mb * 2**20 / element)),
+        )
+        self._flag_positions = [self._flags(b) for b in self.buckets]
+        if self.sync_gradients:
+            if getattr(self, "grad_sync", None) is not None:
+                self.grad_sync.remove()
+            self.grad_sync = GradSync(self.params, self.buckets, self.rank, self.group, self.stats)
+
+    @staticmethod
+    def _flags(bucket) -> list[tuple[int, int]]:
+        """(position in the gathered payload, parameter index) of every flag element."""
+        positions = []
+        base = 0
+        for part, size in zip(bucket.owned, bucket.sizes):
+            positions += [(base + bucket.offsets[i], i) for i in part]
+            base += size
+        return positions
+
+    def owned_params(self) -> list[torch.Tensor]:
+        """The parameters whose SOAP state lives on this rank."""
+        return [p for p, o in zip(self.params, self.owners) if o == self.rank]
+
+    def param_groups_changed(self) -> None:
+        """Redo the placement, which depends on every parameter (only before the first step)."""
+        if self.stats.steps:
+            raise RuntimeError(
+                "add_param_group after the first step is not supported with "
+                f"strategy={self.name!r}: create the optimizer with every group"
+            )
+        self._place()
+
+    def no_sync(self) -> AbstractContextManager:
+        """Mode B: skip synchronisation inside the context. Mode A: nothing (use DDP's)."""
+        return self.grad_sync.no_sync() if self.sync_gradients else nullcontext()
+
+    def _owned_grads(self) -> dict[int, torch.Tensor]:
+        """Full (averaged) gradients of this rank's blocks; absent where no rank had one."""
+        if self.sync_gradients:
+            reduced = self.grad_sync.reduced_grads()
+            return {id(self.params[i]): g for i, g in reduced.items() if g is not None}
+        if not self._checked_replicas:
+            self._check_gradients_replicated()
+        return {
+            id(p): p.grad
+            for p, owner in zip(self.params, self.owners)
+            if owner == self.rank and p.grad is not None
+        }
+
+    def _check_gradients_replicated(self) -> None:
+        """Mode A needs the same gradients on every rank; check once, on the first step."""
+        present = [p.grad for p in self.params if p.grad is not None]
+        local = torch.zeros(3, dtype=torch.float64)
+        if present:
+            local[0] = len(present)
+            local[1] = sum(float(g.double().sum()) for g in present)
+            local[2] = sum(float(g.double().square().sum()) for g in present)
+        gathered = [torch.zeros_like(local) for _ in range(self.world)]
+        dist.all_gather(gathered, self._to_comm_device(local), group=self.group)
+        gathered = [g.cpu() for g in gathered]
+        scale = float(gathered[0].abs().max()) or 1.0
+        if any(float((g - gathered[0]).abs().max()) > 1e-6 * scale for g in gathered):
+            raise RuntimeError(
+                "gradients differ across ranks, but strategy='ddp' expects them averaged by "
+                "DistributedDataParallel: wrap the model in DDP, or pass strategy='zero2' to let "
+                "distsoap synchronise the gradients itself"
+            )
+        self._checked_replicas = True
+
+    def _to_comm_device(self, tensor: torch.Tensor) -> torch.Tensor:
+        if dist.get_backend(self.group) == "nccl":
+            return tensor.to(torch.device("cuda", torch.cuda.current_device()))
+        return tensor
+
+    def step(self) -> None:
+        """Owners compute their blocks, then every rank applies every update."""
+        grads = self._owned_grads()
+        updates = self.optimizer.compute_updates(grads)
+        pending: list[PendingExchange] = []
+        for bucket in self.buckets:
+            part = self._pack_updates(bucket, updates)
+            pending.append(launch_gather(bucket, part, self.rank, self.group, self.stats))
+        for bucket, exchange, flags in zip(self.buckets, pending, self._flag_positions):
+            payload = exchange.wait()
+            self._apply_bucket(bucket, payload, flags)
+        self.stats.end_step()
+
+    def _pack_updates(self, bucket, updates) -> torch.Tensor:
+        """Pack this rank's part of a gather payload: per owned block (1, delta) or (0, zeros)."""
+        mine = bucket.owned[self.rank]
+        device = self.params[mine[0]].device if mine else self._device()
+        part = torch.zeros(bucket.sizes[self.rank], dtype=self.comm_dtype, device=device)
+        for i in mine:
+            entry = updates.get(id(self.params[i]))
+            if entry is None or entry[1] is None:
+                continue
+            offset = bucket.offsets[i]
+            part[offset] = 1
+            part[offset + 1 : offset + 1 + bucket.numels[i]].copy_(entry[1].reshape(-1))
+        return part
+
+    def _device(self) -> torch.device:
+        return self.params[0].device if self.params else torch.device("cpu")
+
+    def _apply_bucket(self, bucket, payload: torch.Tensor, flags) -> None:
+        """Apply every block update of a gathered bucket whose flag says it was computed."""
+        positions = torch.tensor([pos for pos, _ in flags], device=payload.device)
+        computed = payload.index_select(0, positions).tolist() if flags else []
+        by_group: dict[int, tuple[dict[str, Any], list, list]] = {}
+        for (position, i), flag in zip(flags, computed):
+            if flag == 0:
+                continue
+            param = self.params[i]
+            delta = payload[position + 1 : position + 1 + bucket.numels[i]].view(param.shape)
+            entry = by_group.setdefault(id(self.groups[i]), (self.groups[i], [], []))
+            entry[1].append(param)
+            entry[2].append(delta)
+        for group, params, deltas in by_group.values():
+            apply_deltas(params, deltas, group)
+
+    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
+        """Clip the averaged gradients to a total 2-norm of ``max_norm``; return the norm."""
+        if not self.sync_gradients:
+            params = [p for p in self.params if p.grad is not None]
+            return torch.nn.utils.clip_grad_norm_(params, max_norm)
+        return self.grad_sync.clip_(max_norm)

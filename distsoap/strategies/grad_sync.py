@@ -1,0 +1,170 @@
+"""Mode B's gradient synchronisation: gradients go to their owners during backward.
+
+A post-accumulate-grad hook on every trainable parameter marks it ready. When every parameter
+of a communication bucket is ready, the bucket is sent with one asynchronous uneven all-to-all
+(:func:`distsoap.comm.launch_reduce`) while backward goes on. Buckets are launched strictly in
+index order on every rank, so the collectives always match. Parameters that got no gradient on
+this rank (unused in its forward) hold back their bucket until ``step()``, which sends them as
+zeros with a flag saying so; a parameter no rank produced a gradient for is skipped, as in
+single-process SOAP. Owners average what they receive the way DDP does (sum / world).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+import torch.distributed as dist
+
+from distsoap.comm import CommBucket, CommStats, PendingExchange, launch_reduce
+
+
+class GradSync:
+    """Owner-bound gradient synchronisation for replicated parameters without DDP.
+
+    Args:
+        params: trainable parameters, indexed as in the buckets.
+        buckets: the communication buckets.
+        rank: this rank in ``group``.
+        group: the process group.
+        stats: where to count the bytes sent.
+
+    """
+
+    def __init__(
+        self,
+        params: list[torch.Tensor],
+        buckets: list[CommBucket],
+        rank: int,
+        group: dist.ProcessGroup | None,
+        stats: CommStats,
+    ):
+        self.params = params
+        self.buckets = buckets
+        self.rank = rank
+        self.world = len(buckets[0].sizes) if buckets else 1
+        self.group = group
+        self.stats = stats
+        self.bucket_of = {i: b.index for b in buckets for i in b.params}
+        self.enabled = True
+        self._reset()
+        self._hooks = [
+            p.register_post_accumulate_grad_hook(self._make_hook(i)) for i, p in enumerate(params)
+        ]
+
+    def _reset(self) -> None:
+        self.ready: set[int] = set()
+        self.waiting = [len(b.params) for b in self.buckets]
+        self.next_bucket = 0
+        self.pending: list[PendingExchange] = []
+        self._reduced: dict[int, torch.Tensor | None] | None = None
+
+    def remove(self) -> None:
+        """Remove the hooks (the strategy is being rebuilt)."""
+        for handle in self._hooks:
+            handle.remove()
+
+    @contextmanager
+    def no_sync(self):
+        """Accumulate gradients locally; the next backward outside the context synchronises."""
+        previous, self.enabled = self.enabled, False
+        try:
+            yield
+        finally:
+            self.enabled = previous
+
+    def _make_hook(self, index: int):
+        def hook(_param: torch.Tensor) -> None:
+            if self.enabled:
+                self._mark_ready(index)
+
+        return hook
+
+    def _mark_ready(self, index: int) -> None:
+        if index in self.ready or self._reduced is not None:
+            raise RuntimeError(
+                "a gradient was synchronised twice before optimizer.step(): run the backward "
+                "passes of accumulation micro-batches inside `with optimizer.no_sync():`"
+            )
+        self.ready.add(index)
+        self.waiting[self.bucket_of[index]] -= 1
+        self._launch_in_order(force=False)
+
+    def _launch_in_order(self, force: bool) -> None:
+        while self.next_bucket < len(self.buckets) and (
+            force or self.waiting[self.next_bucket] == 0
+        ):
+            self._launch(self.buckets[self.next_bucket])
+            self.next_bucket += 1
+
+    @torch.no_grad()
+    def _launch(self, bucket: CommBucket) -> None:
+        """Lay out this rank's gradients of the bucket owner by owner and send them."""
+        device = self.params[bucket.params[0]].device
+        send = torch.zeros(bucket.total, dtype=bucket.dtype, device=device)
+        base = 0
+        for part, size in zip(bucket.owned, bucket.sizes):
+            for i in part:
+                grad = self.params[i].grad
+                if grad is None:
+                    continue
+                offset = base + bucket.offsets[i]
+                send[offset] = 1
+                send[offset + 1 : offset + 1 + bucket.numels[i]].copy_(grad.reshape(-1))
+            base += size
+        self.pending.append(launch_reduce(bucket, send, self.rank, self.group, self.stats))
+
+    @torch.no_grad()
+    def reduced_grads(self) -> dict[int, torch.Tensor | None]:
+        """The averaged gradients of this rank's parameters (None: no rank had a gradient).
+
+        Launches what backward left unsent, waits for everything, and resets for the next
+        iteration; calling it again before the next backward returns the same result.
+        """
+        if self._reduced is not None:
+            result = self._reduced
+            self._reset()
+            return result
+        return self._finish(keep=False)
+
+    def _finish(self, keep: bool) -> dict[int, torch.Tensor | None]:
+        self._launch_in_order(force=True)
+        result: dict[int, torch.Tensor | None] = {}
+        for bucket, exchange in zip(self.buckets, self.pending):
+            mine = bucket.owned[self.rank]
+            received = exchange.wait().view(self.world, bucket.sizes[self.rank])
+            if not mine:
+                continue
+            work = torch.float64 if bucket.dtype == torch.float64 else torch.float32
+            summed = received.to(work).sum(dim=0)
+            flags = summed[[bucket.offsets[i] for i in mine]].tolist()
+            for i, count in zip(mine, flags):
+                if count == 0:
+                    result[i] = None
+                    continue
+                offset = bucket.offsets[i] + 1
+                grad = summed[offset : offset + bucket.numels[i]].div_(self.world)
+                result[i] = grad.view(self.params[i].shape).to(self.params[i].dtype)
+        if keep:
+            self._reduced = result
+        else:
+            self._reset()
+        return result
+
+    @torch.no_grad()
+    def clip_(self, max_norm: float) -> torch.Tensor:
+        """Clip the averaged gradients (held by their owners) to a total 2-norm of max_norm."""
+        reduced = self._reduced if self._reduced is not None else self._finish(keep=True)
+        device = self.params[0].device if self.params else torch.device("cpu")
+        local = torch.zeros((), dtype=torch.float64, device=device)
+        for grad in reduced.values():
+            if grad is not None:
+                local += grad.double().square().sum()
+        dist.all_reduce(local, group=self.group)
+        self.stats.add("clip_norm", local.element_size() * 2 * (self.world - 1) // self.world)
+        total = local.sqrt()
+        coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
+        for grad in reduced.values():
+            if grad is not None:
+                grad.mul_(coef.to(grad.dtype))
+        return total.float()

@@ -1,0 +1,60 @@
+"""Single process: every block is computed here, nothing is communicated."""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager, nullcontext
+from typing import TYPE_CHECKING
+
+import torch
+
+from distsoap.comm import CommStats
+from distsoap.engine import apply_deltas
+
+if TYPE_CHECKING:
+    from distsoap.optimizer import SOAP
+
+
+class SingleProcess:
+    """Step every parameter that has a gradient, on this process."""
+
+    name = "single"
+
+    def __init__(self, optimizer: SOAP):
+        self.optimizer = optimizer
+        self.stats = CommStats()
+
+    def step(self) -> None:
+        """Compute and apply the update of every parameter with a gradient."""
+        grads = {
+            id(p): p.grad
+            for group in self.optimizer.param_groups
+            for p in group["params"]
+            if p.grad is not None
+        }
+        apply_updates(self.optimizer, self.optimizer.compute_updates(grads))
+        self.stats.end_step()
+
+    def no_sync(self) -> AbstractContextManager:
+        """Nothing to skip."""
+        return nullcontext()
+
+    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
+        """``torch.nn.utils.clip_grad_norm_`` over every parameter with a gradient."""
+        params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+
+    def param_groups_changed(self) -> None:
+        """Nothing is placed, so nothing to redo."""
+
+
+def apply_updates(optimizer: SOAP, updates: dict) -> None:
+    """Apply ``compute_updates``-style results, param group by param group, in group order."""
+    for group in optimizer.param_groups:
+        params, deltas = [], []
+        for p in group["params"]:
+            entry = updates.get(id(p))
+            if entry is not None and entry[1] is not None:
+                params.append(p)
+                deltas.append(entry[1])
+        if params:
+            apply_deltas(params, deltas, group)
