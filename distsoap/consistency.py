@@ -12,7 +12,7 @@ if TYPE_CHECKING:
     from distsoap.optimizer import SOAP
 
 
-def optimizer_fingerprint(optimizer: SOAP, strategy: str, comm_dtype: torch.dtype) -> int:
+def optimizer_fingerprint(optimizer: SOAP, strategy: str, comm_dtype: torch.dtype | None) -> int:
     """A 63-bit hash of what must agree across ranks.
 
     Covers the strategy, communication dtype, every parameter's shape, dtype and requires_grad,
@@ -33,7 +33,10 @@ def optimizer_fingerprint(optimizer: SOAP, strategy: str, comm_dtype: torch.dtyp
 
 
 def check_same_on_all_ranks(
-    optimizer: SOAP, strategy: str, comm_dtype: torch.dtype, group: dist.ProcessGroup | None
+    optimizer: SOAP,
+    strategy: str,
+    comm_dtype: torch.dtype | None,
+    group: dist.ProcessGroup | None,
 ) -> None:
     """Raise the same ValueError on every rank unless all ranks built the same optimizer.
 

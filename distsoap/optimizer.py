@@ -76,9 +76,10 @@ class SOAP(torch.optim.Optimizer):
             and work on one owner rank, updates all-gathered) or ``"zero2"`` (no DDP wrapper:
             distsoap also synchronises the gradients, to their owners, during backward).
         process_group: keyword-only; the group to shard over (None: the world).
-        comm_dtype: keyword-only; dtype of the updates on the wire. fp32 is exact; bf16 and
-            fp16 halve the bytes and are approximate (updates rounded once, equally on every
-            rank, so replicas stay identical).
+        comm_dtype: keyword-only; dtype of the updates on the wire. None (default) sends them
+            exactly as computed (fp32; fp64 for fp64 parameters); bf16 and fp16 halve the bytes
+            and are approximate (updates rounded once, equally on every rank, so replicas stay
+            identical).
         bucket_cap_mb: keyword-only; MiB of gradients per communication bucket.
 
     """
@@ -102,7 +103,7 @@ class SOAP(torch.optim.Optimizer):
         moment_dtype: torch.dtype = torch.float32,
         strategy: str = "auto",
         process_group: dist.ProcessGroup | None = None,
-        comm_dtype: torch.dtype = torch.float32,
+        comm_dtype: torch.dtype | None = None,
         bucket_cap_mb: float = 25.0,
     ):
         validate_data_format(data_format)

@@ -36,8 +36,14 @@ class RegressionProblem:
         dtype = dtype or self.dtype
         return [torch.nn.Parameter(w.to(dtype).clone()) for w in self.init]
 
-    def loss(self, params: Sequence[torch.Tensor], step: int, skip=()) -> torch.Tensor:
-        """The summed loss at ``step``; parameters whose index is in ``skip`` are left out."""
+    def loss(
+        self, params: Sequence[torch.Tensor], step: int, skip=(), shard: tuple[int, int] = (0, 1)
+    ) -> torch.Tensor:
+        """The summed loss at ``step``; parameters whose index is in ``skip`` are left out.
+
+        ``shard=(k, n)`` scores only the k-th of n equal contiguous parts of every batch, as one
+        data-parallel rank (or micro-batch) would; the mean of the n shard losses is the loss.
+        """
         gen = torch.Generator().manual_seed(self.seed * 100_003 + step)
         total = 0.0
         for i, (p, target, scale) in enumerate(zip(params, self.targets, self.col_scales)):
@@ -47,7 +53,8 @@ class RegressionProblem:
             x = torch.randn(batch, rest, generator=gen, dtype=torch.float64) * scale
             if i in skip:
                 continue
-            x = x.to(p.dtype)
+            k, n = shard
+            x = x[k * batch // n : (k + 1) * batch // n].to(p.dtype)
             if len(shape) <= 1:
                 pred = x * p.reshape(1, -1)
                 goal = x * target.to(p.dtype).reshape(1, -1)

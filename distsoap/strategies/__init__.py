@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from distsoap.optimizer import SOAP
 
 STRATEGIES = ("auto", "single", "ddp", "zero2")
-COMM_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+COMM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 class Strategy(Protocol):
@@ -67,7 +67,7 @@ def make_strategy(
     name: str,
     group: dist.ProcessGroup | None,
     *,
-    comm_dtype: torch.dtype = torch.float32,
+    comm_dtype: torch.dtype | None = None,
     bucket_cap_mb: float = 25.0,
 ) -> Strategy:
     """Build the strategy ``name`` for ``optimizer`` (see the module docstring)."""
@@ -75,7 +75,7 @@ def make_strategy(
     from distsoap.strategies.data_parallel import DataParallel
     from distsoap.strategies.single import SingleProcess
 
-    if comm_dtype not in COMM_DTYPES:
+    if comm_dtype is not None and comm_dtype not in COMM_DTYPES:
         raise ValueError(f"comm_dtype must be one of {COMM_DTYPES}, got {comm_dtype}")
     if not bucket_cap_mb > 0:
         raise ValueError(f"bucket_cap_mb must be > 0, got {bucket_cap_mb}")

@@ -33,7 +33,8 @@ class DataParallel:
         optimizer: the SOAP optimizer.
         group: the process group (None: the world).
         sync_gradients: mode B; distsoap averages the gradients itself.
-        comm_dtype: dtype of the updates on the wire (fp32 exact; bf16 / fp16 approximate).
+        comm_dtype: dtype of the updates on the wire (None: as computed, exact; bf16 / fp16:
+            approximate).
         bucket_cap_mb: size of a communication bucket in MiB of gradients.
 
     """
@@ -44,7 +45,7 @@ class DataParallel:
         group: dist.ProcessGroup | None,
         *,
         sync_gradients: bool,
-        comm_dtype: torch.dtype,
+        comm_dtype: torch.dtype | None,
         bucket_cap_mb: float,
     ):
         self.optimizer = optimizer
@@ -170,7 +171,9 @@ class DataParallel:
         """Pack this rank's part of a gather payload: per owned block (1, delta) or (0, zeros)."""
         mine = bucket.owned[self.rank]
         device = self.params[mine[0]].device if mine else self._device()
-        part = torch.zeros(bucket.sizes[self.rank], dtype=self.comm_dtype, device=device)
+        exact = torch.float64 if bucket.dtype == torch.float64 else torch.float32
+        dtype = self.comm_dtype or exact
+        part = torch.zeros(bucket.sizes[self.rank], dtype=dtype, device=device)
         for i in mine:
             entry = updates.get(id(self.params[i]))
             if entry is None or entry[1] is None:

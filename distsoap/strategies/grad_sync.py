@@ -167,4 +167,5 @@ class GradSync:
         for grad in reduced.values():
             if grad is not None:
                 grad.mul_(coef.to(grad.dtype))
-        return total.float()
+        dtypes = [g.dtype for g in reduced.values() if g is not None]
+        return total.to(dtypes[0] if dtypes else torch.float32)  # like torch: the grads' dtype

@@ -1,0 +1,68 @@
+"""Run a function on N local processes with gloo, and bring back what each returns."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import socket
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def free_port() -> int:
+    """A TCP port the OS says is free now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world: int, port: int, fn: Callable, args: tuple, out: str) -> None:
+    torch.set_num_threads(1)  # several ranks share two cores
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
+    )
+    try:
+        result = ("ok", fn(rank, world, *args))
+    except Exception as error:  # returned to the parent, which re-raises
+        result = ("error", f"{type(error).__name__}: {error}\n{traceback.format_exc()}")
+    Path(out, f"{rank}.pkl").write_bytes(pickle.dumps(result))
+    # tear gloo down only once every rank is done with it (an early exit can abort a peer)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def run_ranks(fn: Callable, world: int, *args, timeout: float = 240) -> list:
+    """Call ``fn(rank, world, *args)`` on ``world`` gloo processes; return the per-rank results.
+
+    ``fn`` must be importable (a module-level function). An exception on any rank is raised
+    here with that rank's traceback.
+    """
+    with tempfile.TemporaryDirectory() as out:
+        context = mp.start_processes(
+            _worker,
+            args=(world, free_port(), fn, args, out),
+            nprocs=world,
+            join=False,
+            start_method="spawn",
+        )
+        deadline = time.monotonic() + timeout
+        while not context.join(timeout=2):
+            if time.monotonic() > deadline:
+                for process in context.processes:
+                    process.kill()
+                raise TimeoutError(f"{fn.__name__} on {world} ranks did not finish in {timeout} s")
+        results = []
+        for rank in range(world):
+            status, value = pickle.loads(Path(out, f"{rank}.pkl").read_bytes())
+            if status == "error":
+                raise RuntimeError(f"rank {rank} failed:\n{value}")
+            results.append(value)
+    os.environ.pop("MASTER_PORT", None)
+    return results
