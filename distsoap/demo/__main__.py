@@ -1,6 +1,9 @@
 """``python -m distsoap.demo``: SOAP vs AdamW on a small byte-level GPT, same data and init.
 
-Writes ``loss_curves.png`` and ``summary.json`` into the output folder.
+Writes ``loss_curves.png`` and ``summary.json`` into the output folder. Under torchrun
+(``torchrun --standalone --nproc_per_node=2 -m distsoap.demo``) it trains data-parallel: gloo on
+CPU, NCCL on GPUs, each rank on its slice of every global batch; ``--strategy`` picks how SOAP is
+distributed.
 """
 
 from __future__ import annotations
@@ -8,10 +11,12 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import sys
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from distsoap.demo.corpus import ByteBatches, load_corpus
 from distsoap.demo.model import GPT, GPTConfig
@@ -40,6 +45,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", type=Path, default=Path("runs/demo"), help="output folder")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--strategy",
+        choices=["auto", "single", "ddp", "zero2"],
+        default="auto",
+        help="SOAP's distribution under torchrun: ddp (DDP-wrapped model, sharded SOAP), zero2 "
+        "(no DDP wrapper, SOAP syncs gradients), single (every rank computes everything); "
+        "auto: ddp under torchrun, else single",
+    )
     args = p.parse_args(argv)
     for name in ("steps", "batch_size", "context", "layers", "d_model", "heads", "eval_every"):
         if getattr(args, name) < 1:
@@ -51,14 +64,32 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def init_distributed(device_name: str) -> tuple[int, int, torch.device]:
+    """Join the process group when launched by torchrun; return rank, world size and device."""
+    if "WORLD_SIZE" not in os.environ:
+        return 0, 1, torch.device(device_name)
+    device = torch.device(device_name)
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
 def main(argv: list[str] | None = None) -> dict:
-    """Run the demo and return the summary it writes."""
+    """Run the demo and return the summary it writes (rank 0; other ranks return {})."""
     args = parse_args(argv)
     try:
         from tqdm.auto import tqdm
     except ImportError:  # the progress bar is optional; the demo extra installs it
         tqdm = None
-    device = torch.device(args.device)
+    rank, world, device = init_distributed(args.device)
+    strategy = args.strategy
+    if strategy == "auto":
+        strategy = "ddp" if dist.is_initialized() else "single"
+    if strategy != "single" and not dist.is_initialized():
+        raise SystemExit(f"--strategy {strategy} needs torchrun (several processes)")
     cfg = GPTConfig(
         context=args.context, n_layers=args.layers, d_model=args.d_model, n_heads=args.heads
     )
@@ -75,19 +106,31 @@ def main(argv: list[str] | None = None) -> dict:
             batch_size=args.batch_size,
             eval_every=args.eval_every,
             seed=args.seed,
+            strategy=strategy,
         )
         bar = None
-        if tqdm is not None and not args.no_progress:
+        if tqdm is not None and not args.no_progress and rank == 0:
             bar = tqdm(total=args.steps, desc=f"{name} lr={lr:g}", file=sys.stderr)
         results.append(train_run(copy.deepcopy(initial), data, run, device, bar))
         if bar is not None:
             bar.close()
+    if rank != 0:
+        dist.destroy_process_group()
+        return {}
     args.out.mkdir(parents=True, exist_ok=True)
-    summary = summarize(results, vars(args) | {"out": str(args.out), "device": str(device)})
+    settings = vars(args) | {
+        "out": str(args.out),
+        "device": str(device),
+        "strategy": strategy,
+        "world_size": world,
+    }
+    summary = summarize(results, settings)
     (args.out / "summary.json").write_text(json.dumps(summary, indent=2))
     plot_losses(results, args.out / "loss_curves.png")
     print(json.dumps(summary["headline"], indent=2))
     print(f"wrote {args.out / 'loss_curves.png'} and {args.out / 'summary.json'}")
+    if dist.is_initialized():
+        dist.destroy_process_group()
     return summary
 
 

@@ -18,6 +18,7 @@ def summarize(results: list[RunResult], settings: dict[str, Any]) -> dict[str, A
             "wall_seconds": round(r.wall_seconds, 2),
             "optimizer_seconds": round(r.optimizer_seconds, 2),
             "optimizer_time_share": round(r.optimizer_seconds / r.wall_seconds, 4),
+            "comm_bytes_per_step": r.comm_bytes_per_step,
             "eval_steps": r.eval_steps,
             "val_loss": r.val_loss,
             "train_loss": r.train_loss,

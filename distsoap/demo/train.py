@@ -7,6 +7,8 @@ import time
 from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
 from distsoap import SOAP
 from distsoap.demo.corpus import ByteBatches
@@ -39,6 +41,9 @@ class RunConfig:
     """Validation batches per evaluation (the same batches every time)."""
     seed: int = 0
     """Seeds the data order (the model is initialised by the caller)."""
+    strategy: str = "single"
+    """``single``, ``ddp`` (DDP-wrapped model, sharded SOAP) or ``zero2`` (no wrapper; SOAP
+    synchronises gradients). AdamW always runs DDP-wrapped when distributed."""
 
 
 @dataclass
@@ -51,6 +56,7 @@ class RunResult:
     val_loss: list[float] = field(default_factory=list)
     wall_seconds: float = 0.0
     optimizer_seconds: float = 0.0
+    comm_bytes_per_step: dict[str, int] = field(default_factory=dict)
 
 
 def make_optimizer(name: str, model: torch.nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
@@ -62,6 +68,7 @@ def make_optimizer(name: str, model: torch.nn.Module, cfg: RunConfig) -> torch.o
             betas=(0.95, 0.95),
             weight_decay=cfg.weight_decay,
             precondition_frequency=cfg.precondition_frequency,
+            strategy=cfg.strategy,
         )
     if name == "adamw":
         return torch.optim.AdamW(
@@ -97,6 +104,10 @@ def train_run(
 ) -> RunResult:
     """Train ``model`` in place and return the losses and timings.
 
+    Distributed (a process group is up and ``cfg.strategy`` is not ``single``): every rank
+    draws the same global batch and trains on its slice, so the run sees the same data as a
+    single process with the same batch size.
+
     Args:
         model: the model, already initialised and on ``device``.
         data: the corpus batches.
@@ -105,7 +116,17 @@ def train_run(
         progress: an optional tqdm-like bar (``update`` and ``set_postfix`` are called).
 
     """
+    rank, world = 0, 1
+    forward = model
+    distributed = cfg.strategy != "single" and dist.is_initialized()
+    if distributed:
+        rank, world = dist.get_rank(), dist.get_world_size()
+        if cfg.batch_size % world:
+            raise ValueError(f"batch size {cfg.batch_size} must divide by world size {world}")
+        if cfg.optimizer == "adamw" or cfg.strategy == "ddp":
+            forward = DistributedDataParallel(model)
     optimizer = make_optimizer(cfg.optimizer, model, cfg)
+    own_sync = isinstance(optimizer, SOAP) and optimizer.strategy.name == "zero2"
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, cfg.steps, cfg.warmup_fraction)
     )
@@ -118,18 +139,27 @@ def train_run(
     result = RunResult(cfg.optimizer)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     start = time.perf_counter()
+    share = cfg.batch_size // world
     for step in range(cfg.steps):
-        x, y = (t.to(device) for t in data.batch("train", cfg.batch_size, train_gen))
-        _, loss = model(x, y)
+        x, y = data.batch("train", cfg.batch_size, train_gen)
+        x, y = (t[rank * share : (rank + 1) * share].to(device) for t in (x, y))
+        _, loss = forward(x, y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
+        if own_sync:
+            optimizer.clip_grad_norm_(cfg.clip)
+        else:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
         sync()
         opt_start = time.perf_counter()
         optimizer.step()
         sync()
         result.optimizer_seconds += time.perf_counter() - opt_start
         scheduler.step()
+        if distributed:
+            loss = loss.detach().clone()
+            dist.all_reduce(loss)
+            loss /= world
         result.train_loss.append(loss.item())
         if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
             result.eval_steps.append(step + 1)
@@ -138,6 +168,8 @@ def train_run(
             progress.update(1)
             progress.set_postfix(loss=f"{result.train_loss[-1]:.3f}", refresh=False)
     result.wall_seconds = time.perf_counter() - start
+    if isinstance(optimizer, SOAP):
+        result.comm_bytes_per_step = dict(optimizer.comm_stats["last_step_bytes"])
     return result
 
 

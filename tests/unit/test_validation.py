@@ -62,3 +62,43 @@ def test_layout_options_cannot_change_mid_training():
     opt.param_groups[0]["merge_dims"] = True
     with pytest.raises(ValueError, match="cannot change during training"):
         opt.step()
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(strategy="fsdp9"), r"strategy must be one of"),
+        (dict(strategy="ddp"), r"needs torch.distributed initialised"),
+        (dict(strategy="zero2"), r"needs torch.distributed initialised"),
+        (dict(comm_dtype=torch.int32), r"comm_dtype must be one of"),
+        (dict(bucket_cap_mb=0), r"bucket_cap_mb must be > 0"),
+    ],
+)
+def test_bad_distributed_options_raise_value_error(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        SOAP(_params(), **kwargs)
+
+
+def test_parameter_changing_shape_raises():
+    p = torch.nn.Parameter(torch.randn(4, 4))
+    opt = SOAP([p])
+    p.grad = torch.randn(4, 4)
+    opt.step()
+    p.data = torch.randn(4, 5)
+    p.grad = torch.randn(4, 5)
+    with pytest.raises(ValueError, match=r"changed from shape \(4, 4\) on cpu to \(4, 5\)"):
+        opt.step()
+
+
+def test_parameter_changing_device_raises():
+    p = torch.nn.Parameter(torch.randn(4, 4))
+    opt = SOAP([p])
+    # what Module.to(device) does under torch.__future__'s swap-on-conversion
+    torch.utils.swap_tensors(p, torch.nn.Parameter(torch.empty(4, 4, device="meta")))
+    with pytest.raises(ValueError, match="on meta"):
+        opt.step()
+
+
+def test_clip_grad_norm_needs_a_positive_bound():
+    with pytest.raises(ValueError, match="max_norm must be > 0"):
+        SOAP(_params()).clip_grad_norm_(0.0)
