@@ -10,7 +10,8 @@ needed to agree on it. The cost of a block has two parts that must both be balan
 
 The assignment is a vector form of greedy longest-processing-time: blocks in descending order of
 their larger normalised cost, each given to the rank whose larger normalised load after adding it
-is smallest (ties to the lowest rank).
+is smallest (ties to the lowest rank). A short local search then moves or swaps blocks between
+the most loaded rank and the others while that lowers the pair's larger load.
 """
 
 from __future__ import annotations
@@ -75,7 +76,45 @@ def assign_owners(costs: list[BlockCost], world_size: int) -> list[int]:
         rank = min(range(world_size), key=lambda r: (max(loads[r][0] + f, loads[r][1] + b), r))
         loads[rank] = (loads[rank][0] + f, loads[rank][1] + b)
         owners[i] = rank
+    _improve(owners, normalised, loads)
     return owners
+
+
+def _improve(
+    owners: list[int], costs: list[tuple[float, float]], loads: list[tuple[float, float]]
+) -> None:
+    """Local search: move or swap blocks off the most loaded rank while that helps."""
+
+    def worst(load: tuple[float, float]) -> float:
+        return max(load)
+
+    def shifted(load, out, into):
+        return (load[0] - out[0] + into[0], load[1] - out[1] + into[1])
+
+    zero = (0.0, 0.0)
+    for _ in range(4 * len(owners)):
+        top = max(range(len(loads)), key=lambda r: (worst(loads[r]), -r))
+        best = (worst(loads[top]), None)
+        for i in (i for i, o in enumerate(owners) if o == top):
+            for other in range(len(loads)):
+                if other == top:
+                    continue
+                candidates = [(None, zero)] + [
+                    (j, costs[j]) for j, o in enumerate(owners) if o == other
+                ]
+                for j, back in candidates:
+                    new_top = shifted(loads[top], costs[i], back)
+                    new_other = shifted(loads[other], back, costs[i])
+                    score = max(worst(new_top), worst(new_other))
+                    if score < best[0] - 1e-12:
+                        best = (score, (i, j, other, new_top, new_other))
+        if best[1] is None:
+            return
+        i, j, other, new_top, new_other = best[1]
+        owners[i] = other
+        if j is not None:
+            owners[j] = top
+        loads[top], loads[other] = new_top, new_other
 
 
 def load_balance(costs: list[BlockCost], owners: list[int], world_size: int) -> dict[str, float]:

@@ -7,7 +7,7 @@ ranks' gradient averaging rounds differently from the single-process sum) and 1e
 import pytest
 import torch
 
-from tests.distributed.harness import run_ranks
+from distsoap.local_ranks import run_ranks
 from tests.distributed.scenarios import (
     build_and_report,
     clipped_reference,

@@ -1,4 +1,7 @@
-"""Run a function on N local processes with gloo, and bring back what each returns."""
+"""Run a function on N local processes joined by gloo, and bring back what each returns.
+
+For tests, benchmarks and quick experiments on one machine (CPU). Real jobs use torchrun.
+"""
 
 from __future__ import annotations
 
@@ -23,8 +26,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world: int, port: int, fn: Callable, args: tuple, out: str) -> None:
-    torch.set_num_threads(1)  # several ranks share two cores
+def _worker(
+    rank: int, world: int, port: int, fn: Callable, args: tuple, out: str, threads: int
+) -> None:
+    torch.set_num_threads(threads)
     dist.init_process_group(
         "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
     )
@@ -38,16 +43,27 @@ def _worker(rank: int, world: int, port: int, fn: Callable, args: tuple, out: st
     dist.destroy_process_group()
 
 
-def run_ranks(fn: Callable, world: int, *args, timeout: float = 240) -> list:
+def run_ranks(
+    fn: Callable, world: int, *args, timeout: float = 240, threads: int | None = None
+) -> list:
     """Call ``fn(rank, world, *args)`` on ``world`` gloo processes; return the per-rank results.
 
-    ``fn`` must be importable (a module-level function). An exception on any rank is raised
-    here with that rank's traceback.
+    Args:
+        fn: an importable (module-level) function; what it returns must pickle.
+        world: number of processes.
+        *args: passed to ``fn`` after rank and world.
+        timeout: seconds before every process is killed and TimeoutError raised.
+        threads: torch threads per process (default: the machine's cores shared out, >= 1).
+
+    Raises:
+        RuntimeError: with the traceback of a rank whose ``fn`` raised.
     """
+    if threads is None:
+        threads = max(1, (os.cpu_count() or 1) // world)
     with tempfile.TemporaryDirectory() as out:
         context = mp.start_processes(
             _worker,
-            args=(world, free_port(), fn, args, out),
+            args=(world, free_port(), fn, args, out, threads),
             nprocs=world,
             join=False,
             start_method="spawn",
@@ -64,5 +80,4 @@ def run_ranks(fn: Callable, world: int, *args, timeout: float = 240) -> list:
             if status == "error":
                 raise RuntimeError(f"rank {rank} failed:\n{value}")
             results.append(value)
-    os.environ.pop("MASTER_PORT", None)
     return results

@@ -1,0 +1,101 @@
+"""Bytes each rank sends per step: distsoap "zero2" and "ddp" vs DDP + AdamW, same model.
+
+Runs the demo GPT for a few steps on local gloo ranks (world 2 and 4) and reports, per rank
+and averaged over ranks, the bytes sent in the last step:
+- distsoap counts what its all-to-alls actually send (``optimizer.comm_stats``);
+- DDP is counted with a comm hook that sees every gradient bucket it all-reduces, at the bytes a
+  ring all-reduce sends per rank, ``2 (world - 1) / world`` of the bucket (the least any
+  all-reduce algorithm sends; a tree sends more).
+Mode "ddp" sends DDP's all-reduce (its model is DDP-wrapped) plus the update gather.
+
+    python benchmarks/bench_comm.py [--worlds 2,4] [--out benchmarks/results/bench_comm.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+from torch.nn.parallel import DistributedDataParallel
+
+from distsoap import SOAP
+from distsoap.demo.model import GPT, GPTConfig
+from distsoap.local_ranks import run_ranks
+
+STEPS = 3
+
+
+def _counting_hook(counter: dict, world: int):
+    def hook(state, bucket):
+        nbytes = bucket.buffer().numel() * bucket.buffer().element_size()
+        counter["ddp_all_reduce"] = counter.get("ddp_all_reduce", 0) + int(
+            2 * (world - 1) * nbytes / world
+        )
+        return default_hooks.allreduce_hook(state, bucket)
+
+    return hook
+
+
+def measure(rank: int, world: int, setup: str) -> dict:
+    """Bytes this rank sends in one step of ``setup`` (after warm-up steps)."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig())
+    ddp_counter: dict[str, int] = {}
+    forward = model
+    if setup in ("ddp+adamw", "distsoap ddp"):
+        forward = DistributedDataParallel(model)
+        forward.register_comm_hook(None, _counting_hook(ddp_counter, world))
+    if setup == "ddp+adamw":
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    else:
+        opt = SOAP(model.parameters(), strategy=setup.split()[1])
+    gen = torch.Generator().manual_seed(rank)
+    for _ in range(STEPS):
+        ddp_counter.clear()
+        x = torch.randint(0, 256, (4, 128), generator=gen)
+        opt.zero_grad()
+        forward(x, x)[1].backward()
+        opt.step()
+    sent = dict(ddp_counter)
+    if isinstance(opt, SOAP):
+        sent.update(opt.comm_stats["last_step_bytes"])
+    return sent
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--worlds", default="2,4")
+    p.add_argument("--out", type=Path, default=Path("benchmarks/results/bench_comm.json"))
+    args = p.parse_args()
+    n_params = sum(p.numel() for p in GPT(GPTConfig()).parameters())
+    print(f"demo GPT: {n_params / 1e6:.2f}M fp32 parameters = {n_params * 4 / 2**20:.2f} MiB")
+    report = {}
+    for world in (int(w) for w in args.worlds.split(",")):
+        rows = {}
+        for setup in ("ddp+adamw", "distsoap zero2", "distsoap ddp"):
+            per_rank = run_ranks(measure, world, setup)
+            totals = [sum(r.values()) for r in per_rank]
+            rows[setup] = {
+                "mean_bytes": sum(totals) / world,
+                "max_bytes": max(totals),
+                "by_kind_rank0": per_rank[0],
+            }
+        base = rows["ddp+adamw"]["mean_bytes"]
+        print(f"\nworld {world}: bytes sent per rank per step")
+        print(f"{'setup':16s} {'mean':>12s} {'max':>12s} {'mean / DDP':>11s}")
+        for setup, row in rows.items():
+            row["ratio_to_ddp_adamw"] = row["mean_bytes"] / base
+            print(
+                f"{setup:16s} {row['mean_bytes']:12,.0f} {row['max_bytes']:12,.0f} "
+                f"{row['ratio_to_ddp_adamw']:10.4f}x"
+            )
+        report[world] = rows
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()

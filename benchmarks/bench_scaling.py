@@ -1,0 +1,95 @@
+"""Per-rank optimizer-step time and SOAP state at world 1, 2 and 4 (local gloo ranks).
+
+The parameter set is bench_step.py's GPT shape (CPU preset). Gradients are synthetic and
+already equal on every rank (as DDP leaves them), so the step measured is strategy "ddp": the
+owner's SOAP work plus the update all-gather. Also printed: the load balance of the placement,
+max / mean over ranks of the modelled compute and state bytes (1.0 is perfect).
+
+On this 2-core machine world 4 runs four ranks on two cores, one thread each; step times there
+show the work split and the exchange, not a speed-up.
+
+    python benchmarks/bench_scaling.py [--worlds 1,2,4] [--steps 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+from bench_step import PRESETS, gpt_shapes  # noqa: I001  (sibling script)
+
+from distsoap import SOAP
+from distsoap.local_ranks import run_ranks
+from distsoap.placement import load_balance
+
+
+def measure(rank: int, world: int, steps: int) -> dict:
+    """Time ``steps`` optimizer steps after one refresh cycle of warm-up."""
+    preset = PRESETS["cpu"]
+    gen = torch.Generator().manual_seed(0)
+    shapes = gpt_shapes(**preset)
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen) * 0.02) for s in shapes]
+    strategy = "single" if world == 1 else "ddp"
+    opt = SOAP(params, max_precond_dim=preset["max_precond_dim"], strategy=strategy)
+    grads = [[torch.randn(s, generator=gen) for s in shapes] for _ in range(3)]
+    if strategy == "ddp":
+        opt.strategy._checked_replicas = True  # the grads are equal by construction
+
+    def step(k):
+        for p, g in zip(params, grads[k % 3]):
+            p.grad = g
+        opt.step()
+
+    for k in range(11):
+        step(k)
+    start = time.perf_counter()
+    for k in range(steps):
+        step(k)
+    seconds = (time.perf_counter() - start) / steps
+    state = sum(
+        t.numel() * t.element_size()
+        for s in opt.state.values()
+        for t in s.values()
+        if isinstance(t, torch.Tensor)
+    )
+    balance = {}
+    if strategy == "ddp":
+        balance = load_balance(opt.strategy.costs, opt.strategy.owners, world)
+    return {"seconds": seconds, "state_bytes": state, "balance": balance}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--worlds", default="1,2,4")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--out", type=Path, default=Path("benchmarks/results/bench_scaling.json"))
+    args = p.parse_args()
+    report = {}
+    print(
+        f"{'world':>5s} {'step ms (max rank)':>19s} {'state MiB (max)':>16s} "
+        f"{'state MiB (total)':>18s} {'balance flops':>14s} {'balance bytes':>14s}"
+    )
+    for world in (int(w) for w in args.worlds.split(",")):
+        per_rank = run_ranks(measure, world, args.steps, timeout=900)
+        seconds = max(r["seconds"] for r in per_rank)
+        states = [r["state_bytes"] for r in per_rank]
+        balance = per_rank[0]["balance"] or {"flops": 1.0, "state_bytes": 1.0}
+        report[world] = {
+            "step_seconds_max_rank": seconds,
+            "state_bytes": states,
+            "balance": balance,
+        }
+        print(
+            f"{world:5d} {seconds * 1e3:19.1f} {max(states) / 2**20:16.2f} "
+            f"{sum(states) / 2**20:18.2f} {balance['flops']:14.3f} "
+            f"{balance['state_bytes']:14.3f}"
+        )
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()
