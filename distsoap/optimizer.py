@@ -1,8 +1,10 @@
-"""``distsoap.SOAP``: the drop-in optimizer (single process).
+"""``distsoap.SOAP``: the drop-in optimizer.
 
 Same constructor as the public reference implementation. Parameters are turned into blocks
 (:mod:`distsoap.blocks`), blocks of one shape are stacked into buckets (:mod:`distsoap.bucket`)
-and each bucket is stepped with batched matmuls (:mod:`distsoap.engine`).
+and each bucket is stepped with batched matmuls (:mod:`distsoap.engine`). A strategy
+(:mod:`distsoap.strategies`) decides which blocks this rank computes and how gradients and
+updates travel; :meth:`SOAP.compute_updates` is the engine every strategy calls.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from distsoap.hyperparams import (
     validate_group,
 )
 from distsoap.strategies import Strategy, make_strategy
+from distsoap.strategies.single import SingleProcess
 
 _MOMENT_DTYPES = (torch.float32, torch.bfloat16, torch.float64)
 
@@ -182,7 +185,8 @@ class SOAP(torch.optim.Optimizer):
         super().__setstate__(state)
         self._buckets = {}
         self._layouts = {id(p): (p.shape, p.device) for g in self.param_groups for p in g["params"]}
-        self._strategy = make_strategy(self, "single", None)
+        # an unpickled optimizer is a local copy: it steps on this process only
+        self._strategy = SingleProcess(self)
 
     def block_spec(self, param: torch.Tensor, group: dict[str, Any]) -> BlockSpec:
         """How this optimizer sees ``param`` (its block shape and factored dims)."""

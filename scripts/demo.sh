@@ -1,7 +1,13 @@
 #!/usr/bin/env bash
-# The main job: SOAP vs AdamW on the bundled corpus. Sets everything up on first use.
-# Extra arguments go to the demo: scripts/demo.sh --steps 100 --out runs/short
+# The main job: SOAP vs AdamW on the bundled corpus, data-parallel under torchrun (2 CPU ranks
+# with gloo here; every GPU with NCCL when CUDA is present). Sets everything up on first use.
+# Extra arguments go to the demo: scripts/demo.sh --strategy zero2 --steps 100
+# DISTSOAP_NPROC overrides the number of processes (1 runs it as a plain single process).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 py="$("$root/scripts/setup_env.sh" demo)"
-exec "$py" -m distsoap.demo "$@"
+nproc="${DISTSOAP_NPROC:-$("$py" -c 'import torch; print(torch.cuda.device_count() or 2)')}"
+if [ "$nproc" = "1" ]; then
+  exec "$py" -m distsoap.demo "$@"
+fi
+exec "$py" -m torch.distributed.run --standalone --nproc_per_node="$nproc" -m distsoap.demo "$@"

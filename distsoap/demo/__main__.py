@@ -24,7 +24,7 @@ from distsoap.demo.report import plot_losses, summarize
 from distsoap.demo.train import RunConfig, train_run
 
 # Peak learning rates picked by benchmarks/sweep_lr.py (see BENCHMARKS.md).
-DEFAULT_LR = {"soap": 6e-3, "adamw": 3e-3}
+DEFAULT_LR = {"soap": 1.2e-2, "adamw": 3e-3}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
