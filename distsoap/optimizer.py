@@ -73,17 +73,23 @@ class SOAP(torch.optim.Optimizer):
         correct_bias: fold Adam's bias correction into the step size.
         moment_dtype: keyword-only; dtype of ``exp_avg`` and ``exp_avg_sq`` (fp32 default;
             bf16 halves their memory at some accuracy cost; fp64 parameters always use fp64).
-        strategy: keyword-only; ``"auto"`` (``"ddp"`` when a process group of more than one
-            rank is initialised, else ``"single"``), ``"single"`` (every rank computes
-            everything), ``"ddp"`` (model wrapped in DistributedDataParallel; each block's state
-            and work on one owner rank, updates all-gathered) or ``"zero2"`` (no DDP wrapper:
-            distsoap also synchronises the gradients, to their owners, during backward).
+        strategy: keyword-only; ``"auto"`` (``"fsdp2"`` for DTensor parameters, ``"ddp"``
+            when a process group of more than one rank is initialised, else ``"single"``),
+            ``"single"`` (every rank computes everything), ``"ddp"`` (model wrapped in
+            DistributedDataParallel; each block's state and work on one owner rank, updates
+            all-gathered), ``"zero2"`` (no DDP wrapper: distsoap also synchronises the gradients,
+            to their owners, during backward), ``"fsdp2"`` (FSDP2 / HSDP DTensor parameters,
+            lossless: whole-matrix SOAP at each block's owner), ``"fsdp2_local"`` (SOAP on
+            local shards, approximate) or ``"fsdp1"`` (FSDP1 with use_orig_params=True,
+            lossless; needs ``fsdp_model``).
         process_group: keyword-only; the group to shard over (None: the world).
         comm_dtype: keyword-only; dtype of the updates on the wire. None (default) sends them
             exactly as computed (fp32; fp64 for fp64 parameters); bf16 and fp16 halve the bytes
             and are approximate (updates rounded once, equally on every rank, so replicas stay
             identical).
         bucket_cap_mb: keyword-only; MiB of gradients per communication bucket.
+        fsdp_model: keyword-only; the FullyShardedDataParallel (FSDP1) model, for
+            ``strategy="fsdp1"``, whose flat-parameter metadata says where each piece lives.
 
     """
 
@@ -108,6 +114,7 @@ class SOAP(torch.optim.Optimizer):
         process_group: dist.ProcessGroup | None = None,
         comm_dtype: torch.dtype | None = None,
         bucket_cap_mb: float = 25.0,
+        fsdp_model: torch.nn.Module | None = None,
     ):
         validate_data_format(data_format)
         if moment_dtype not in _MOMENT_DTYPES:
@@ -131,7 +138,12 @@ class SOAP(torch.optim.Optimizer):
         )
         super().__init__(params, defaults)
         self._strategy = make_strategy(
-            self, strategy, process_group, comm_dtype=comm_dtype, bucket_cap_mb=bucket_cap_mb
+            self,
+            strategy,
+            process_group,
+            comm_dtype=comm_dtype,
+            bucket_cap_mb=bucket_cap_mb,
+            fsdp_model=fsdp_model,
         )
 
     @property
@@ -188,10 +200,19 @@ class SOAP(torch.optim.Optimizer):
         # an unpickled optimizer is a local copy: it steps on this process only
         self._strategy = SingleProcess(self)
 
-    def block_spec(self, param: torch.Tensor, group: dict[str, Any]) -> BlockSpec:
-        """How this optimizer sees ``param`` (its block shape and factored dims)."""
+    def block_spec(
+        self, param: torch.Tensor, group: dict[str, Any], shape: tuple[int, ...] | None = None
+    ) -> BlockSpec:
+        """How this optimizer sees a parameter (its block shape and factored dims).
+
+        Args:
+            param: the parameter.
+            group: its param group.
+            shape: the shape of the tensor SOAP preconditions, when it is not ``param.shape``
+                (a sharded parameter's full shape, or its local shard's).
+        """
         return _cached_block_spec(
-            tuple(param.shape),
+            tuple(param.shape if shape is None else shape),
             max_precond_dim=group["max_precond_dim"],
             merge_dims=group["merge_dims"],
             precondition_1d=group["precondition_1d"],
@@ -236,12 +257,14 @@ class SOAP(torch.optim.Optimizer):
         This is the engine every strategy calls; it does not touch the parameters.
 
         Args:
-            grads: ``id(param)`` -> the full gradient of that parameter (parameter shape). Only
-                these parameters are stepped; their state lives on this rank.
+            grads: ``id(param)`` -> the gradient SOAP preconditions for that parameter: its full
+                gradient (parameter shape), or, for sharded parameters, the assembled full
+                gradient or (local mode) the local shard's. Only these parameters are stepped;
+                their state lives on this rank, laid out for that gradient's shape.
 
         Returns:
-            ``id(param)`` -> (its param group, its delta ``-step_size * U`` in parameter shape,
-            or None on a first call, which makes no update).
+            ``id(param)`` -> (its param group, its delta ``-step_size * U`` in the gradient's
+            shape, or None on a first call, which makes no update).
 
         """
         result: dict[int, tuple[dict[str, Any], torch.Tensor | None]] = {}
@@ -252,7 +275,7 @@ class SOAP(torch.optim.Optimizer):
                 if grad is None:
                     continue
                 check_gradient(param, grad)
-                spec = self.block_spec(param, group)
+                spec = self.block_spec(param, group, tuple(grad.shape))
                 state = self.state[param]
                 if not state.get("bases_ready", False):
                     self._first_call(param, grad, spec, group, state)
@@ -319,7 +342,7 @@ class SOAP(torch.optim.Optimizer):
         _, _, _, dtype, _, frequency, shampoo_beta = key
         bucket = self._bucket(key, params)
         rows = [bucket.row[id(p)] for p in params]
-        specs = [self.block_spec(p, group) for p in params]
+        specs = [self.block_spec(p, group, tuple(grads[id(p)].shape)) for p in params]
         stacked = torch.stack([s.to_block(grads[id(p)]).to(dtype) for s, p in zip(specs, params)])
         steps = []
         for p in params:

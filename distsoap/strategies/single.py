@@ -47,14 +47,18 @@ class SingleProcess:
         """Nothing is placed, so nothing to redo."""
 
 
-def apply_updates(optimizer: SOAP, updates: dict) -> None:
-    """Apply ``compute_updates``-style results, param group by param group, in group order."""
+def apply_updates(optimizer: SOAP, updates: dict, targets: dict | None = None) -> None:
+    """Apply ``compute_updates``-style results, param group by param group, in group order.
+
+    ``targets`` maps ``id(param)`` to the tensor to update instead of the parameter itself (a
+    sharded parameter's local shard).
+    """
     for group in optimizer.param_groups:
         params, deltas = [], []
         for p in group["params"]:
             entry = updates.get(id(p))
             if entry is not None and entry[1] is not None:
-                params.append(p)
+                params.append(p if targets is None else targets[id(p)])
                 deltas.append(entry[1])
         if params:
             apply_deltas(params, deltas, group)

@@ -1,0 +1,168 @@
+"""Where each piece of a sharded parameter lives: layouts read from FSDP2 and FSDP1 metadata.
+
+A :class:`ShardLayout` says, for every rank of the group, which contiguous range of a parameter
+that rank holds, in a *split view* of the parameter: the parameter itself cut along one dim
+(FSDP2's ``Shard(d)``), or the flattened parameter cut into element ranges (FSDP1's flat
+shards). Ranks in different *replica groups* hold the same pieces again (HSDP's replicate dim).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class ShardLayout:
+    """How one parameter is spread over the ranks of a group."""
+
+    full_shape: tuple[int, ...]
+    """Shape of the whole parameter (what SOAP preconditions in lossless mode)."""
+    split_shape: tuple[int, ...]
+    """The view in which every rank's piece is a contiguous range along ``dim``."""
+    dim: int
+    """The dim of ``split_shape`` that is cut."""
+    ranges: tuple[tuple[int, int], ...]
+    """Per group rank, its ``[start, stop)`` along ``dim`` (empty when start == stop)."""
+    replica: tuple[int, ...]
+    """Per group rank, its replica group; ranks of one replica group hold the whole parameter
+    between them, each piece once."""
+
+    def numel(self, rank: int) -> int:
+        """Elements of ``rank``'s piece."""
+        start, stop = self.ranges[rank]
+        inner = 1
+        for i, d in enumerate(self.split_shape):
+            if i != self.dim:
+                inner *= d
+        return (stop - start) * inner
+
+    def sources(self, owner: int) -> list[int]:
+        """The ranks whose pieces make up the whole parameter for ``owner``.
+
+        These are the ranks of the owner's replica group, in the order of their ranges.
+        """
+        ranks = [r for r, g in enumerate(self.replica) if g == self.replica[owner]]
+        return sorted(ranks, key=lambda r: (self.ranges[r][0], r))
+
+    def assemble(self, pieces: list[torch.Tensor]) -> torch.Tensor:
+        """The whole parameter from flat pieces given in ``sources`` order."""
+        shaped = []
+        for piece in pieces:
+            shape = list(self.split_shape)
+            shape[self.dim] = -1 if piece.numel() else 0
+            shaped.append(piece.reshape(shape))
+        return torch.cat(shaped, dim=self.dim).reshape(self.full_shape)
+
+    def extract(self, whole: torch.Tensor, rank: int) -> torch.Tensor:
+        """``rank``'s piece of a whole-parameter tensor, flattened."""
+        start, stop = self.ranges[rank]
+        split = whole.reshape(self.split_shape)
+        return split.narrow(self.dim, start, stop - start).reshape(-1)
+
+
+def chunk_range(size: int, parts: int, index: int) -> tuple[int, int]:
+    """The ``index``-th of ``parts`` ``torch.chunk`` pieces of ``size`` (possibly empty)."""
+    step = -(-size // parts)
+    return min(index * step, size), min((index + 1) * step, size)
+
+
+def dtensor_layout(param: torch.Tensor, group: dist.ProcessGroup | None) -> ShardLayout:
+    """Layout of a DTensor parameter (FSDP2, HSDP) over ``group``.
+
+    Supports at most one ``Shard`` placement (the FSDP dim); ``Replicate`` placements make replica
+    groups. The mesh must consist of exactly the ranks of ``group``.
+    """
+    from torch.distributed.tensor import Replicate, Shard
+
+    mesh = param.device_mesh
+    placements = param.placements
+    shard_dims = [i for i, p in enumerate(placements) if isinstance(p, Shard)]
+    if len(shard_dims) > 1 or any(not isinstance(p, (Shard, Replicate)) for p in placements):
+        raise ValueError(
+            f"SOAP supports DTensor parameters sharded on one mesh dim (FSDP2 / HSDP), "
+            f"got placements {placements}"
+        )
+    world = dist.get_world_size(group)
+    mesh_ranks = mesh.mesh.reshape(-1).tolist()
+    group_ranks = [dist.get_global_rank(group, r) if group is not None else r for r in range(world)]
+    if sorted(mesh_ranks) != sorted(group_ranks):
+        raise ValueError(
+            f"the parameters' device mesh holds ranks {sorted(mesh_ranks)} but SOAP's process "
+            f"group holds {sorted(group_ranks)}; pass process_group= covering the mesh"
+        )
+    shape = tuple(param.shape)
+    coords = {}
+    for index, global_rank in enumerate(mesh.mesh.reshape(-1).tolist()):
+        coords[global_rank] = list(torch.unravel_index(torch.tensor(index), mesh.mesh.shape))
+    ranges, replica = [], []
+    replica_ids: dict[tuple[int, ...], int] = {}
+    for group_rank, global_rank in enumerate(group_ranks):
+        coord = [int(c) for c in coords[global_rank]]
+        if shard_dims:
+            mesh_dim = shard_dims[0]
+            dim = placements[mesh_dim].dim
+            ranges.append(chunk_range(shape[dim], mesh.mesh.shape[mesh_dim], coord[mesh_dim]))
+            key = tuple(c for i, c in enumerate(coord) if i != mesh_dim)
+        else:  # replicated everywhere: every rank holds the whole parameter
+            dim = 0
+            ranges.append((0, shape[0] if shape else 1))
+            key = (group_rank,)
+        replica.append(replica_ids.setdefault(key, len(replica_ids)))
+    split_shape = shape if shape else (1,)
+    layout = ShardLayout(shape, split_shape, dim, tuple(ranges), tuple(replica))
+    mine = group_ranks.index(dist.get_rank())
+    if layout.numel(mine) != param.to_local().numel():
+        raise ValueError(
+            f"a DTensor parameter of shape {shape} holds {param.to_local().numel()} local "
+            f"elements, not the {layout.numel(mine)} of an even torch.chunk split"
+        )
+    return layout
+
+
+def fsdp1_layouts(
+    model: torch.nn.Module, params: list[torch.Tensor], group: dist.ProcessGroup | None
+) -> dict[int, ShardLayout]:
+    """Layouts of FSDP1 (``use_orig_params=True``) parameters, read from FSDP's flat params.
+
+    Each rank knows only its own pieces (``FlatParameter._shard_param_infos``), so they are
+    all-gathered once. Every original parameter becomes a flat element range per rank.
+
+    Args:
+        model: the FullyShardedDataParallel-wrapped model.
+        params: the optimizer's parameters (original parameters, seen as 1-D local views).
+        group: FSDP's process group.
+    """
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    shapes: dict[int, tuple[int, ...]] = {}
+    local: dict[int, tuple[int, int]] = {}
+    for module in FSDP.fsdp_modules(model):
+        handle = module._handle
+        if handle is None:
+            continue
+        flat = handle.flat_param
+        if not getattr(flat, "_params", None):
+            raise ValueError("SOAP on FSDP1 needs use_orig_params=True")
+        for param, shape, info in zip(flat._params, flat._shapes, flat._shard_param_infos):
+            shapes[id(param)] = tuple(shape)
+            if info.in_shard:
+                local[id(param)] = (info.intra_param_start_idx, info.intra_param_end_idx + 1)
+    index = {id(p): i for i, p in enumerate(params)}
+    missing = [i for i, p in enumerate(params) if id(p) not in shapes and p.requires_grad]
+    if missing:
+        raise ValueError(f"parameters {missing} are not managed by the given FSDP model")
+    mine = {index[k]: v for k, v in local.items() if k in index}
+    gathered: list[dict[int, tuple[int, int]]] = [{} for _ in range(dist.get_world_size(group))]
+    dist.all_gather_object(gathered, mine, group=group)
+    layouts = {}
+    for i, p in enumerate(params):
+        if id(p) not in shapes:
+            continue
+        shape = shapes[id(p)]
+        numel = int(torch.Size(shape).numel())
+        ranges = tuple(pieces.get(i, (0, 0)) for pieces in gathered)
+        layouts[id(p)] = ShardLayout(shape, (numel,), 0, ranges, (0,) * len(ranges))
+    return layouts

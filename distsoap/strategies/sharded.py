@@ -1,0 +1,265 @@
+"""Sharded parameters (FSDP2, HSDP, FSDP1): lossless SOAP on whole matrices, or local shards.
+
+Lossless (``strategy="fsdp2"``, the default for DTensor parameters; ``"fsdp1"``): every
+parameter has one owner rank (same placement as data parallel, over all ranks, so on an HSDP
+mesh the owners are spread over the replicate dim too and no block is computed twice). Each step:
+
+1. gradient pieces go to their owners: one uneven ``all_to_all_single`` for all parameters; the
+   ranks of the owner's replica group send their pieces (empty pieces are zero-size splits, so
+   uneven and empty shards never hang it);
+2. the owner assembles the whole gradient and runs SOAP on the whole matrix;
+3. update pieces go back: one more ``all_to_all_single``; every rank (every replica) receives
+   the piece it holds and applies it to its local shard.
+
+Each parameter's part of both payloads starts with one flag element (gradient present / update
+computed), so parameters without gradients behave as in single-process SOAP.
+
+Local (``strategy="fsdp2_local"``): every rank runs SOAP on its own local shards as if they
+were the parameters. No communication beyond FSDP's own; an approximation whose result depends
+on the number of shards.
+"""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager, nullcontext
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.distributed as dist
+
+from distsoap.comm import CommStats
+from distsoap.engine import apply_deltas
+from distsoap.placement import assign_owners, block_cost
+from distsoap.sharding import ShardLayout
+from distsoap.strategies.single import apply_updates
+
+if TYPE_CHECKING:
+    from distsoap.optimizer import SOAP
+
+
+def local_view(param: torch.Tensor) -> torch.Tensor:
+    """The tensor this rank holds of a parameter (a DTensor's local shard, else itself)."""
+    return param.to_local() if hasattr(param, "to_local") else param
+
+
+def local_grad(param: torch.Tensor) -> torch.Tensor | None:
+    """Return this rank's piece of the parameter's gradient, or None."""
+    grad = param.grad
+    return None if grad is None else local_view(grad)
+
+
+class ShardedLossless:
+    """Whole-matrix SOAP on sharded parameters (see the module docstring).
+
+    Args:
+        optimizer: the SOAP optimizer.
+        group: the process group spanning every rank that holds a piece.
+        layouts: ``id(param)`` -> its layout, for every trainable parameter.
+        name: the strategy name to report (``fsdp2`` or ``fsdp1``).
+        comm_dtype: dtype of updates on the wire (None: exact).
+    """
+
+    def __init__(
+        self,
+        optimizer: SOAP,
+        group: dist.ProcessGroup | None,
+        layouts: dict[int, ShardLayout],
+        name: str,
+        comm_dtype: torch.dtype | None,
+    ):
+        self.optimizer = optimizer
+        self.group = group
+        self.name = name
+        self.rank = dist.get_rank(group)
+        self.world = dist.get_world_size(group)
+        self.comm_dtype = comm_dtype
+        self.stats = CommStats()
+        self.params: list[torch.Tensor] = []
+        self.groups: list[dict[str, Any]] = []
+        self.layouts: list[ShardLayout] = []
+        self.costs = []
+        for group_ in optimizer.param_groups:
+            for p in group_["params"]:
+                if not p.requires_grad:
+                    continue
+                layout = layouts[id(p)]
+                self.params.append(p)
+                self.groups.append(group_)
+                self.layouts.append(layout)
+                spec = optimizer.block_spec(p, group_, layout.full_shape)
+                self.costs.append(block_cost(spec, group_["precondition_frequency"]))
+        self.owners = assign_owners(self.costs, self.world)
+        self.exact = (
+            torch.float64 if any(p.dtype == torch.float64 for p in self.params) else (torch.float32)
+        )
+        self._plan()
+
+    def _plan(self) -> None:
+        """Who sends what to whom, in both directions; identical order on every rank."""
+        me = self.rank
+        indices = range(len(self.params))
+        # gradients: to owner o, the pieces of o's parameters from o's replica group
+        self.grad_to = [
+            [i for i in indices if self.owners[i] == o and me in self.layouts[i].sources(o)]
+            for o in range(self.world)
+        ]
+        self.grad_from = [
+            [i for i in indices if self.owners[i] == me and s in self.layouts[i].sources(me)]
+            for s in range(self.world)
+        ]
+        # updates: from owner o, to every rank, that rank's piece
+        self.mine = [i for i in indices if self.owners[i] == me]
+        self.update_from = [[i for i in indices if self.owners[i] == o] for o in range(self.world)]
+
+        def size(rank: int, items: list[int]) -> int:
+            return sum(1 + self.layouts[i].numel(rank) for i in items)
+
+        self.grad_send_sizes = [size(me, items) for items in self.grad_to]
+        self.grad_recv_sizes = [size(s, items) for s, items in enumerate(self.grad_from)]
+        self.update_send_sizes = [size(d, self.mine) for d in range(self.world)]
+        self.update_recv_sizes = [size(me, items) for items in self.update_from]
+
+    def owned_params(self) -> list[torch.Tensor]:
+        """The parameters whose SOAP state lives on this rank."""
+        return [self.params[i] for i in self.mine]
+
+    def param_groups_changed(self) -> None:
+        """Layouts come with the model; adding groups later is not supported."""
+        raise RuntimeError(
+            f"add_param_group is not supported with strategy={self.name!r}: "
+            "create the optimizer with every param group"
+        )
+
+    def no_sync(self) -> AbstractContextManager:
+        """Nothing to skip (use FSDP's set_requires_gradient_sync / no_sync)."""
+        return nullcontext()
+
+    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
+        """Torch's clip_grad_norm_, which handles DTensor gradients."""
+        params = [p for p in self.params if p.grad is not None]
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+
+    def _device(self) -> torch.device:
+        return local_view(self.params[0]).device if self.params else torch.device("cpu")
+
+    def _exchange(self, send, send_sizes, recv_sizes, kind: str) -> list[torch.Tensor]:
+        received = send.new_empty(sum(recv_sizes))
+        dist.all_to_all_single(received, send, recv_sizes, send_sizes, group=self.group)
+        sent = sum(n for r, n in enumerate(send_sizes) if r != self.rank)
+        self.stats.add(kind, sent * send.element_size())
+        return list(received.split(recv_sizes))
+
+    @torch.no_grad()
+    def step(self) -> None:
+        """Gather gradients to owners, step the owned blocks, scatter the updates back."""
+        device = self._device()
+        # 1. gradient pieces to owners
+        parts = []
+        for items in self.grad_to:
+            for i in items:
+                piece = local_grad(self.params[i])
+                flag = torch.ones(1, dtype=self.exact, device=device)
+                if piece is None:
+                    flag.zero_()
+                    piece = torch.zeros(
+                        self.layouts[i].numel(self.rank), dtype=self.exact, device=device
+                    )
+                parts += [flag, piece.reshape(-1).to(self.exact)]
+        send = torch.cat(parts) if parts else torch.zeros(0, dtype=self.exact, device=device)
+        received = self._exchange(send, self.grad_send_sizes, self.grad_recv_sizes, "grad_sync")
+        # 2. whole gradients of owned blocks, SOAP on them
+        pieces: dict[int, dict[int, torch.Tensor]] = {i: {} for i in self.mine}
+        present: dict[int, bool] = {i: False for i in self.mine}
+        for source, (items, buffer) in enumerate(zip(self.grad_from, received)):
+            offsets = self._offsets(items, source)
+            flags = buffer[offsets].tolist() if items else []
+            for i, offset, flag in zip(items, offsets, flags):
+                n = self.layouts[i].numel(source)
+                present[i] = present[i] or flag != 0
+                pieces[i][source] = buffer[offset + 1 : offset + 1 + n]
+        grads = {}
+        for i in self.mine:
+            if present[i]:
+                layout = self.layouts[i]
+                ordered = [pieces[i][s] for s in layout.sources(self.rank)]
+                grads[id(self.params[i])] = layout.assemble(ordered).to(self.params[i].dtype)
+        updates = self.optimizer.compute_updates(grads)
+        # 3. update pieces back to every rank
+        out_dtype = self.comm_dtype or self.exact
+        parts = []
+        for destination in range(self.world):
+            for i in self.mine:
+                entry = updates.get(id(self.params[i]))
+                n = self.layouts[i].numel(destination)
+                if entry is None or entry[1] is None:
+                    parts.append(torch.zeros(1 + n, dtype=out_dtype, device=device))
+                    continue
+                piece = self.layouts[i].extract(entry[1], destination).to(out_dtype)
+                parts += [torch.ones(1, dtype=out_dtype, device=device), piece]
+        send = torch.cat(parts) if parts else torch.zeros(0, dtype=out_dtype, device=device)
+        received = self._exchange(
+            send, self.update_send_sizes, self.update_recv_sizes, "update_scatter"
+        )
+        by_group: dict[int, tuple[dict[str, Any], list, list]] = {}
+        for items, buffer in zip(self.update_from, received):
+            offsets = self._offsets(items, self.rank)
+            flags = buffer[offsets].tolist() if items else []
+            for i, offset, flag in zip(items, offsets, flags):
+                n = self.layouts[i].numel(self.rank)
+                if flag != 0 and n > 0:
+                    target = local_view(self.params[i])
+                    delta = buffer[offset + 1 : offset + 1 + n].view(target.shape)
+                    entry = by_group.setdefault(id(self.groups[i]), (self.groups[i], [], []))
+                    entry[1].append(target)
+                    entry[2].append(delta)
+        for group, targets, deltas in by_group.values():
+            apply_deltas(targets, deltas, group)
+        self.stats.end_step()
+
+    def _offsets(self, items: list[int], rank: int) -> list[int]:
+        """Where each item's flag sits in a payload of ``rank``-sized pieces."""
+        offsets, offset = [], 0
+        for i in items:
+            offsets.append(offset)
+            offset += 1 + self.layouts[i].numel(rank)
+        return offsets
+
+
+class LocalShards:
+    """SOAP on each rank's local shards as independent blocks (approximate; no communication)."""
+
+    name = "fsdp2_local"
+
+    def __init__(self, optimizer: SOAP):
+        self.optimizer = optimizer
+        self.stats = CommStats()
+
+    @torch.no_grad()
+    def step(self) -> None:
+        """Step every non-empty local shard that has a gradient."""
+        grads, targets = {}, {}
+        for group in self.optimizer.param_groups:
+            for p in group["params"]:
+                piece = local_grad(p)
+                if piece is not None and piece.numel() > 0:
+                    grads[id(p)] = piece
+                    targets[id(p)] = local_view(p)
+        updates = self.optimizer.compute_updates(grads)
+        local = {
+            k: (group, None if d is None else d.view(targets[k].shape))
+            for k, (group, d) in updates.items()
+        }
+        apply_updates(self.optimizer, local, targets)
+        self.stats.end_step()
+
+    def no_sync(self) -> AbstractContextManager:
+        """Nothing to skip (use FSDP's own controls)."""
+        return nullcontext()
+
+    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
+        """Torch's clip_grad_norm_, which handles DTensor gradients."""
+        params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+
+    def param_groups_changed(self) -> None:
+        """Nothing is placed."""
