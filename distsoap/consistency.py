@@ -16,8 +16,11 @@ def optimizer_fingerprint(optimizer: SOAP, strategy: str, comm_dtype: torch.dtyp
     """A 63-bit hash of what must agree across ranks.
 
     Covers the strategy, communication dtype, every parameter's shape, dtype and requires_grad,
-    and every param group's hyperparameters.
+    and every param group's hyperparameters. Under FSDP1 the optimizer sees each rank's local
+    1-D piece, whose shape differs between ranks by design, so shapes are left out there (the
+    full shapes are compared when FSDP's metadata is gathered).
     """
+    local_pieces = strategy == "fsdp1"
     parts: list[str] = [
         strategy,
         str(comm_dtype),
@@ -27,7 +30,10 @@ def optimizer_fingerprint(optimizer: SOAP, strategy: str, comm_dtype: torch.dtyp
     for group in optimizer.param_groups:
         hyper = sorted((k, repr(v)) for k, v in group.items() if k != "params")
         parts.append(repr(hyper))
-        parts.extend(f"{tuple(p.shape)}:{p.dtype}:{p.requires_grad}" for p in group["params"])
+        parts.extend(
+            f"{'' if local_pieces else tuple(p.shape)}:{p.dtype}:{p.requires_grad}"
+            for p in group["params"]
+        )
     digest = hashlib.sha256("|".join(parts).encode()).digest()
     return int.from_bytes(digest[:8], "little") >> 1
 

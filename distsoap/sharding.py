@@ -155,8 +155,15 @@ def fsdp1_layouts(
     if missing:
         raise ValueError(f"parameters {missing} are not managed by the given FSDP model")
     mine = {index[k]: v for k, v in local.items() if k in index}
-    gathered: list[dict[int, tuple[int, int]]] = [{} for _ in range(dist.get_world_size(group))]
-    dist.all_gather_object(gathered, mine, group=group)
+    full_shapes = [shapes.get(id(p)) for p in params]
+    gathered: list = [None] * dist.get_world_size(group)
+    dist.all_gather_object(gathered, (full_shapes, mine), group=group)
+    if any(shapes_seen != gathered[0][0] for shapes_seen, _ in gathered):
+        raise ValueError(
+            "SOAP was built differently on different ranks: FSDP reports different full "
+            "parameter shapes. Build the model and optimizer identically on every rank."
+        )
+    gathered = [pieces for _, pieces in gathered]
     layouts = {}
     for i, p in enumerate(params):
         if id(p) not in shapes:

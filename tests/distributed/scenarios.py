@@ -23,11 +23,14 @@ UNUSED_SHAPE = (8, 8)
 OPTIONS = dict(lr=1e-2, max_precond_dim=32, precondition_frequency=5)
 
 
-def skipped(step: int, rank: int) -> set[int]:
-    """Blocks left out of a rank's loss: block 1 everywhere every 4th step, block 2 on rank 0
-    only every 3rd step (its gradient then comes from the other ranks alone)."""
-    skip = {1} if step % 4 == 1 else set()
-    if rank == 0 and step % 3 == 2:
+def skipped(step: int, rank: int, skips: str = "per_rank") -> set[int]:
+    """Blocks left out of a rank's loss.
+
+    ``skips="global"``: block 1 on every rank every 4th step; ``"per_rank"``: also block 2 on
+    rank 0 only every 3rd step (its gradient then comes from the other ranks); ``"none"``.
+    """
+    skip = {1} if step % 4 == 1 and skips != "none" else set()
+    if skips == "per_rank" and rank == 0 and step % 3 == 2:
         skip.add(2)
     return skip
 
@@ -35,15 +38,17 @@ def skipped(step: int, rank: int) -> set[int]:
 class ProblemModel(nn.Module):
     """The regression problem as a module (DDP needs one)."""
 
-    def __init__(self, dtype: torch.dtype, shapes=SHAPES):
+    def __init__(self, dtype: torch.dtype, shapes=SHAPES, skips: str = "per_rank"):
         super().__init__()
+        self.skips = skips
         self.problem = RegressionProblem(shapes, dtype=dtype)
         self.blocks = nn.ParameterList(self.problem.make_params())
         self.frozen = nn.Parameter(torch.ones(FROZEN_SHAPE, dtype=dtype), requires_grad=False)
         self.unused = nn.Parameter(torch.ones(UNUSED_SHAPE, dtype=dtype))
 
     def forward(self, step: int, rank: int, shard: tuple[int, int]) -> torch.Tensor:
-        loss = self.problem.loss(list(self.blocks), step, skipped(step, rank), shard)
+        skip = skipped(step, rank, self.skips)
+        loss = self.problem.loss(list(self.blocks), step, skip, shard)
         return loss * self.frozen.mean()  # frozen at 1: scales nothing, gets no gradient
 
     def param_groups(self) -> list[dict]:
@@ -56,9 +61,11 @@ class ProblemModel(nn.Module):
         ]
 
 
-def single_process_reference(dtype: torch.dtype, world: int, steps: int, shapes=SHAPES) -> list:
+def single_process_reference(
+    dtype: torch.dtype, world: int, steps: int, shapes=SHAPES, skips: str = "per_rank"
+) -> list:
     """Single-process SOAP on the average of every rank's shard loss (the full batch)."""
-    model = ProblemModel(dtype, shapes)
+    model = ProblemModel(dtype, shapes, skips)
     opt = SOAP(model.param_groups(), strategy="single", **OPTIONS)
     for step in range(steps):
         opt.zero_grad(set_to_none=True)
