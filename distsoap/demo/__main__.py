@@ -47,11 +47,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument(
         "--strategy",
-        choices=["auto", "single", "ddp", "zero2"],
+        choices=["auto", "single", "ddp", "zero2", "fsdp2", "hsdp", "fsdp2_local"],
         default="auto",
-        help="SOAP's distribution under torchrun: ddp (DDP-wrapped model, sharded SOAP), zero2 "
-        "(no DDP wrapper, SOAP syncs gradients), single (every rank computes everything); "
-        "auto: ddp under torchrun, else single",
+        help="distribution under torchrun: ddp (DDP-wrapped model, sharded SOAP), zero2 "
+        "(no DDP wrapper, SOAP syncs gradients), fsdp2 / hsdp (FSDP2 on a 1-D / (2, world/2) "
+        "mesh, lossless SOAP), fsdp2_local (SOAP on local shards, approximate), single (every "
+        "rank computes everything); auto: ddp under torchrun, else single",
     )
     args = p.parse_args(argv)
     for name in ("steps", "batch_size", "context", "layers", "d_model", "heads", "eval_every"):

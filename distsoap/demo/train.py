@@ -8,11 +8,11 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel
 
 from distsoap import SOAP
 from distsoap.demo.corpus import ByteBatches
 from distsoap.demo.model import GPT
+from distsoap.demo.parallel import SOAP_STRATEGY, wrap_model
 
 
 @dataclass
@@ -42,8 +42,9 @@ class RunConfig:
     seed: int = 0
     """Seeds the data order (the model is initialised by the caller)."""
     strategy: str = "single"
-    """``single``, ``ddp`` (DDP-wrapped model, sharded SOAP) or ``zero2`` (no wrapper; SOAP
-    synchronises gradients). AdamW always runs DDP-wrapped when distributed."""
+    """``single``, ``ddp`` (DDP-wrapped model, sharded SOAP), ``zero2`` (no wrapper; SOAP
+    synchronises gradients), ``fsdp2`` / ``hsdp`` (FSDP2 on a 1-D / 2-D mesh, lossless SOAP) or
+    ``fsdp2_local`` (FSDP2, SOAP on local shards). See :mod:`distsoap.demo.parallel`."""
 
 
 @dataclass
@@ -68,7 +69,7 @@ def make_optimizer(name: str, model: torch.nn.Module, cfg: RunConfig) -> torch.o
             betas=(0.95, 0.95),
             weight_decay=cfg.weight_decay,
             precondition_frequency=cfg.precondition_frequency,
-            strategy=cfg.strategy,
+            strategy=SOAP_STRATEGY[cfg.strategy],
         )
     if name == "adamw":
         return torch.optim.AdamW(
@@ -117,14 +118,12 @@ def train_run(
 
     """
     rank, world = 0, 1
-    forward = model
     distributed = cfg.strategy != "single" and dist.is_initialized()
     if distributed:
         rank, world = dist.get_rank(), dist.get_world_size()
         if cfg.batch_size % world:
             raise ValueError(f"batch size {cfg.batch_size} must divide by world size {world}")
-        if cfg.optimizer == "adamw" or cfg.strategy == "ddp":
-            forward = DistributedDataParallel(model)
+    forward = wrap_model(model, cfg.strategy, cfg.optimizer, device)
     optimizer = make_optimizer(cfg.optimizer, model, cfg)
     own_sync = isinstance(optimizer, SOAP) and optimizer.strategy.name == "zero2"
     scheduler = torch.optim.lr_scheduler.LambdaLR(
