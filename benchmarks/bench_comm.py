@@ -1,12 +1,15 @@
-"""Bytes each rank sends per step: distsoap "zero2" and "ddp" vs DDP + AdamW, same model.
+"""Bytes each rank sends per step: distsoap's strategies vs AdamW on DDP / FSDP2, same model.
 
 Runs the demo GPT for a few steps on local gloo ranks (world 2 and 4) and reports, per rank
 and averaged over ranks, the bytes sent in the last step:
 - distsoap counts what its all-to-alls actually send (``optimizer.comm_stats``);
 - DDP is counted with a comm hook that sees every gradient bucket it all-reduces, at the bytes a
   ring all-reduce sends per rank, ``2 (world - 1) / world`` of the bucket (the least any
-  all-reduce algorithm sends; a tree sends more).
-Mode "ddp" sends DDP's all-reduce (its model is DDP-wrapped) plus the update gather.
+  all-reduce algorithm sends; a tree sends more);
+- FSDP2's own traffic (parameter all-gather in forward and again in backward, gradient
+  reduce-scatter) is counted at the ring volume ``3 (world - 1) / world`` of the parameter bytes.
+Mode "ddp" sends DDP's all-reduce (its model is DDP-wrapped) plus the update gather; the FSDP2
+modes send FSDP2's traffic plus (lossless) distsoap's gradient pieces and update pieces.
 
     python benchmarks/bench_comm.py [--worlds 2,4] [--out benchmarks/results/bench_comm.json]
 """
@@ -23,6 +26,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from distsoap import SOAP
 from distsoap.demo.model import GPT, GPTConfig
+from distsoap.demo.parallel import wrap_model
 from distsoap.local_ranks import run_ranks
 
 STEPS = 3
@@ -48,7 +52,12 @@ def measure(rank: int, world: int, setup: str) -> dict:
     if setup in ("ddp+adamw", "distsoap ddp"):
         forward = DistributedDataParallel(model)
         forward.register_comm_hook(None, _counting_hook(ddp_counter, world))
-    if setup == "ddp+adamw":
+    fsdp_bytes = 0
+    if "fsdp2" in setup:
+        param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        fsdp_bytes = int(3 * (world - 1) * param_bytes / world)
+        forward = wrap_model(model, "fsdp2", "soap", torch.device("cpu"))
+    if setup.endswith("adamw"):
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     else:
         opt = SOAP(model.parameters(), strategy=setup.split()[1])
@@ -60,6 +69,8 @@ def measure(rank: int, world: int, setup: str) -> dict:
         forward(x, x)[1].backward()
         opt.step()
     sent = dict(ddp_counter)
+    if fsdp_bytes:
+        sent["fsdp2_own"] = fsdp_bytes
     if isinstance(opt, SOAP):
         sent.update(opt.comm_stats["last_step_bytes"])
     return sent
@@ -75,7 +86,15 @@ def main() -> None:
     report = {}
     for world in (int(w) for w in args.worlds.split(",")):
         rows = {}
-        for setup in ("ddp+adamw", "distsoap zero2", "distsoap ddp"):
+        setups = (
+            "ddp+adamw",
+            "distsoap zero2",
+            "distsoap ddp",
+            "fsdp2+adamw",
+            "distsoap fsdp2",
+            "distsoap fsdp2_local",
+        )
+        for setup in setups:
             per_rank = run_ranks(measure, world, setup)
             totals = [sum(r.values()) for r in per_rank]
             rows[setup] = {
@@ -83,14 +102,18 @@ def main() -> None:
                 "max_bytes": max(totals),
                 "by_kind_rank0": per_rank[0],
             }
-        base = rows["ddp+adamw"]["mean_bytes"]
+        ddp_base = rows["ddp+adamw"]["mean_bytes"]
+        fsdp_base = rows["fsdp2+adamw"]["mean_bytes"]
         print(f"\nworld {world}: bytes sent per rank per step")
-        print(f"{'setup':16s} {'mean':>12s} {'max':>12s} {'mean / DDP':>11s}")
+        print(
+            f"{'setup':22s} {'mean':>12s} {'max':>12s} {'/ DDP+AdamW':>12s} {'/ FSDP2+AdamW':>14s}"
+        )
         for setup, row in rows.items():
-            row["ratio_to_ddp_adamw"] = row["mean_bytes"] / base
+            row["ratio_to_ddp_adamw"] = row["mean_bytes"] / ddp_base
+            row["ratio_to_fsdp2_adamw"] = row["mean_bytes"] / fsdp_base
             print(
-                f"{setup:16s} {row['mean_bytes']:12,.0f} {row['max_bytes']:12,.0f} "
-                f"{row['ratio_to_ddp_adamw']:10.4f}x"
+                f"{setup:22s} {row['mean_bytes']:12,.0f} {row['max_bytes']:12,.0f} "
+                f"{row['ratio_to_ddp_adamw']:11.4f}x {row['ratio_to_fsdp2_adamw']:13.4f}x"
             )
         report[world] = rows
     args.out.parent.mkdir(parents=True, exist_ok=True)
