@@ -1,9 +1,13 @@
 """Per-rank optimizer-step time and SOAP state at world 1, 2 and 4 (local gloo ranks).
 
-The parameter set is bench_step.py's GPT shape (CPU preset). Gradients are synthetic and
-already equal on every rank (as DDP leaves them), so the step measured is strategy "ddp": the
-owner's SOAP work plus the update all-gather. Also printed: the load balance of the placement,
-max / mean over ranks of the modelled compute and state bytes (1.0 is perfect).
+The parameter set is bench_step.py's GPT shape (CPU preset), with synthetic gradients:
+- strategy "ddp": replicated parameters with gradients equal on every rank (as DDP leaves
+  them): the owner's SOAP work plus the update all-gather;
+- "fsdp2": parameters and gradients as DTensors sharded on dim 0 (what FSDP2 leaves after
+  backward): gradient pieces to owners, whole-matrix SOAP, update pieces back;
+- "fsdp2_local": the same DTensors, SOAP on each rank's local shards.
+Also printed: the load balance of the placement, max / mean over ranks of the modelled compute
+and state bytes (1.0 is perfect).
 
 On this 2-core machine world 4 runs four ranks on two cores, one thread each; step times there
 show the work split and the exchange, not a speed-up.
@@ -26,15 +30,24 @@ from distsoap.local_ranks import run_ranks
 from distsoap.placement import load_balance
 
 
-def measure(rank: int, world: int, steps: int) -> dict:
+def measure(rank: int, world: int, strategy: str, steps: int) -> dict:
     """Time ``steps`` optimizer steps after one refresh cycle of warm-up."""
     preset = PRESETS["cpu"]
     gen = torch.Generator().manual_seed(0)
     shapes = gpt_shapes(**preset)
-    params = [torch.nn.Parameter(torch.randn(s, generator=gen) * 0.02) for s in shapes]
-    strategy = "single" if world == 1 else "ddp"
-    opt = SOAP(params, max_precond_dim=preset["max_precond_dim"], strategy=strategy)
+    weights = [torch.randn(s, generator=gen) * 0.02 for s in shapes]
     grads = [[torch.randn(s, generator=gen) for s in shapes] for _ in range(3)]
+    if world == 1:
+        strategy = "single"
+    if strategy.startswith("fsdp2"):
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.tensor import Shard, distribute_tensor
+
+        mesh = init_device_mesh("cpu", (world,))
+        weights = [distribute_tensor(w, mesh, [Shard(0)]) for w in weights]
+        grads = [[distribute_tensor(g, mesh, [Shard(0)]) for g in gs] for gs in grads]
+    params = [torch.nn.Parameter(w) for w in weights]
+    opt = SOAP(params, max_precond_dim=preset["max_precond_dim"], strategy=strategy)
     if strategy == "ddp":
         opt.strategy._checked_replicas = True  # the grads are equal by construction
 
@@ -56,7 +69,7 @@ def measure(rank: int, world: int, steps: int) -> dict:
         if isinstance(t, torch.Tensor)
     )
     balance = {}
-    if strategy == "ddp":
+    if strategy in ("ddp", "fsdp2"):
         balance = load_balance(opt.strategy.costs, opt.strategy.owners, world)
     return {"seconds": seconds, "state_bytes": state, "balance": balance}
 
@@ -64,29 +77,30 @@ def measure(rank: int, world: int, steps: int) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--worlds", default="1,2,4")
+    p.add_argument("--strategies", default="ddp,fsdp2,fsdp2_local")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/bench_scaling.json"))
     args = p.parse_args()
-    report = {}
-    print(
-        f"{'world':>5s} {'step ms (max rank)':>19s} {'state MiB (max)':>16s} "
-        f"{'state MiB (total)':>18s} {'balance flops':>14s} {'balance bytes':>14s}"
-    )
-    for world in (int(w) for w in args.worlds.split(",")):
-        per_rank = run_ranks(measure, world, args.steps, timeout=900)
-        seconds = max(r["seconds"] for r in per_rank)
-        states = [r["state_bytes"] for r in per_rank]
-        balance = per_rank[0]["balance"] or {"flops": 1.0, "state_bytes": 1.0}
-        report[world] = {
-            "step_seconds_max_rank": seconds,
-            "state_bytes": states,
-            "balance": balance,
-        }
-        print(
-            f"{world:5d} {seconds * 1e3:19.1f} {max(states) / 2**20:16.2f} "
-            f"{sum(states) / 2**20:18.2f} {balance['flops']:14.3f} "
-            f"{balance['state_bytes']:14.3f}"
-        )
+    report: dict[str, dict] = {}
+    header = f"{'strategy':12s} {'world':>5s} {'step ms (max rank)':>19s} {'state MiB (max)':>16s}"
+    print(f"{header} {'state MiB (total)':>18s} {'balance flops':>14s} {'balance bytes':>14s}")
+    for strategy in args.strategies.split(","):
+        for world in (int(w) for w in args.worlds.split(",")):
+            per_rank = run_ranks(measure, world, strategy, args.steps, timeout=900)
+            seconds = max(r["seconds"] for r in per_rank)
+            states = [r["state_bytes"] for r in per_rank]
+            balance = per_rank[0]["balance"] or {"flops": 1.0, "state_bytes": 1.0}
+            report.setdefault(strategy, {})[world] = {
+                "step_seconds_max_rank": seconds,
+                "state_bytes": states,
+                "balance": balance,
+            }
+            print(
+                f"{strategy:12s} {world:5d} {seconds * 1e3:19.1f} {max(states) / 2**20:16.2f} "
+                f"{sum(states) / 2**20:18.2f} {balance['flops']:14.3f} "
+                f"{balance['state_bytes']:14.3f}",
+                flush=True,
+            )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1))
 
