@@ -62,12 +62,7 @@ def measure(rank: int, world: int, strategy: str, steps: int) -> dict:
     for k in range(steps):
         step(k)
     seconds = (time.perf_counter() - start) / steps
-    state = sum(
-        t.numel() * t.element_size()
-        for s in opt.state.values()
-        for t in s.values()
-        if isinstance(t, torch.Tensor)
-    )
+    state = opt.state_bytes()
     balance = {}
     if strategy in ("ddp", "fsdp2"):
         balance = load_balance(opt.strategy.costs, opt.strategy.owners, world)

@@ -151,6 +151,15 @@ class SOAP(torch.optim.Optimizer):
         """How the work is spread over ranks (single process, data parallel, ...)."""
         return self._strategy
 
+    def state_bytes(self) -> int:
+        """Bytes of SOAP state (moments, factors, bases) this rank holds."""
+        return sum(
+            t.numel() * t.element_size()
+            for state in self.state.values()
+            for t in state.values()
+            if isinstance(t, torch.Tensor)
+        )
+
     @property
     def comm_stats(self) -> dict[str, object]:
         """Bytes this rank sent, by kind (``grad_sync``, ``update_gather``), last step and total."""

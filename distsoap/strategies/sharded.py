@@ -31,7 +31,7 @@ from distsoap.comm import CommStats
 from distsoap.engine import apply_deltas
 from distsoap.placement import assign_owners, block_cost
 from distsoap.sharding import ShardLayout
-from distsoap.strategies.single import apply_updates
+from distsoap.strategies.single import SingleProcess, apply_updates
 
 if TYPE_CHECKING:
     from distsoap.optimizer import SOAP
@@ -225,14 +225,10 @@ class ShardedLossless:
         return offsets
 
 
-class LocalShards:
+class LocalShards(SingleProcess):
     """SOAP on each rank's local shards as independent blocks (approximate; no communication)."""
 
     name = "fsdp2_local"
-
-    def __init__(self, optimizer: SOAP):
-        self.optimizer = optimizer
-        self.stats = CommStats()
 
     @torch.no_grad()
     def step(self) -> None:
@@ -245,21 +241,5 @@ class LocalShards:
                     grads[id(p)] = piece
                     targets[id(p)] = local_view(p)
         updates = self.optimizer.compute_updates(grads)
-        local = {
-            k: (group, None if d is None else d.view(targets[k].shape))
-            for k, (group, d) in updates.items()
-        }
-        apply_updates(self.optimizer, local, targets)
+        apply_updates(self.optimizer, updates, targets)
         self.stats.end_step()
-
-    def no_sync(self) -> AbstractContextManager:
-        """Nothing to skip (use FSDP's own controls)."""
-        return nullcontext()
-
-    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
-        """Torch's clip_grad_norm_, which handles DTensor gradients."""
-        params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
-        return torch.nn.utils.clip_grad_norm_(params, max_norm)
-
-    def param_groups_changed(self) -> None:
-        """Nothing is placed."""

@@ -60,12 +60,7 @@ def train_fsdp2(
         opt.step()
         sent.append(dict(opt.comm_stats["last_step_bytes"]))
     held = {i for i, p in enumerate(model.parameters()) if len(opt.state[p]) > 0}
-    state_bytes = sum(
-        t.numel() * t.element_size()
-        for s in opt.state.values()
-        for t in s.values()
-        if isinstance(t, torch.Tensor)
-    )
+    state_bytes = opt.state_bytes()
     full = [p.full_tensor().detach().clone() for p in model.parameters()]
     return {
         "params": full,

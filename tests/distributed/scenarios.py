@@ -105,12 +105,7 @@ def train_data_parallel(
         opt.step()
         bytes_per_step.append(dict(opt.comm_stats["last_step_bytes"]))
     owned = {i for i, p in enumerate(model.parameters()) if len(opt.state[p]) > 0}
-    state_bytes = sum(
-        t.numel() * t.element_size()
-        for s in opt.state.values()
-        for t in s.values()
-        if isinstance(t, torch.Tensor)
-    )
+    state_bytes = opt.state_bytes()
     return {
         "params": [p.detach().clone() for p in model.parameters()],
         "bytes_per_step": bytes_per_step,
@@ -189,10 +184,5 @@ def state_balance(rank: int, world: int) -> dict:
         sum((p * torch.randn_like(p)).sum() for p in params).backward()
         opt.step()
     held = {i for i, p in enumerate(params) if len(opt.state[p]) > 0}
-    nbytes = sum(
-        t.numel() * t.element_size()
-        for s in opt.state.values()
-        for t in s.values()
-        if isinstance(t, torch.Tensor)
-    )
+    nbytes = opt.state_bytes()
     return {"held": held, "bytes": nbytes, "owners": opt.strategy.owners}
