@@ -130,3 +130,8 @@ def make_block_spec(
             block_shape = merge_shape(block_shape, max_precond_dim)
         factored = tuple(d <= max_precond_dim for d in block_shape)
     return BlockSpec(shape, channels_last, block_shape, factored)
+
+
+def layout_signature(spec: BlockSpec) -> str:
+    """A short text naming a block's state layout, stored with its state and checked on load."""
+    return f"block_shape={spec.block_shape} factored={spec.factored}"

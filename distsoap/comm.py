@@ -193,3 +193,26 @@ def launch_gather(
     )
     stats.add("update_gather", (world - 1) * part.numel() * part.element_size())
     return PendingExchange(work, received)
+
+
+def update_flag(has_update: bool, abort: bool) -> float:
+    """The flag element sent before a block's update: 1 update / 0 none, plus 2 to stop."""
+    return float(has_update) + (2.0 if abort else 0.0)
+
+
+def read_flag(flag: float) -> tuple[bool, bool]:
+    """(whether an update follows, whether its owner must stop training) from a flag."""
+    return flag in (1.0, 3.0), flag >= 2.0
+
+
+def raise_if_aborted(error: str | None, aborting: set[int], rank: int) -> None:
+    """Raise on every rank once a step's exchanges are done, if any owner hit a fault."""
+    from distsoap.faults import NumericalFaultError
+
+    if error is not None:
+        raise NumericalFaultError(error)
+    if aborting:
+        raise NumericalFaultError(
+            f"rank(s) {sorted(aborting)} stopped training on a numerical fault (see the error "
+            f"there); rank {rank} stops too so that no rank waits in a collective"
+        )

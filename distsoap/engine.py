@@ -43,7 +43,7 @@ def soap_update(
     group: dict[str, Any],
     shampoo_beta: float,
     precondition_frequency: int,
-) -> torch.Tensor:
+) -> tuple[torch.Tensor, list[int], list[int]]:
     """One SOAP update for a stack of blocks whose bases are initialised.
 
     Args:
@@ -58,7 +58,9 @@ def soap_update(
         precondition_frequency: refresh a block's bases when its t is a multiple of this.
 
     Returns:
-        The parameter deltas ``-step_size * U`` ``(B, *block)``; weight decay is not included.
+        The parameter deltas ``-step_size * U`` ``(B, *block)`` (weight decay not included), the
+        rows whose bases were due for a refresh, and those of them for which a refresh failed
+        every retry (they keep their previous basis for the failed dims).
 
     """
     rank = grads.dim() - 1
@@ -81,13 +83,19 @@ def soap_update(
 
     update_factors(factors, grads, shampoo_beta)
     due = [row for row, t in enumerate(steps) if t % precondition_frequency == 0]
+    failed: list[int] = []
     if due and any(b is not None for b in bases):
-        _refresh_rows(tensors, due, rank)
-    return delta
+        failed = _refresh_rows(tensors, due, rank)
+    else:
+        due = []
+    return delta, due, failed
 
 
-def _refresh_rows(tensors: dict[str, torch.Tensor], rows: list[int], rank: int) -> None:
-    """Refresh the bases of some rows of the stack, carrying the moments into the new bases."""
+def _refresh_rows(tensors: dict[str, torch.Tensor], rows: list[int], rank: int) -> list[int]:
+    """Refresh the bases of some rows of the stack, carrying the moments into the new bases.
+
+    Returns the rows (of the whole stack) for which a refresh failed every retry.
+    """
     everything = len(rows) == tensors["exp_avg"].shape[0]
     index = None if everything else torch.tensor(rows, device=tensors["exp_avg"].device)
 
@@ -105,17 +113,18 @@ def _refresh_rows(tensors: dict[str, torch.Tensor], rows: list[int], rank: int) 
     factors = [pick(f) for f in _stacked(tensors, "factor", rank)]
     compute = next(b for b in bases if b is not None).dtype
     exp_avg = rotate_out(pick(tensors["exp_avg"]).to(compute), bases)  # a. back to weight space
-    new_bases, exp_avg_sq = refresh_bases(factors, bases, pick(tensors["exp_avg_sq"]))  # c.
+    new_bases, exp_avg_sq, failed = refresh_bases(factors, bases, pick(tensors["exp_avg_sq"]))
     put("exp_avg", rotate_in(exp_avg, new_bases))  # d. into the new bases
     put("exp_avg_sq", exp_avg_sq)
     for dim, basis in enumerate(new_bases):
         if basis is not None:
             put(f"basis_{dim}", basis)
+    return sorted(rows[i] for i in failed)
 
 
 def first_call(
     state: dict[str, Any], factored: tuple[bool, ...], grad: torch.Tensor, moment_dtype: torch.dtype
-) -> None:
+) -> bool:
     """First call for a block: create its state, accumulate the factors, and compute the bases.
 
     No update is made and the step counter stays 0. The state must already hold ``step``,
@@ -125,11 +134,17 @@ def first_call(
     ``bases_ready`` stays False, so the next call with a real gradient is the first call again
     instead of freezing a meaningless basis (the public reference would keep it).
 
+    If the eigendecomposition of a factor fails every retry (:mod:`distsoap.math.bases`), the
+    call is discarded the same way and reported.
+
     Args:
         state: the block's state dict, filled in place.
         factored: per block dim, whether it has a factor.
         grad: the block's gradient in block shape, in the factors' dtype.
         moment_dtype: dtype of ``exp_avg`` and ``exp_avg_sq``.
+
+    Returns:
+        False when an eigendecomposition failed, else True.
 
     """
     if "exp_avg" not in state:
@@ -147,14 +162,24 @@ def first_call(
     update_factors(factors, grad.unsqueeze(0), state["shampoo_beta"])
     usable = [grad] + [f for f in factors if f is not None]
     ready = all(bool(torch.isfinite(t).all()) and bool(t.abs().amax() > 0) for t in usable)
+    decomposed = True
+    new_bases = {}
+    if ready:
+        for dim, factor in enumerate(factors):
+            if factor is not None:
+                basis, failed = initial_basis(factor)
+                decomposed = decomposed and not failed
+                new_bases[dim] = basis[0]
+    ready = ready and decomposed
     for dim, factor in enumerate(factors):
         if factor is None:
             continue
         if ready:
-            state[f"basis_{dim}"].copy_(initial_basis(factor)[0])
+            state[f"basis_{dim}"].copy_(new_bases[dim])
         else:
             factor.zero_()  # discard this call: the next one starts from zero factors again
     state["bases_ready"] = ready
+    return decomposed
 
 
 def apply_deltas(

@@ -19,9 +19,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from distsoap.blocks import BlockSpec, make_block_spec
+from distsoap.blocks import BlockSpec, layout_signature, make_block_spec
 from distsoap.bucket import Bucket, block_tensor_keys
 from distsoap.engine import first_call, soap_update
+from distsoap.faults import FaultPolicy, parameter_names
 from distsoap.hyperparams import (
     DEFAULTS,
     resolved_shampoo_beta,
@@ -90,6 +91,12 @@ class SOAP(torch.optim.Optimizer):
         bucket_cap_mb: keyword-only; MiB of gradients per communication bucket.
         fsdp_model: keyword-only; the FullyShardedDataParallel (FSDP1) model, for
             ``strategy="fsdp1"``, whose flat-parameter metadata says where each piece lives.
+        nonfinite_grads: keyword-only; ``"skip"`` (default) leaves a block whose gradient holds
+            NaN or Inf untouched for the step (counted in its ``nonfinite_skips`` state, warned
+            about at most once a minute); ``"raise"`` makes it an error on every rank.
+        max_basis_failures: keyword-only; consecutive failed eigenbasis computations (after fp64
+            and jitter retries; the block keeps its previous basis meanwhile) of one block
+            that raise an error naming the parameter.
 
     """
 
@@ -115,12 +122,15 @@ class SOAP(torch.optim.Optimizer):
         comm_dtype: torch.dtype | None = None,
         bucket_cap_mb: float = 25.0,
         fsdp_model: torch.nn.Module | None = None,
+        nonfinite_grads: str = "skip",
+        max_basis_failures: int = 3,
     ):
         validate_data_format(data_format)
         if moment_dtype not in _MOMENT_DTYPES:
             raise ValueError(f"moment_dtype must be one of {_MOMENT_DTYPES}, got {moment_dtype}")
         self.data_format = data_format
         self.moment_dtype = moment_dtype
+        self.faults = FaultPolicy(nonfinite_grads, max_basis_failures)
         self._buckets: dict[tuple, Bucket] = {}
         self._layouts: dict[int, tuple[torch.Size, torch.device]] = {}
         defaults = dict(
@@ -199,10 +209,13 @@ class SOAP(torch.optim.Optimizer):
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
-        state.update(data_format=self.data_format, moment_dtype=self.moment_dtype)
+        state.update(
+            data_format=self.data_format, moment_dtype=self.moment_dtype, faults=self.faults
+        )
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        state.setdefault("faults", FaultPolicy("skip", 3))
         super().__setstate__(state)
         self._buckets = {}
         self._layouts = {id(p): (p.shape, p.device) for g in self.param_groups for p in g["params"]}
@@ -245,6 +258,16 @@ class SOAP(torch.optim.Optimizer):
                 loss = closure()
         self._check_layouts()
         self._strategy.step()
+        # Every trainable parameter gets a state entry on every rank, empty where this rank
+        # holds nothing for it (another rank owns it, or it has had no gradient yet). So
+        # state_dict() names every parameter, which torch.distributed.checkpoint's strict
+        # loading expects, and ``self.state`` is non-empty on every rank after a step, so DCP's
+        # state-initialising step (it runs only where the state is empty) runs on all ranks or
+        # on none: it is collective for the distributed strategies.
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.requires_grad:
+                    self.state[p]  # noqa: B018 (defaultdict: creates the entry)
         return loss
 
     def _check_layouts(self) -> None:
@@ -277,15 +300,23 @@ class SOAP(torch.optim.Optimizer):
 
         """
         result: dict[int, tuple[dict[str, Any], torch.Tensor | None]] = {}
+        for group in self.param_groups:
+            for param in group["params"]:
+                if id(param) in grads:
+                    check_gradient(param, grads[id(param)])
+        finite = self.faults.finite(grads)
         for index, group in enumerate(self.param_groups):
             ready: dict[tuple, list[torch.Tensor]] = defaultdict(list)
             for param in group["params"]:
                 grad = grads.get(id(param))
                 if grad is None:
                     continue
-                check_gradient(param, grad)
-                spec = self.block_spec(param, group, tuple(grad.shape))
                 state = self.state[param]
+                if not finite[id(param)]:
+                    self.faults.nonfinite(self.param_name(param), state)
+                    result[id(param)] = (group, None)
+                    continue
+                spec = self.block_spec(param, group, tuple(grad.shape))
                 if not state.get("bases_ready", False):
                     self._first_call(param, grad, spec, group, state)
                     result[id(param)] = (group, None)
@@ -320,13 +351,22 @@ class SOAP(torch.optim.Optimizer):
         group: dict[str, Any],
         state: dict[str, Any],
     ) -> None:
-        if not state:
+        if "step" not in state:
             state["step"] = 0
             state["precondition_frequency"] = group["precondition_frequency"]
             state["shampoo_beta"] = resolved_shampoo_beta(group)
+            state["block_layout"] = layout_signature(spec)
+            state.setdefault("nonfinite_skips", 0)
+            state["basis_failures"] = 0
         dtype = compute_dtype(param)
         moments = torch.float64 if dtype == torch.float64 else self.moment_dtype
-        first_call(state, spec.factored, spec.to_block(grad).to(dtype), moments)
+        decomposed = first_call(state, spec.factored, spec.to_block(grad).to(dtype), moments)
+        if not decomposed or state["bases_ready"]:
+            self.faults.basis(self.param_name(param), state, failed=not decomposed)
+
+    def param_name(self, param: torch.Tensor) -> str:
+        """A name for ``param`` in messages (from named_parameters() input when given)."""
+        return parameter_names(self.param_groups).get(id(param), "an unknown parameter")
 
     def _bucket(self, key: tuple, params: list[torch.Tensor]) -> Bucket:
         """The bucket for ``key``, (re)built if some of ``params`` are not members yet."""
@@ -358,8 +398,12 @@ class SOAP(torch.optim.Optimizer):
             self.state[p]["step"] += 1
             steps.append(self.state[p]["step"])
         tensors = bucket.select(rows)
-        deltas = soap_update(tensors, stacked, steps, group, shampoo_beta, frequency)
+        deltas, refreshed, failed = soap_update(
+            tensors, stacked, steps, group, shampoo_beta, frequency
+        )
         bucket.write_back(rows, tensors)
+        for row in refreshed:
+            self.faults.basis(self.param_name(params[row]), self.state[params[row]], row in failed)
         return [s.from_block(d) for s, d in zip(specs, deltas)]
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

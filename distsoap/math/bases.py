@@ -1,6 +1,12 @@
 """Eigenbases of the Kronecker factors: the first full eigendecomposition and the QR refresh.
 
 Both work on stacks of same-size factors ``(B, d, d)``; nothing here communicates.
+
+Failures are contained per block: a decomposition that raises or returns non-finite values is
+retried in fp64, then in fp64 with a growing diagonal jitter (relative to the factor's mean
+diagonal); if every attempt fails the block keeps its previous basis and is reported as failed,
+so the caller can count consecutive failures. A factor that is all zero or not finite never
+produces a basis.
 """
 
 from __future__ import annotations
@@ -12,6 +18,8 @@ import torch
 # Added to the diagonal before the first eigendecomposition, as the reference does. It only matters
 # for an all-zero factor; for any real factor it is far below one ulp of the diagonal.
 EIGH_DIAGONAL_SHIFT = 1e-30
+# Diagonal jitter of the last-resort retries, relative to the factor's mean diagonal.
+JITTER = (1e-6, 1e-4, 1e-2)
 
 
 def _eigh_descending(matrix: torch.Tensor) -> torch.Tensor:
@@ -21,36 +29,104 @@ def _eigh_descending(matrix: torch.Tensor) -> torch.Tensor:
     return vectors.flip(-1)
 
 
-def initial_basis(factor: torch.Tensor) -> torch.Tensor:
-    """Eigenbasis of a stack of factors from a full symmetric eigendecomposition.
+def _usable(factor: torch.Tensor) -> bool:
+    return bool(torch.isfinite(factor).all()) and bool(factor.abs().amax() > 0)
 
-    Computed in the factor's dtype (fp32 normally); if LAPACK fails to converge, the failing
-    stack is retried in fp64 and cast back, as the reference implementation does.
+
+def _jittered(factor: torch.Tensor, jitter: float) -> torch.Tensor:
+    scale = factor.diagonal().abs().mean().clamp_min(torch.finfo(factor.dtype).tiny)
+    eye = torch.eye(factor.shape[-1], dtype=factor.dtype, device=factor.device)
+    return factor + jitter * scale * eye
+
+
+def _first_success(attempts) -> torch.Tensor | None:
+    """The first attempt that neither raises nor returns non-finite values."""
+    for attempt in attempts:
+        try:
+            result = attempt()
+        except (torch.linalg.LinAlgError, RuntimeError):
+            continue
+        if bool(torch.isfinite(result).all()):
+            return result
+    return None
+
+
+def _robust_eigh(factor: torch.Tensor) -> torch.Tensor | None:
+    """Eigenbasis of one factor: fp32 (its dtype), fp64, fp64 with growing jitter; or None."""
+    if not _usable(factor):
+        return None
+    wide = factor.to(torch.float64)
+    attempts = [lambda: _eigh_descending(factor), lambda: _eigh_descending(wide)]
+    attempts += [lambda j=j: _eigh_descending(_jittered(wide, j)) for j in JITTER]
+    result = _first_success(attempts)
+    return None if result is None else result.to(factor.dtype)
+
+
+def initial_basis(factor: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+    """Eigenbases of a stack of factors from a full symmetric eigendecomposition.
+
+    Computed in the factor's dtype (fp32 normally), as the reference does; rows whose
+    decomposition fails are retried one by one (see the module docstring).
 
     Args:
         factor: ``(B, d, d)`` symmetric positive semi-definite matrices.
 
     Returns:
-        ``(B, d, d)`` orthogonal matrices, eigenvectors in columns by descending eigenvalue.
-
+        ``(B, d, d)`` orthogonal matrices, eigenvectors in columns by descending eigenvalue
+        (identity for failed rows), and the failed row indices.
     """
     try:
-        return _eigh_descending(factor)
-    except torch.linalg.LinAlgError:
-        return _eigh_descending(factor.to(torch.float64)).to(factor.dtype)
+        bases = _eigh_descending(factor)
+        bad = (~torch.isfinite(bases).flatten(1).all(dim=1)).nonzero().flatten().tolist()
+    except (torch.linalg.LinAlgError, RuntimeError):
+        bases = torch.empty_like(factor)
+        bad = list(range(factor.shape[0]))
+    failed = []
+    for row in bad:
+        basis = _robust_eigh(factor[row])
+        if basis is None:
+            failed.append(row)
+            basis = torch.eye(factor.shape[-1], dtype=factor.dtype, device=factor.device)
+        bases[row] = basis
+    return bases, failed
+
+
+def _robust_qr(factor: torch.Tensor, basis: torch.Tensor) -> torch.Tensor | None:
+    """Q of ``qr(GG Q)`` for one block: fp32, fp64, fp64 with jittered GG; or None."""
+    if not _usable(factor):
+        return None
+    wide, wide_basis = factor.to(torch.float64), basis.to(torch.float64)
+    attempts = [
+        lambda: torch.linalg.qr(factor @ basis)[0],
+        lambda: torch.linalg.qr(wide @ wide_basis)[0],
+    ]
+    attempts += [lambda j=j: torch.linalg.qr(_jittered(wide, j) @ wide_basis)[0] for j in JITTER]
+    result = _first_success(attempts)
+    return None if result is None else result.to(factor.dtype)
+
+
+def _batched_qr(power: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+    """Batched QR; the rows that raised or came out non-finite."""
+    try:
+        q, _ = torch.linalg.qr(power)
+    except (torch.linalg.LinAlgError, RuntimeError):
+        return torch.empty_like(power), list(range(power.shape[0]))
+    bad = (~torch.isfinite(q).flatten(1).all(dim=1)).nonzero().flatten().tolist()
+    return q, bad
 
 
 def refresh_bases(
     factors: Sequence[torch.Tensor | None],
     bases: Sequence[torch.Tensor | None],
     exp_avg_sq: torch.Tensor,
-) -> tuple[list[torch.Tensor | None], torch.Tensor]:
+) -> tuple[list[torch.Tensor | None], torch.Tensor, set[int]]:
     """One power-iteration step with QR for every factored dim (shared/SOAP.md, "Refresh").
 
     For each factored dim i, in order: estimate eigenvalues ``e = diag(Q^T GG Q)``, sort them in
     descending order, permute the second moment along dim i and the columns of Q by that order,
     then ``Q <- qr(GG Q)``. The product ``GG Q`` computed for the estimate is reused for the power
-    step (permuting its columns equals multiplying by the permuted Q).
+    step (permuting its columns equals multiplying by the permuted Q). A block whose QR fails
+    every retry keeps its basis for that dim, and its second moment is not permuted along it.
 
     Args:
         factors: per block dim, ``(B, d_i, d_i)`` or None.
@@ -58,11 +134,12 @@ def refresh_bases(
         exp_avg_sq: second moments ``(B, d_1, ..., d_k)`` in the current eigenbasis.
 
     Returns:
-        The new bases (None where not factored) and the permuted second moments.
-
+        The new bases (None where not factored), the permuted second moments, and the rows for
+        which some dim kept its old basis.
     """
     new_bases: list[torch.Tensor | None] = []
     batch = exp_avg_sq.shape[0]
+    failed: set[int] = set()
     for dim, (factor, basis) in enumerate(zip(factors, bases, strict=True)):
         if factor is None or basis is None:
             new_bases.append(None)
@@ -70,10 +147,18 @@ def refresh_bases(
         product = torch.bmm(factor, basis)  # GG Q
         estimated = (basis * product).sum(dim=1)  # diag(Q^T GG Q), shape (B, d)
         order = torch.argsort(estimated, dim=-1, descending=True)
+        power = product.gather(2, order.unsqueeze(1).expand_as(product))
+        q, bad = _batched_qr(power)
+        for row in bad:
+            sorted_basis = basis[row][:, order[row]]
+            retried = _robust_qr(factor[row], sorted_basis)
+            if retried is None:  # keep this block's basis and leave its moments unpermuted
+                failed.add(row)
+                retried = basis[row]
+                order[row] = torch.arange(order.shape[-1], device=order.device)
+            q[row] = retried
         view = [batch] + [1] * (exp_avg_sq.dim() - 1)
         view[1 + dim] = order.shape[-1]
         exp_avg_sq = exp_avg_sq.gather(1 + dim, order.view(view).expand_as(exp_avg_sq))
-        power = product.gather(2, order.unsqueeze(1).expand_as(product))
-        q, _ = torch.linalg.qr(power)
         new_bases.append(q)
-    return new_bases, exp_avg_sq
+    return new_bases, exp_avg_sq, failed

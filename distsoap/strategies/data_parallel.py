@@ -17,7 +17,15 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed as dist
 
-from distsoap.comm import CommStats, PendingExchange, build_buckets, launch_gather
+from distsoap.comm import (
+    CommStats,
+    PendingExchange,
+    build_buckets,
+    launch_gather,
+    raise_if_aborted,
+    read_flag,
+    update_flag,
+)
 from distsoap.engine import apply_deltas
 from distsoap.placement import assign_owners, block_cost
 from distsoap.strategies.grad_sync import GradSync
@@ -158,17 +166,24 @@ class DataParallel:
         """Owners compute their blocks, then every rank applies every update."""
         grads = self._owned_grads()
         updates = self.optimizer.compute_updates(grads)
+        error = self.optimizer.faults.take_pending()
         pending: list[PendingExchange] = []
         for bucket in self.buckets:
-            part = self._pack_updates(bucket, updates)
+            part = self._pack_updates(bucket, updates, abort=error is not None)
             pending.append(launch_gather(bucket, part, self.rank, self.group, self.stats))
+        aborting: set[int] = set()
         for bucket, exchange, flags in zip(self.buckets, pending, self._flag_positions):
             payload = exchange.wait()
-            self._apply_bucket(bucket, payload, flags)
+            aborting |= {self.owners[i] for i in self._apply_bucket(bucket, payload, flags)}
         self.stats.end_step()
+        raise_if_aborted(error, aborting, self.rank)
 
-    def _pack_updates(self, bucket, updates) -> torch.Tensor:
-        """Pack this rank's part of a gather payload: per owned block (1, delta) or (0, zeros)."""
+    def _pack_updates(self, bucket, updates, abort: bool) -> torch.Tensor:
+        """Pack this rank's part of a gather payload: per owned block a flag and the delta.
+
+        Flags (see :func:`~distsoap.comm.update_flag`): 1 update, 0 none; +2 when this rank
+        must stop training after the step.
+        """
         mine = bucket.owned[self.rank]
         device = self.params[mine[0]].device if mine else self._device()
         exact = torch.float64 if bucket.dtype == torch.float64 else torch.float32
@@ -176,23 +191,30 @@ class DataParallel:
         part = torch.zeros(bucket.sizes[self.rank], dtype=dtype, device=device)
         for i in mine:
             entry = updates.get(id(self.params[i]))
-            if entry is None or entry[1] is None:
-                continue
             offset = bucket.offsets[i]
-            part[offset] = 1
-            part[offset + 1 : offset + 1 + bucket.numels[i]].copy_(entry[1].reshape(-1))
+            has_update = entry is not None and entry[1] is not None
+            part[offset] = update_flag(has_update, abort)
+            if has_update:
+                part[offset + 1 : offset + 1 + bucket.numels[i]].copy_(entry[1].reshape(-1))
         return part
 
     def _device(self) -> torch.device:
         return self.params[0].device if self.params else torch.device("cpu")
 
-    def _apply_bucket(self, bucket, payload: torch.Tensor, flags) -> None:
-        """Apply every block update of a gathered bucket whose flag says it was computed."""
+    def _apply_bucket(self, bucket, payload: torch.Tensor, flags) -> list[int]:
+        """Apply every block update of a gathered bucket whose flag says it was computed.
+
+        Returns the blocks whose owners flagged that training must stop.
+        """
         positions = torch.tensor([pos for pos, _ in flags], device=payload.device)
         computed = payload.index_select(0, positions).tolist() if flags else []
         by_group: dict[int, tuple[dict[str, Any], list, list]] = {}
+        stopping = []
         for (position, i), flag in zip(flags, computed):
-            if flag == 0:
+            has_update, abort = read_flag(flag)
+            if abort:
+                stopping.append(i)
+            if not has_update:
                 continue
             param = self.params[i]
             delta = payload[position + 1 : position + 1 + bucket.numels[i]].view(param.shape)
@@ -201,6 +223,7 @@ class DataParallel:
             entry[2].append(delta)
         for group, params, deltas in by_group.values():
             apply_deltas(params, deltas, group)
+        return stopping
 
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
         """Clip the averaged gradients to a total 2-norm of ``max_norm``; return the norm."""

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed as dist
 
-from distsoap.comm import CommStats
+from distsoap.comm import CommStats, raise_if_aborted, read_flag, update_flag
 from distsoap.engine import apply_deltas
 from distsoap.placement import assign_owners, block_cost
 from distsoap.sharding import ShardLayout
@@ -184,6 +184,7 @@ class ShardedLossless:
                 ordered = [pieces[i][s] for s in layout.sources(self.rank)]
                 grads[id(self.params[i])] = layout.assemble(ordered).to(self.params[i].dtype)
         updates = self.optimizer.compute_updates(grads)
+        error = self.optimizer.faults.take_pending()
         # 3. update pieces back to every rank
         out_dtype = self.comm_dtype or self.exact
         parts = []
@@ -191,22 +192,30 @@ class ShardedLossless:
             for i in self.mine:
                 entry = updates.get(id(self.params[i]))
                 n = self.layouts[i].numel(destination)
-                if entry is None or entry[1] is None:
-                    parts.append(torch.zeros(1 + n, dtype=out_dtype, device=device))
+                has_update = entry is not None and entry[1] is not None
+                flag = torch.full(
+                    (1,), update_flag(has_update, error is not None), dtype=out_dtype, device=device
+                )
+                if not has_update:
+                    parts += [flag, torch.zeros(n, dtype=out_dtype, device=device)]
                     continue
                 piece = self.layouts[i].extract(entry[1], destination).to(out_dtype)
-                parts += [torch.ones(1, dtype=out_dtype, device=device), piece]
+                parts += [flag, piece]
         send = torch.cat(parts) if parts else torch.zeros(0, dtype=out_dtype, device=device)
         received = self._exchange(
             send, self.update_send_sizes, self.update_recv_sizes, "update_scatter"
         )
         by_group: dict[int, tuple[dict[str, Any], list, list]] = {}
-        for items, buffer in zip(self.update_from, received):
+        aborting: set[int] = set()
+        for owner, (items, buffer) in enumerate(zip(self.update_from, received)):
             offsets = self._offsets(items, self.rank)
             flags = buffer[offsets].tolist() if items else []
             for i, offset, flag in zip(items, offsets, flags):
                 n = self.layouts[i].numel(self.rank)
-                if flag != 0 and n > 0:
+                has_update, abort = read_flag(flag)
+                if abort:
+                    aborting.add(owner)
+                if has_update and n > 0:
                     target = local_view(self.params[i])
                     delta = buffer[offset + 1 : offset + 1 + n].view(target.shape)
                     entry = by_group.setdefault(id(self.groups[i]), (self.groups[i], [], []))
@@ -215,6 +224,7 @@ class ShardedLossless:
         for group, targets, deltas in by_group.values():
             apply_deltas(targets, deltas, group)
         self.stats.end_step()
+        raise_if_aborted(error, aborting, self.rank)
 
     def _offsets(self, items: list[int], rank: int) -> list[int]:
         """Where each item's flag sits in a payload of ``rank``-sized pieces."""
@@ -243,3 +253,18 @@ class LocalShards(SingleProcess):
         updates = self.optimizer.compute_updates(grads)
         apply_updates(self.optimizer, updates, targets)
         self.stats.end_step()
+        error = self.optimizer.faults.take_pending()
+        rank, aborting = 0, set()
+        if dist.is_initialized():  # one rank stopping alone would hang FSDP's next collective
+            rank = dist.get_rank()
+            stop = torch.zeros(dist.get_world_size(), device=self._device())
+            stop[rank] = float(error is not None)
+            dist.all_reduce(stop)
+            aborting = {r for r, s in enumerate(stop.tolist()) if s > 0}
+        raise_if_aborted(error, aborting, rank)
+
+    def _device(self) -> torch.device:
+        for group in self.optimizer.param_groups:
+            for p in group["params"]:
+                return local_view(p).device
+        return torch.device("cpu")

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from distsoap.comm import CommStats
+from distsoap.comm import CommStats, raise_if_aborted
 from distsoap.engine import apply_deltas
 
 if TYPE_CHECKING:
@@ -33,6 +33,7 @@ class SingleProcess:
         }
         apply_updates(self.optimizer, self.optimizer.compute_updates(grads))
         self.stats.end_step()
+        raise_if_aborted(self.optimizer.faults.take_pending(), set(), 0)
 
     def no_sync(self) -> AbstractContextManager:
         """Nothing to skip."""
