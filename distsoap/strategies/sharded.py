@@ -260,6 +260,8 @@ class LocalShards(SingleProcess):
             stop = torch.zeros(dist.get_world_size(), device=self._device())
             stop[rank] = float(error is not None)
             dist.all_reduce(stop)
+            world = dist.get_world_size()
+            self.stats.add("fault_check", stop.element_size() * 2 * (world - 1))  # ring volume
             aborting = {r for r, s in enumerate(stop.tolist()) if s > 0}
         raise_if_aborted(error, aborting, rank)
 
