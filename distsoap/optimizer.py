@@ -33,6 +33,8 @@ from distsoap.strategies import Strategy, make_strategy
 from distsoap.strategies.single import SingleProcess
 
 _MOMENT_DTYPES = (torch.float32, torch.bfloat16, torch.float64)
+# Hyperparameters that fix a parameter's state layout; a checkpoint must agree on them.
+LAYOUT_KEYS = ("max_precond_dim", "merge_dims", "precondition_1d")
 
 _cached_block_spec = lru_cache(maxsize=None)(make_block_spec)
 
@@ -414,13 +416,40 @@ class SOAP(torch.optim.Optimizer):
         loaded as saved (moved to the parameter's device and copied).
         """
         saved_state = state_dict["state"]
+        for index, (group, saved) in enumerate(zip(self.param_groups, state_dict["param_groups"])):
+            for key in LAYOUT_KEYS:
+                if key in saved and saved[key] != group[key]:
+                    raise ValueError(
+                        f"param group {index}: the checkpoint was saved with {key}="
+                        f"{saved[key]!r} but this optimizer has {key}={group[key]!r}; it changes "
+                        "how SOAP's state is laid out, so the saved state cannot be used"
+                    )
         super().load_state_dict({**state_dict, "state": {}})
         saved_ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
-        params = chain.from_iterable(g["params"] for g in self.param_groups)
-        for saved_id, param in zip(saved_ids, params, strict=True):
+        params = chain.from_iterable(((p, g) for p in g["params"]) for g in self.param_groups)
+        for saved_id, (param, group) in zip(saved_ids, params, strict=True):
             if saved_id in saved_state:
+                self._check_saved_layout(param, group, saved_state[saved_id])
                 self.state[param] = {
                     k: v.to(param.device, copy=True) if isinstance(v, torch.Tensor) else v
                     for k, v in saved_state[saved_id].items()
                 }
         self._buckets = {}
+
+    def _check_saved_layout(
+        self, param: torch.Tensor, group: dict[str, Any], saved: dict[str, Any]
+    ) -> None:
+        """Raise ValueError if saved state was laid out for another block shape."""
+        if "block_layout" not in saved:
+            return
+        shape = self._strategy.state_shape(param)
+        expected = layout_signature(self.block_spec(param, group, shape))
+        if saved["block_layout"] != expected:
+            raise ValueError(
+                f"the checkpoint's SOAP state for parameter {self.param_name(param)} has "
+                f"{saved['block_layout']}, but this optimizer lays it out as {expected} "
+                f"(from the shape {shape} and max_precond_dim={group['max_precond_dim']}, "
+                f"merge_dims={group['merge_dims']}, precondition_1d={group['precondition_1d']}"
+                "): the parameter's shape or one of these settings differs from the run that "
+                "saved it"
+            )

@@ -51,6 +51,9 @@ class Strategy(Protocol):
     def param_groups_changed(self) -> None:
         """React to ``add_param_group`` after construction."""
 
+    def state_shape(self, param: torch.Tensor) -> tuple[int, ...]:
+        """Shape of the tensor whose SOAP state this strategy keeps for ``param``."""
+
 
 def has_dtensor_params(params: list[torch.Tensor]) -> bool:
     """Whether any trainable parameter is a DTensor (FSDP2, HSDP)."""

@@ -120,6 +120,10 @@ class DataParallel:
             )
         self._place()
 
+    def state_shape(self, param: torch.Tensor) -> tuple[int, ...]:
+        """Replicated parameters: their own shape."""
+        return tuple(param.shape)
+
     def no_sync(self) -> AbstractContextManager:
         """Mode B: skip synchronisation inside the context. Mode A: nothing (use DDP's)."""
         return self.grad_sync.no_sync() if self.sync_gradients else nullcontext()

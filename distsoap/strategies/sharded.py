@@ -123,6 +123,10 @@ class ShardedLossless:
         """The parameters whose SOAP state lives on this rank."""
         return [self.params[i] for i in self.mine]
 
+    def state_shape(self, param: torch.Tensor) -> tuple[int, ...]:
+        """Lossless: the whole parameter's shape."""
+        return self.layouts[self.params.index(param)].full_shape
+
     def param_groups_changed(self) -> None:
         """Layouts come with the model; adding groups later is not supported."""
         raise RuntimeError(
@@ -239,6 +243,10 @@ class LocalShards(SingleProcess):
     """SOAP on each rank's local shards as independent blocks (approximate; no communication)."""
 
     name = "fsdp2_local"
+
+    def state_shape(self, param: torch.Tensor) -> tuple[int, ...]:
+        """Local mode: this rank's shard's shape."""
+        return tuple(local_view(param).shape)
 
     @torch.no_grad()
     def step(self) -> None:

@@ -47,6 +47,10 @@ class SingleProcess:
     def param_groups_changed(self) -> None:
         """Nothing is placed, so nothing to redo."""
 
+    def state_shape(self, param: torch.Tensor) -> tuple[int, ...]:
+        """The parameter's own shape."""
+        return tuple(param.shape)
+
 
 def apply_updates(optimizer: SOAP, updates: dict, targets: dict | None = None) -> None:
     """Apply ``compute_updates``-style results, param group by param group, in group order.
