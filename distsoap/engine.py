@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from distsoap.blocks import BlockSpec
 from distsoap.kernels import rotated_adam_direction
 from distsoap.math.bases import initial_basis, refresh_bases
 from distsoap.math.rotations import rotate_in, rotate_out, update_factors
@@ -122,6 +123,21 @@ def _refresh_rows(tensors: dict[str, torch.Tensor], rows: list[int], rank: int) 
     return sorted(rows[i] for i in failed)
 
 
+def new_block_tensors(
+    spec: BlockSpec, dtype: torch.dtype, moment_dtype: torch.dtype, device: torch.device
+) -> dict[str, torch.Tensor]:
+    """Zero moments, zero factors and identity bases for a block of this layout."""
+    tensors = {
+        "exp_avg": torch.zeros(spec.block_shape, dtype=moment_dtype, device=device),
+        "exp_avg_sq": torch.zeros(spec.block_shape, dtype=moment_dtype, device=device),
+    }
+    for dim, size in enumerate(spec.block_shape):
+        if spec.factored[dim]:
+            tensors[f"factor_{dim}"] = torch.zeros(size, size, dtype=dtype, device=device)
+            tensors[f"basis_{dim}"] = torch.eye(size, dtype=dtype, device=device)
+    return tensors
+
+
 def first_call(
     state: dict[str, Any], factored: tuple[bool, ...], grad: torch.Tensor, moment_dtype: torch.dtype
 ) -> bool:
@@ -148,13 +164,8 @@ def first_call(
 
     """
     if "exp_avg" not in state:
-        state["exp_avg"] = torch.zeros_like(grad, dtype=moment_dtype)
-        state["exp_avg_sq"] = torch.zeros_like(grad, dtype=moment_dtype)
-        for dim, has_factor in enumerate(factored):
-            if has_factor:
-                size = grad.shape[dim]
-                state[f"factor_{dim}"] = grad.new_zeros(size, size)
-                state[f"basis_{dim}"] = torch.eye(size, dtype=grad.dtype, device=grad.device)
+        spec = BlockSpec(tuple(grad.shape), False, tuple(grad.shape), factored)
+        state.update(new_block_tensors(spec, grad.dtype, moment_dtype, grad.device))
     factors = [
         state[f"factor_{dim}"].unsqueeze(0) if has_factor else None
         for dim, has_factor in enumerate(factored)

@@ -13,19 +13,23 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager
 from functools import lru_cache
-from itertools import chain
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from distsoap.blocks import BlockSpec, layout_signature, make_block_spec
+from distsoap.blocks import BlockSpec, make_block_spec
 from distsoap.bucket import Bucket, block_tensor_keys
+from distsoap.checkpoint import (
+    check_layout_hyperparameters,
+    complete_state_dict,
+    load_state,
+    new_state_header,
+)
 from distsoap.engine import first_call, soap_update
 from distsoap.faults import FaultPolicy, parameter_names
 from distsoap.hyperparams import (
     DEFAULTS,
-    resolved_shampoo_beta,
     validate_data_format,
     validate_group,
 )
@@ -33,8 +37,6 @@ from distsoap.strategies import Strategy, make_strategy
 from distsoap.strategies.single import SingleProcess
 
 _MOMENT_DTYPES = (torch.float32, torch.bfloat16, torch.float64)
-# Hyperparameters that fix a parameter's state layout; a checkpoint must agree on them.
-LAYOUT_KEYS = ("max_precond_dim", "merge_dims", "precondition_1d")
 
 _cached_block_spec = lru_cache(maxsize=None)(make_block_spec)
 
@@ -149,6 +151,7 @@ class SOAP(torch.optim.Optimizer):
             correct_bias=correct_bias,
         )
         super().__init__(params, defaults)
+        self.register_state_dict_post_hook(complete_state_dict)
         self._strategy = make_strategy(
             self,
             strategy,
@@ -217,12 +220,16 @@ class SOAP(torch.optim.Optimizer):
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        state.setdefault("faults", FaultPolicy("skip", 3))
+        # Called when unpickling, and by torch's load_state_dict on a live optimizer, whose
+        # strategy (placement, hooks) must stay as it is.
+        unpickling = not hasattr(self, "_strategy")
+        if unpickling:
+            state.setdefault("faults", FaultPolicy("skip", 3))
         super().__setstate__(state)
         self._buckets = {}
         self._layouts = {id(p): (p.shape, p.device) for g in self.param_groups for p in g["params"]}
-        # an unpickled optimizer is a local copy: it steps on this process only
-        self._strategy = SingleProcess(self)
+        if unpickling:  # an unpickled optimizer is a local copy: it steps on this process only
+            self._strategy = SingleProcess(self)
 
     def block_spec(
         self, param: torch.Tensor, group: dict[str, Any], shape: tuple[int, ...] | None = None
@@ -354,12 +361,8 @@ class SOAP(torch.optim.Optimizer):
         state: dict[str, Any],
     ) -> None:
         if "step" not in state:
-            state["step"] = 0
-            state["precondition_frequency"] = group["precondition_frequency"]
-            state["shampoo_beta"] = resolved_shampoo_beta(group)
-            state["block_layout"] = layout_signature(spec)
-            state.setdefault("nonfinite_skips", 0)
-            state["basis_failures"] = 0
+            for key, value in new_state_header(group, spec).items():
+                state.setdefault(key, value)  # keeps a non-finite skip counted before
         dtype = compute_dtype(param)
         moments = torch.float64 if dtype == torch.float64 else self.moment_dtype
         decomposed = first_call(state, spec.factored, spec.to_block(grad).to(dtype), moments)
@@ -409,47 +412,14 @@ class SOAP(torch.optim.Optimizer):
         return [s.from_block(d) for s, d in zip(specs, deltas)]
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a state dict, keeping fp32 factors and bases whatever the parameter dtype.
+        """Load a state dict saved by this optimizer (any world size for lossless strategies).
 
-        ``torch.optim.Optimizer.load_state_dict`` casts every floating-point state tensor to its
-        parameter's dtype, which would round fp32 factors of bf16 parameters; here the state is
-        loaded as saved (moved to the parameter's device and copied).
+        Unlike ``torch.optim.Optimizer.load_state_dict``, fp32 factors and bases of bf16
+        parameters stay fp32 (tensors are only moved to the parameter's device, and copied), and
+        state laid out differently (other layout hyperparameters or parameter shapes) is a
+        ValueError. See :mod:`distsoap.checkpoint`.
         """
-        saved_state = state_dict["state"]
-        for index, (group, saved) in enumerate(zip(self.param_groups, state_dict["param_groups"])):
-            for key in LAYOUT_KEYS:
-                if key in saved and saved[key] != group[key]:
-                    raise ValueError(
-                        f"param group {index}: the checkpoint was saved with {key}="
-                        f"{saved[key]!r} but this optimizer has {key}={group[key]!r}; it changes "
-                        "how SOAP's state is laid out, so the saved state cannot be used"
-                    )
+        check_layout_hyperparameters(self.param_groups, state_dict["param_groups"])
         super().load_state_dict({**state_dict, "state": {}})
-        saved_ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
-        params = chain.from_iterable(((p, g) for p in g["params"]) for g in self.param_groups)
-        for saved_id, (param, group) in zip(saved_ids, params, strict=True):
-            if saved_id in saved_state:
-                self._check_saved_layout(param, group, saved_state[saved_id])
-                self.state[param] = {
-                    k: v.to(param.device, copy=True) if isinstance(v, torch.Tensor) else v
-                    for k, v in saved_state[saved_id].items()
-                }
+        load_state(self, state_dict)
         self._buckets = {}
-
-    def _check_saved_layout(
-        self, param: torch.Tensor, group: dict[str, Any], saved: dict[str, Any]
-    ) -> None:
-        """Raise ValueError if saved state was laid out for another block shape."""
-        if "block_layout" not in saved:
-            return
-        shape = self._strategy.state_shape(param)
-        expected = layout_signature(self.block_spec(param, group, shape))
-        if saved["block_layout"] != expected:
-            raise ValueError(
-                f"the checkpoint's SOAP state for parameter {self.param_name(param)} has "
-                f"{saved['block_layout']}, but this optimizer lays it out as {expected} "
-                f"(from the shape {shape} and max_precond_dim={group['max_precond_dim']}, "
-                f"merge_dims={group['merge_dims']}, precondition_1d={group['precondition_1d']}"
-                "): the parameter's shape or one of these settings differs from the run that "
-                "saved it"
-            )

@@ -54,6 +54,12 @@ class Strategy(Protocol):
     def state_shape(self, param: torch.Tensor) -> tuple[int, ...]:
         """Shape of the tensor whose SOAP state this strategy keeps for ``param``."""
 
+    def owns(self, param: torch.Tensor) -> bool:
+        """Whether this rank holds ``param``'s SOAP state."""
+
+    def state_key_suffix(self) -> str:
+        """Appended to state keys in state dicts ('' unless the state depends on the rank)."""
+
 
 def has_dtensor_params(params: list[torch.Tensor]) -> bool:
     """Whether any trainable parameter is a DTensor (FSDP2, HSDP)."""

@@ -83,6 +83,7 @@ class DataParallel:
                 costs.append(block_cost(opt.block_spec(p, group), group["precondition_frequency"]))
         self.costs = costs
         self.owners = assign_owners(costs, self.world)
+        self._owner_of = {id(p): o for p, o in zip(self.params, self.owners)}
         element = max(p.element_size() for p in self.params) if self.params else 4
         self.buckets = build_buckets(
             [p.numel() for p in self.params],
@@ -123,6 +124,14 @@ class DataParallel:
     def state_shape(self, param: torch.Tensor) -> tuple[int, ...]:
         """Replicated parameters: their own shape."""
         return tuple(param.shape)
+
+    def owns(self, param: torch.Tensor) -> bool:
+        """Whether this rank is ``param``'s owner."""
+        return self._owner_of.get(id(param)) == self.rank
+
+    def state_key_suffix(self) -> str:
+        """Owners hold whole blocks: the state does not depend on the rank."""
+        return ""
 
     def no_sync(self) -> AbstractContextManager:
         """Mode B: skip synchronisation inside the context. Mode A: nothing (use DDP's)."""

@@ -89,6 +89,7 @@ class ShardedLossless:
                 spec = optimizer.block_spec(p, group_, layout.full_shape)
                 self.costs.append(block_cost(spec, group_["precondition_frequency"]))
         self.owners = assign_owners(self.costs, self.world)
+        self._index = {id(p): i for i, p in enumerate(self.params)}
         self.exact = (
             torch.float64 if any(p.dtype == torch.float64 for p in self.params) else (torch.float32)
         )
@@ -125,7 +126,16 @@ class ShardedLossless:
 
     def state_shape(self, param: torch.Tensor) -> tuple[int, ...]:
         """Lossless: the whole parameter's shape."""
-        return self.layouts[self.params.index(param)].full_shape
+        return self.layouts[self._index[id(param)]].full_shape
+
+    def owns(self, param: torch.Tensor) -> bool:
+        """Whether this rank is ``param``'s owner."""
+        index = self._index.get(id(param))
+        return index is not None and self.owners[index] == self.rank
+
+    def state_key_suffix(self) -> str:
+        """Owners hold whole blocks: the state does not depend on the rank."""
+        return ""
 
     def param_groups_changed(self) -> None:
         """Layouts come with the model; adding groups later is not supported."""
@@ -247,6 +257,14 @@ class LocalShards(SingleProcess):
     def state_shape(self, param: torch.Tensor) -> tuple[int, ...]:
         """Local mode: this rank's shard's shape."""
         return tuple(local_view(param).shape)
+
+    def owns(self, param: torch.Tensor) -> bool:
+        """Every rank holds the state of its own non-empty shards."""
+        return local_view(param).numel() > 0
+
+    def state_key_suffix(self) -> str:
+        """Shard state differs per rank: tag keys with it so checkpoints keep every copy."""
+        return f"@rank{dist.get_rank()}" if dist.is_initialized() else ""
 
     @torch.no_grad()
     def step(self) -> None:

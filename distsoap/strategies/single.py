@@ -51,6 +51,14 @@ class SingleProcess:
         """The parameter's own shape."""
         return tuple(param.shape)
 
+    def owns(self, param: torch.Tensor) -> bool:
+        """Every block is here."""
+        return True
+
+    def state_key_suffix(self) -> str:
+        """State does not depend on the rank."""
+        return ""
+
 
 def apply_updates(optimizer: SOAP, updates: dict, targets: dict | None = None) -> None:
     """Apply ``compute_updates``-style results, param group by param group, in group order.

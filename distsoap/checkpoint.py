@@ -1,0 +1,131 @@
+"""SOAP's state in checkpoints: complete, unique to its owner, and checked when loaded.
+
+``optimizer.state_dict()`` (and so ``torch.distributed.checkpoint``'s ``get_state_dict``) holds,
+on each rank, the full state of the blocks that rank owns, and an empty entry for the others.
+Saved with ``dcp.save`` the keys (parameter name + state key) are therefore unique to one rank,
+never plain tensors that differ between ranks (which DCP would collapse), and the checkpoint
+does not depend on who owned what: on load, each rank of the new world asks for the blocks it
+owns under the new placement. Two details make that hold:
+
+- every block a rank owns appears with every state key, even one that has not had a gradient
+  yet (a zero state is written), so a loader that initialised the block (DCP does, with a
+  zero-gradient step) always finds its keys;
+- local-shard state (``strategy="fsdp2_local"``) depends on the shard, so its keys carry the
+  rank (``exp_avg@rank1``): it loads only at the same world size.
+
+Loading checks the layout hyperparameters (``max_precond_dim``, ``merge_dims``,
+``precondition_1d``) against the optimizer's and each block's saved layout against the one it
+expects, and raises ValueError naming the difference.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from distsoap.blocks import BlockSpec, layout_signature
+from distsoap.engine import new_block_tensors
+from distsoap.hyperparams import resolved_shampoo_beta
+
+if TYPE_CHECKING:
+    from distsoap.optimizer import SOAP
+
+# Hyperparameters that fix a parameter's state layout; a checkpoint must agree on them.
+LAYOUT_KEYS = ("max_precond_dim", "merge_dims", "precondition_1d")
+
+
+def new_state_header(group: dict[str, Any], spec: BlockSpec) -> dict[str, Any]:
+    """The non-tensor state of a block seen for the first time."""
+    return {
+        "step": 0,
+        "precondition_frequency": group["precondition_frequency"],
+        "shampoo_beta": resolved_shampoo_beta(group),
+        "block_layout": layout_signature(spec),
+        "nonfinite_skips": 0,
+        "basis_failures": 0,
+    }
+
+
+def initial_state(optimizer: SOAP, param: torch.Tensor, group: dict[str, Any]) -> dict[str, Any]:
+    """The complete state of a block that has not had a usable gradient yet."""
+    spec = optimizer.block_spec(param, group, optimizer.strategy.state_shape(param))
+    dtype = torch.float64 if param.dtype == torch.float64 else torch.float32
+    moments = torch.float64 if dtype == torch.float64 else optimizer.moment_dtype
+    device = param.device
+    state = new_state_header(group, spec)
+    state.update(new_block_tensors(spec, dtype, moments, device))
+    state["bases_ready"] = False
+    return state
+
+
+def _numbered_params(optimizer: SOAP):
+    """(index in the packed state dict, param, group), as torch's state_dict numbers them."""
+    index = 0
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            yield index, param, group
+            index += 1
+
+
+def complete_state_dict(optimizer: SOAP, state_dict: dict[str, Any]) -> dict[str, Any]:
+    """State-dict post-hook: owned blocks complete, local-shard keys tagged with the rank."""
+    packed = dict(state_dict["state"])
+    for index, param, group in _numbered_params(optimizer):
+        if not param.requires_grad or not optimizer.strategy.owns(param):
+            continue
+        if "step" not in packed.get(index, {}):
+            packed[index] = initial_state(optimizer, param, group)
+    suffix = optimizer.strategy.state_key_suffix()
+    if suffix:
+        packed = {i: {f"{k}{suffix}": v for k, v in entry.items()} for i, entry in packed.items()}
+    return {**state_dict, "state": packed}
+
+
+def check_layout_hyperparameters(groups: list[dict], saved_groups: list[dict]) -> None:
+    """Raise ValueError if a saved param group used other layout hyperparameters."""
+    for index, (group, saved) in enumerate(zip(groups, saved_groups)):
+        for key in LAYOUT_KEYS:
+            if key in saved and saved[key] != group[key]:
+                raise ValueError(
+                    f"param group {index}: the checkpoint was saved with {key}={saved[key]!r} "
+                    f"but this optimizer has {key}={group[key]!r}; it changes how SOAP's state "
+                    "is laid out, so the saved state cannot be used"
+                )
+
+
+def load_state(optimizer: SOAP, state_dict: dict[str, Any]) -> None:
+    """Put saved per-block state into ``optimizer.state`` (after torch loaded the groups)."""
+    saved_state = state_dict["state"]
+    suffix = optimizer.strategy.state_key_suffix()
+    # state keys are the saved groups' parameter ids (ints from state_dict(), names from
+    # torch.distributed.checkpoint), matched to this optimizer's parameters by position
+    saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+    for (_, param, group), saved_id in zip(_numbered_params(optimizer), saved_ids, strict=True):
+        if saved_id not in saved_state:
+            continue
+        saved = saved_state[saved_id]
+        if suffix:
+            saved = {k[: -len(suffix)]: v for k, v in saved.items() if k.endswith(suffix)}
+        _check_block_layout(optimizer, param, group, saved)
+        optimizer.state[param] = {
+            k: v.to(param.device, copy=True) if isinstance(v, torch.Tensor) else v
+            for k, v in saved.items()
+        }
+
+
+def _check_block_layout(
+    optimizer: SOAP, param: torch.Tensor, group: dict[str, Any], saved: dict[str, Any]
+) -> None:
+    if "block_layout" not in saved:
+        return
+    shape = optimizer.strategy.state_shape(param)
+    expected = layout_signature(optimizer.block_spec(param, group, shape))
+    if saved["block_layout"] != expected:
+        raise ValueError(
+            f"the checkpoint's SOAP state for parameter {optimizer.param_name(param)} has "
+            f"{saved['block_layout']}, but this optimizer lays it out as {expected} (from the "
+            f"shape {shape} and max_precond_dim={group['max_precond_dim']}, merge_dims="
+            f"{group['merge_dims']}, precondition_1d={group['precondition_1d']}): the "
+            "parameter's shape or one of these settings differs from the run that saved it"
+        )

@@ -1,0 +1,59 @@
+"""Save with torch.distributed.checkpoint at one world size, load at another, keep training.
+
+Every rank builds the same model (tests/distributed/scenarios.py's ProblemModel, fp64, shapes
+whose batches split evenly over 1 to 4 ranks), wraps it for the strategy, and either trains
+``[0, stop)`` and saves, or loads and trains ``[start, stop)``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+from distsoap import SOAP
+from tests.distributed.scenarios import OPTIONS, ProblemModel
+
+# every max dim a multiple of 12, so 16 x max rows split evenly over 1, 2, 3 and 4 ranks
+CKPT_SHAPES = [(24, 24), (12, 12), (12, 12), (6, 6, 3, 3), (12, 36), (24,), (12,)]
+
+
+def _wrap(model: nn.Module, strategy: str, world: int):
+    if strategy == "ddp":
+        return nn.parallel.DistributedDataParallel(model, find_unused_parameters=True), "ddp"
+    if strategy in ("fsdp2", "fsdp2_local", "hsdp"):
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        if strategy == "hsdp":
+            mesh = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("replicate", "shard"))
+        else:
+            mesh = init_device_mesh("cpu", (world,))
+        fully_shard(model, mesh=mesh)
+        return model, "fsdp2" if strategy == "hsdp" else strategy
+    return model, strategy
+
+
+def run(
+    rank: int, world: int, strategy: str, path: str | None, load: str | None, start: int, stop: int
+) -> list[torch.Tensor]:
+    """Optionally load ``load``, train steps ``[start, stop)``, optionally save to ``path``."""
+    model = ProblemModel(torch.float64, CKPT_SHAPES, skips="global")
+    forward, soap_strategy = _wrap(model, strategy, world)
+    opt = SOAP(model.param_groups(), strategy=soap_strategy, **OPTIONS)
+    if load is not None:
+        model_sd, optim_sd = get_state_dict(forward, opt)
+        dcp.load({"model": model_sd, "optim": optim_sd}, checkpoint_id=load)
+        set_state_dict(forward, opt, model_state_dict=model_sd, optim_state_dict=optim_sd)
+    for step in range(start, stop):
+        opt.zero_grad(set_to_none=True)
+        forward(step, rank, (rank, world)).backward()
+        opt.step()
+    if path is not None:
+        model_sd, optim_sd = get_state_dict(forward, opt)
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=path)
+    return [
+        (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
+        for p in model.parameters()
+    ]
