@@ -129,3 +129,47 @@ def _check_block_layout(
             f"{group['merge_dims']}, precondition_1d={group['precondition_1d']}): the "
             "parameter's shape or one of these settings differs from the run that saved it"
         )
+
+
+def _parameter_names(model: torch.nn.Module) -> dict[int, str]:
+    """Map ``id(param)`` to its name as torch.distributed.checkpoint names it.
+
+    Wrapper prefixes (DDP, FSDP1, activation checkpointing, torch.compile) are removed.
+    """
+    names = {}
+    for name, param in model.named_parameters():
+        for wrapper in ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod."):
+            name = name.replace(wrapper, "")
+        if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            name = name.removeprefix("module.")
+        names[id(param)] = name
+    return names
+
+
+def optimizer_state_dict(model: torch.nn.Module, optimizer: SOAP) -> dict[str, Any]:
+    """Return this rank's optimizer state keyed by parameter name, for ``dcp.save``/``load``.
+
+    The same content as ``torch.distributed.checkpoint.state_dict.get_optimizer_state_dict``
+    gives for the other strategies; use it where that function cannot handle SOAP's state
+    (FSDP1, whose ``FSDP.optim_state_dict`` expects state shaped like flat-parameter shards).
+    A fresh optimizer's result is a valid ``dcp.load`` target: every block this rank owns is
+    present with every key.
+    """
+    names = _parameter_names(model)
+    packed = optimizer.state_dict()
+    order = [names[id(p)] for _, p, _ in _numbered_params(optimizer)]
+    groups = [{**g, "params": [order[i] for i in g["params"]]} for g in packed["param_groups"]]
+    return {"state": {order[i]: v for i, v in packed["state"].items()}, "param_groups": groups}
+
+
+def load_optimizer_state_dict(
+    model: torch.nn.Module, optimizer: SOAP, state_dict: dict[str, Any]
+) -> None:
+    """Load a state dict made by :func:`optimizer_state_dict` (after ``dcp.load`` filled it)."""
+    names = _parameter_names(model)
+    index = {names[id(p)]: i for i, p, _ in _numbered_params(optimizer)}
+    groups = [
+        {**g, "params": [index[name] for name in g["params"]]} for g in state_dict["param_groups"]
+    ]
+    state = {index[name]: v for name, v in state_dict["state"].items()}
+    optimizer.load_state_dict({"state": state, "param_groups": groups})

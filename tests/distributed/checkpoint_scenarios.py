@@ -10,9 +10,16 @@ from __future__ import annotations
 import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (
+    get_model_state_dict,
+    get_state_dict,
+    set_model_state_dict,
+    set_state_dict,
+)
+from torch.distributed.fsdp import FullyShardedDataParallel
 
 from distsoap import SOAP
+from distsoap.checkpoint import load_optimizer_state_dict, optimizer_state_dict
 from tests.distributed.scenarios import OPTIONS, ProblemModel
 
 # every max dim a multiple of 12, so 16 x max rows split evenly over 1, 2, 3 and 4 ranks
@@ -20,6 +27,11 @@ CKPT_SHAPES = [(24, 24), (12, 12), (12, 12), (6, 6, 3, 3), (12, 36), (24,), (12,
 
 
 def _wrap(model: nn.Module, strategy: str, world: int):
+    if strategy == "fsdp1":
+        wrapped = FullyShardedDataParallel(
+            model, use_orig_params=True, device_id=torch.device("cpu")
+        )
+        return wrapped, "fsdp1"
     if strategy == "ddp":
         return nn.parallel.DistributedDataParallel(model, find_unused_parameters=True), "ddp"
     if strategy in ("fsdp2", "fsdp2_local", "hsdp"):
@@ -36,24 +48,46 @@ def _wrap(model: nn.Module, strategy: str, world: int):
 
 
 def run(
-    rank: int, world: int, strategy: str, path: str | None, load: str | None, start: int, stop: int
+    rank: int,
+    world: int,
+    strategy: str,
+    path: str | None,
+    load: str | None,
+    start: int,
+    stop: int,
+    skips: str = "global",
 ) -> list[torch.Tensor]:
     """Optionally load ``load``, train steps ``[start, stop)``, optionally save to ``path``."""
-    model = ProblemModel(torch.float64, CKPT_SHAPES, skips="global")
+    model = ProblemModel(torch.float64, CKPT_SHAPES, skips=skips)
     forward, soap_strategy = _wrap(model, strategy, world)
-    opt = SOAP(model.param_groups(), strategy=soap_strategy, **OPTIONS)
+    extra = {"fsdp_model": forward} if strategy == "fsdp1" else {}
+    opt = SOAP(model.param_groups(), strategy=soap_strategy, **OPTIONS, **extra)
     if load is not None:
-        model_sd, optim_sd = get_state_dict(forward, opt)
+        model_sd, optim_sd = _state_dicts(forward, opt, strategy)
         dcp.load({"model": model_sd, "optim": optim_sd}, checkpoint_id=load)
-        set_state_dict(forward, opt, model_state_dict=model_sd, optim_state_dict=optim_sd)
+        if strategy == "fsdp1":
+            set_model_state_dict(forward, model_sd)
+            load_optimizer_state_dict(forward, opt, optim_sd)
+        else:
+            set_state_dict(forward, opt, model_state_dict=model_sd, optim_state_dict=optim_sd)
     for step in range(start, stop):
         opt.zero_grad(set_to_none=True)
         forward(step, rank, (rank, world)).backward()
         opt.step()
     if path is not None:
-        model_sd, optim_sd = get_state_dict(forward, opt)
+        model_sd, optim_sd = _state_dicts(forward, opt, strategy)
         dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=path)
+    if strategy == "fsdp1":
+        with FullyShardedDataParallel.summon_full_params(forward):
+            return [p.detach().clone() for p in model.parameters()]
     return [
         (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
         for p in model.parameters()
     ]
+
+
+def _state_dicts(model: nn.Module, opt: SOAP, strategy: str):
+    """torch's get_state_dict; for FSDP1 its model half and distsoap's optimizer half."""
+    if strategy == "fsdp1":
+        return get_model_state_dict(model), optimizer_state_dict(model, opt)
+    return get_state_dict(model, opt)
