@@ -22,6 +22,7 @@ from distsoap.demo.corpus import ByteBatches, load_corpus
 from distsoap.demo.model import GPT, GPTConfig
 from distsoap.demo.report import plot_losses, summarize
 from distsoap.demo.train import RunConfig, train_run
+from distsoap.process_group import init_distributed as join_process_group
 
 # Peak learning rates picked by benchmarks/sweep_lr.py (see BENCHMARKS.md).
 DEFAULT_LR = {"soap": 1.2e-2, "adamw": 3e-3}
@@ -46,6 +47,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=Path("runs/demo"), help="output folder")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument(
+        "--checkpoint-dir",
+        type=Path,
+        default=None,
+        help="save checkpoints here and resume from the newest one automatically",
+    )
+    p.add_argument("--checkpoint-every", type=int, default=50, help="steps between checkpoints")
+    p.add_argument(
+        "--simulate-failure-at-step",
+        type=int,
+        default=None,
+        help="for testing restarts: the last rank kills itself after this step on the job's "
+        "first attempt (use with --checkpoint-dir and torchrun --max-restarts)",
+    )
+    p.add_argument(
         "--strategy",
         choices=["auto", "single", "ddp", "zero2", "fsdp2", "hsdp", "fsdp2_local"],
         default="auto",
@@ -55,7 +70,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "rank computes everything); auto: ddp under torchrun, else single",
     )
     args = p.parse_args(argv)
-    for name in ("steps", "batch_size", "context", "layers", "d_model", "heads", "eval_every"):
+    numbers = (
+        "steps",
+        "batch_size",
+        "context",
+        "layers",
+        "d_model",
+        "heads",
+        "eval_every",
+        "checkpoint_every",
+    )
+    for name in numbers:
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     args.optimizers = [o.strip() for o in args.optimizers.split(",") if o.strip()]
@@ -74,7 +99,7 @@ def init_distributed(device_name: str) -> tuple[int, int, torch.device]:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        join_process_group("nccl" if device.type == "cuda" else "gloo")
     return dist.get_rank(), dist.get_world_size(), device
 
 
@@ -108,6 +133,9 @@ def main(argv: list[str] | None = None) -> dict:
             eval_every=args.eval_every,
             seed=args.seed,
             strategy=strategy,
+            checkpoint_dir=args.checkpoint_dir,
+            checkpoint_every=args.checkpoint_every,
+            fail_at_step=args.simulate_failure_at_step,
         )
         bar = None
         if tqdm is not None and not args.no_progress and rank == 0:
@@ -119,8 +147,7 @@ def main(argv: list[str] | None = None) -> dict:
         dist.destroy_process_group()
         return {}
     args.out.mkdir(parents=True, exist_ok=True)
-    settings = vars(args) | {
-        "out": str(args.out),
+    settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()} | {
         "device": str(device),
         "strategy": strategy,
         "world_size": world,

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import math
+import os
+import signal
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 from distsoap import SOAP
+from distsoap.demo.checkpointing import RunCheckpoints
 from distsoap.demo.corpus import ByteBatches
 from distsoap.demo.model import GPT
 from distsoap.demo.parallel import SOAP_STRATEGY, wrap_model
@@ -39,6 +43,13 @@ class RunConfig:
     """Evaluate the validation loss every this many steps."""
     eval_batches: int = 4
     """Validation batches per evaluation (the same batches every time)."""
+    checkpoint_dir: Path | None = None
+    """Save checkpoints here (one folder per optimizer) and resume from the newest."""
+    checkpoint_every: int = 50
+    """Steps between checkpoints."""
+    fail_at_step: int | None = None
+    """For testing restarts: the last rank kills itself (SIGKILL) after this step, on the first
+    attempt only (torchrun's TORCHELASTIC_RESTART_COUNT is 0 or unset)."""
     seed: int = 0
     """Seeds the data order (the model is initialised by the caller)."""
     strategy: str = "single"
@@ -136,10 +147,18 @@ def train_run(
         for _ in range(cfg.eval_batches)
     ]
     result = RunResult(cfg.optimizer)
+    root = cfg.checkpoint_dir / cfg.optimizer if cfg.checkpoint_dir is not None else None
+    checkpoints = RunCheckpoints(root, cfg.checkpoint_every)
+    finished = checkpoints.finished()
+    if finished is not None:
+        return RunResult(**finished)
+    first = checkpoints.restore(forward, optimizer, scheduler, train_gen, result)
+    if progress is not None and first:
+        progress.update(first)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    start = time.perf_counter()
+    start = time.perf_counter() - result.wall_seconds
     share = cfg.batch_size // world
-    for step in range(cfg.steps):
+    for step in range(first, cfg.steps):
         x, y = data.batch("train", cfg.batch_size, train_gen)
         x, y = (t[rank * share : (rank + 1) * share].to(device) for t in (x, y))
         _, loss = forward(x, y)
@@ -166,10 +185,20 @@ def train_run(
         if progress is not None:
             progress.update(1)
             progress.set_postfix(loss=f"{result.train_loss[-1]:.3f}", refresh=False)
-    result.wall_seconds = time.perf_counter() - start
-    if isinstance(optimizer, SOAP):
-        result.comm_bytes_per_step = dict(optimizer.comm_stats["last_step_bytes"])
+        result.wall_seconds = time.perf_counter() - start
+        if isinstance(optimizer, SOAP):
+            result.comm_bytes_per_step = dict(optimizer.comm_stats["last_step_bytes"])
+        checkpoints.maybe_save(forward, optimizer, scheduler, train_gen, result, step + 1)
+        if step + 1 == cfg.fail_at_step:
+            simulate_failure(rank, world)
+    checkpoints.mark_finished(result)
     return result
+
+
+def simulate_failure(rank: int, world: int) -> None:
+    """Kill the last rank with SIGKILL, on a job's first attempt only (see RunConfig)."""
+    if rank == world - 1 and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def steps_to_reach(result: RunResult, target: float) -> int | None:

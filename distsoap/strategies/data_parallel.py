@@ -29,6 +29,7 @@ from distsoap.comm import (
 from distsoap.engine import apply_deltas
 from distsoap.placement import assign_owners, block_cost
 from distsoap.strategies.grad_sync import GradSync
+from distsoap.strategies.single import groups_by_param
 
 if TYPE_CHECKING:
     from distsoap.optimizer import SOAP
@@ -72,14 +73,12 @@ class DataParallel:
         """Owners and buckets from the trainable parameters; identical on every rank."""
         opt = self.optimizer
         self.params: list[torch.Tensor] = []
-        self.groups: list[dict[str, Any]] = []
         costs = []
         for group in opt.param_groups:
             for p in group["params"]:
                 if not p.requires_grad:
                     continue
                 self.params.append(p)
-                self.groups.append(group)
                 costs.append(block_cost(opt.block_spec(p, group), group["precondition_frequency"]))
         self.costs = costs
         self.owners = assign_owners(costs, self.world)
@@ -222,6 +221,7 @@ class DataParallel:
         positions = torch.tensor([pos for pos, _ in flags], device=payload.device)
         computed = payload.index_select(0, positions).tolist() if flags else []
         by_group: dict[int, tuple[dict[str, Any], list, list]] = {}
+        groups = groups_by_param(self.optimizer)
         stopping = []
         for (position, i), flag in zip(flags, computed):
             has_update, abort = read_flag(flag)
@@ -231,7 +231,8 @@ class DataParallel:
                 continue
             param = self.params[i]
             delta = payload[position + 1 : position + 1 + bucket.numels[i]].view(param.shape)
-            entry = by_group.setdefault(id(self.groups[i]), (self.groups[i], [], []))
+            group = groups[id(param)]
+            entry = by_group.setdefault(id(group), (group, [], []))
             entry[1].append(param)
             entry[2].append(delta)
         for group, params, deltas in by_group.values():

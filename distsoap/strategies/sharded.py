@@ -31,7 +31,7 @@ from distsoap.comm import CommStats, raise_if_aborted, read_flag, update_flag
 from distsoap.engine import apply_deltas
 from distsoap.placement import assign_owners, block_cost
 from distsoap.sharding import ShardLayout
-from distsoap.strategies.single import SingleProcess, apply_updates
+from distsoap.strategies.single import SingleProcess, apply_updates, groups_by_param
 
 if TYPE_CHECKING:
     from distsoap.optimizer import SOAP
@@ -75,7 +75,6 @@ class ShardedLossless:
         self.comm_dtype = comm_dtype
         self.stats = CommStats()
         self.params: list[torch.Tensor] = []
-        self.groups: list[dict[str, Any]] = []
         self.layouts: list[ShardLayout] = []
         self.costs = []
         for group_ in optimizer.param_groups:
@@ -84,7 +83,6 @@ class ShardedLossless:
                     continue
                 layout = layouts[id(p)]
                 self.params.append(p)
-                self.groups.append(group_)
                 self.layouts.append(layout)
                 spec = optimizer.block_spec(p, group_, layout.full_shape)
                 self.costs.append(block_cost(spec, group_["precondition_frequency"]))
@@ -220,6 +218,7 @@ class ShardedLossless:
             send, self.update_send_sizes, self.update_recv_sizes, "update_scatter"
         )
         by_group: dict[int, tuple[dict[str, Any], list, list]] = {}
+        groups = groups_by_param(self.optimizer)
         aborting: set[int] = set()
         for owner, (items, buffer) in enumerate(zip(self.update_from, received)):
             offsets = self._offsets(items, self.rank)
@@ -232,7 +231,8 @@ class ShardedLossless:
                 if has_update and n > 0:
                     target = local_view(self.params[i])
                     delta = buffer[offset + 1 : offset + 1 + n].view(target.shape)
-                    entry = by_group.setdefault(id(self.groups[i]), (self.groups[i], [], []))
+                    group = groups[id(self.params[i])]
+                    entry = by_group.setdefault(id(group), (group, [], []))
                     entry[1].append(target)
                     entry[2].append(delta)
         for group, targets, deltas in by_group.values():

@@ -75,3 +75,12 @@ def apply_updates(optimizer: SOAP, updates: dict, targets: dict | None = None) -
                 deltas.append(entry[1])
         if params:
             apply_deltas(params, deltas, group)
+
+
+def groups_by_param(optimizer: SOAP) -> dict[int, dict]:
+    """``id(param)`` -> the param group it belongs to now.
+
+    Build it for each step: ``load_state_dict`` replaces the group dicts (and a scheduler changes
+    their values), so a strategy must never keep group dicts of its own.
+    """
+    return {id(p): group for group in optimizer.param_groups for p in group["params"]}

@@ -71,6 +71,8 @@ def run(
         else:
             set_state_dict(forward, opt, model_state_dict=model_sd, optim_state_dict=optim_sd)
     for step in range(start, stop):
+        for group in opt.param_groups:  # a schedule: decay must use the lr of this step
+            group["lr"] = OPTIONS["lr"] * 0.9**step
         opt.zero_grad(set_to_none=True)
         forward(step, rank, (rank, world)).backward()
         opt.step()

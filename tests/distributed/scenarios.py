@@ -62,12 +62,19 @@ class ProblemModel(nn.Module):
 
 
 def single_process_reference(
-    dtype: torch.dtype, world: int, steps: int, shapes=SHAPES, skips: str = "per_rank"
+    dtype: torch.dtype,
+    world: int,
+    steps: int,
+    shapes=SHAPES,
+    skips: str = "per_rank",
+    lr_decay: float = 1.0,
 ) -> list:
     """Single-process SOAP on the average of every rank's shard loss (the full batch)."""
     model = ProblemModel(dtype, shapes, skips)
     opt = SOAP(model.param_groups(), strategy="single", **OPTIONS)
     for step in range(steps):
+        for group in opt.param_groups:
+            group["lr"] = OPTIONS["lr"] * lr_decay**step
         opt.zero_grad(set_to_none=True)
         loss = sum(model(step, r, (r, world)) for r in range(world)) / world
         loss.backward()

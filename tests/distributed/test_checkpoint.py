@@ -19,7 +19,9 @@ SAVE_AT, STOP = 8, 16
 @pytest.fixture(scope="module")
 def reference():
     return {
-        skips: single_process_reference(torch.float64, 1, STOP, CKPT_SHAPES, skips=skips)
+        skips: single_process_reference(
+            torch.float64, 1, STOP, CKPT_SHAPES, skips=skips, lr_decay=0.9
+        )
         for skips in ("global", "none")
     }
 
