@@ -278,7 +278,6 @@ class LocalShards(SingleProcess):
                     targets[id(p)] = local_view(p)
         updates = self.optimizer.compute_updates(grads)
         apply_updates(self.optimizer, updates, targets)
-        self.stats.end_step()
         error = self.optimizer.faults.take_pending()
         rank, aborting = 0, set()
         if dist.is_initialized():  # one rank stopping alone would hang FSDP's next collective
@@ -289,6 +288,7 @@ class LocalShards(SingleProcess):
             world = dist.get_world_size()
             self.stats.add("fault_check", stop.element_size() * 2 * (world - 1))  # ring volume
             aborting = {r for r, s in enumerate(stop.tolist()) if s > 0}
+        self.stats.end_step()
         raise_if_aborted(error, aborting, rank)
 
     def _device(self) -> torch.device:
