@@ -14,7 +14,16 @@ EXTRAS = {
     "deepspeed": ["deepspeed>=0.16"],
     "mpi": ["mpi4py>=3.1"],
     "bench": ["heavyball", "pytorch-optimizer"],
-    "dev": ["pytest>=7.4", "pytest-timeout>=2.2", "ruff>=0.5", "matplotlib>=3.7", "tqdm>=4.60"],
+    # triton 3.7.1 is the release torch 2.13 (the set-up script's torch) is built against; the
+    # tests run its kernels in the interpreter on CPU
+    "dev": [
+        "pytest>=7.4",
+        "pytest-timeout>=2.2",
+        "ruff>=0.5",
+        "matplotlib>=3.7",
+        "tqdm>=4.60",
+        "triton==3.7.1; platform_system == 'Linux'",
+    ],
 }
 
 setup(

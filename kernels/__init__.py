@@ -1,10 +1,54 @@
 """Elementwise kernels of distsoap, installed as ``distsoap.kernels``.
 
-Each op family has one file holding its torch implementation, which is the definition of
-correct and the fallback on every device. Triton versions are planned (issue "Speed"); none is
-shipped yet, so every call here runs the torch implementation.
+Each op family has a torch implementation, the definition of correct and the fallback, and a
+Triton one used for CUDA tensors when Triton is installed:
+
+- rotated Adam (:mod:`.rotated_adam` in torch, :mod:`.rotated_adam_triton`).
+
+``DISTSOAP_DISABLE_TRITON=1`` forces the torch versions.
 """
 
-from .rotated_adam import rotated_adam_direction
+from __future__ import annotations
 
-__all__ = ["rotated_adam_direction"]
+import os
+
+import torch
+
+from .rotated_adam import rotated_adam_direction as rotated_adam_direction_torch
+
+__all__ = ["rotated_adam_direction", "rotated_adam_direction_torch", "triton_available"]
+
+
+def triton_available() -> bool:
+    """Whether the Triton kernels can run here (Triton installed, not disabled)."""
+    if os.environ.get("DISTSOAP_DISABLE_TRITON") == "1":
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def rotated_adam_direction(
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    grad_rotated: torch.Tensor,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    scale: torch.Tensor | float,
+) -> torch.Tensor:
+    """Rotated Adam over a bucket: Triton on CUDA for fp32 math, else the torch definition."""
+    if (
+        grad_rotated.is_cuda
+        and grad_rotated.dtype == torch.float32
+        and exp_avg.dtype in (torch.float32, torch.bfloat16)
+        and triton_available()
+    ):
+        from .rotated_adam_triton import rotated_adam_direction_triton
+
+        return rotated_adam_direction_triton(
+            exp_avg, exp_avg_sq, grad_rotated, beta1, beta2, eps, scale
+        )
+    return rotated_adam_direction_torch(exp_avg, exp_avg_sq, grad_rotated, beta1, beta2, eps, scale)
