@@ -35,9 +35,10 @@ if TYPE_CHECKING:
 LAYOUT_KEYS = ("max_precond_dim", "merge_dims", "precondition_1d")
 
 
-def new_state_header(group: dict[str, Any], spec: BlockSpec) -> dict[str, Any]:
-    """The non-tensor state of a block seen for the first time."""
+def new_state_header(group: dict[str, Any], spec: BlockSpec, offset: int) -> dict[str, Any]:
+    """The non-tensor state of a block seen for the first time (``offset``: refresh phase)."""
     return {
+        "refresh_offset": offset,
         "step": 0,
         "precondition_frequency": group["precondition_frequency"],
         "shampoo_beta": resolved_shampoo_beta(group),
@@ -53,7 +54,7 @@ def initial_state(optimizer: SOAP, param: torch.Tensor, group: dict[str, Any]) -
     dtype = torch.float64 if param.dtype == torch.float64 else torch.float32
     moments = torch.float64 if dtype == torch.float64 else optimizer.moment_dtype
     device = param.device
-    state = new_state_header(group, spec)
+    state = new_state_header(group, spec, optimizer._refresh_offset(param, group))
     state.update(new_block_tensors(spec, dtype, moments, device))
     state["bases_ready"] = False
     return state

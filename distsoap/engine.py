@@ -7,6 +7,7 @@ strategy calls these two functions.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -44,8 +45,14 @@ def soap_update(
     group: dict[str, Any],
     shampoo_beta: float,
     precondition_frequency: int,
-) -> tuple[torch.Tensor, list[int], list[int]]:
+    offsets: list[int] | None = None,
+    elementwise: Callable = rotated_adam_direction,
+) -> tuple[torch.Tensor, list[int]]:
     """One SOAP update for a stack of blocks whose bases are initialised.
+
+    Steps 1-10b of shared/SOAP.md; the refresh (10c-d) of the rows that are due is left to
+    :func:`refresh_rows`, so that a caller can run it while this step's communication is in
+    flight: it changes only the state the *next* step uses.
 
     Args:
         tensors: the stacked state: ``exp_avg``, ``exp_avg_sq`` ``(B, *block)`` and, per factored
@@ -56,12 +63,15 @@ def soap_update(
         steps: each block's update count *after* this update (t in shared/SOAP.md).
         group: the param group (lr, betas, eps, correct_bias, normalize_grads).
         shampoo_beta: the blocks' factor EMA coefficient.
-        precondition_frequency: refresh a block's bases when its t is a multiple of this.
+        precondition_frequency: refresh a block's bases when ``t + offset`` is a multiple of
+            this.
+        offsets: each block's refresh phase in ``[0, precondition_frequency)`` (staggered
+            schedule); None: all 0, the reference's aligned schedule.
+        elementwise: the rotated-Adam implementation (eager, compiled or Triton dispatch).
 
     Returns:
-        The parameter deltas ``-step_size * U`` ``(B, *block)`` (weight decay not included), the
-        rows whose bases were due for a refresh, and those of them for which a refresh failed
-        every retry (they keep their previous basis for the failed dims).
+        The parameter deltas ``-step_size * U`` ``(B, *block)`` (weight decay not included) and
+        the rows whose bases are due for a refresh.
 
     """
     rank = grads.dim() - 1
@@ -72,7 +82,7 @@ def soap_update(
     sizes = [-step_size(group, t) for t in steps]
     scale = 1.0 if group["normalize_grads"] else _per_block(sizes, grads)
     grad_rotated = rotate_in(grads, bases)
-    direction = rotated_adam_direction(
+    direction = elementwise(
         tensors["exp_avg"], tensors["exp_avg_sq"], grad_rotated, beta1, beta2, group["eps"], scale
     )
     delta = rotate_out(direction, bases)
@@ -83,16 +93,18 @@ def soap_update(
         delta = delta * scales.view(-1, *[1] * rank)
 
     update_factors(factors, grads, shampoo_beta)
-    due = [row for row, t in enumerate(steps) if t % precondition_frequency == 0]
-    failed: list[int] = []
-    if due and any(b is not None for b in bases):
-        failed = _refresh_rows(tensors, due, rank)
-    else:
-        due = []
-    return delta, due, failed
+    if not any(b is not None for b in bases):
+        return delta, []
+    offsets = offsets or [0] * len(steps)
+    due = [
+        row
+        for row, (t, o) in enumerate(zip(steps, offsets))
+        if (t + o) % precondition_frequency == 0
+    ]
+    return delta, due
 
 
-def _refresh_rows(tensors: dict[str, torch.Tensor], rows: list[int], rank: int) -> list[int]:
+def refresh_rows(tensors: dict[str, torch.Tensor], rows: list[int], rank: int) -> list[int]:
     """Refresh the bases of some rows of the stack, carrying the moments into the new bases.
 
     Returns the rows (of the whole stack) for which a refresh failed every retry.

@@ -26,13 +26,15 @@ from distsoap.checkpoint import (
     load_state,
     new_state_header,
 )
-from distsoap.engine import first_call, soap_update
+from distsoap.engine import first_call, refresh_rows, soap_update
 from distsoap.faults import FaultPolicy, parameter_names
 from distsoap.hyperparams import (
     DEFAULTS,
     validate_data_format,
     validate_group,
 )
+from distsoap.kernels import compiled_rotated_adam_direction, rotated_adam_direction
+from distsoap.schedule import SCHEDULES, staggered_offsets
 from distsoap.strategies import Strategy, make_strategy
 from distsoap.strategies.single import SingleProcess
 
@@ -101,6 +103,12 @@ class SOAP(torch.optim.Optimizer):
         max_basis_failures: keyword-only; consecutive failed eigenbasis computations (after fp64
             and jitter retries; the block keeps its previous basis meanwhile) of one block
             that raise an error naming the parameter.
+        refresh_schedule: keyword-only; ``"aligned"`` (default, the reference: every block
+            refreshes on the same step) or ``"staggered"`` (each block still every
+            ``precondition_frequency`` updates, but phases spread so each step carries about
+            1/f of the refresh work; see :mod:`distsoap.schedule`).
+        compile_elementwise: keyword-only; run the elementwise rotated-Adam update through
+            ``torch.compile`` (one graph, no recompiles when betas or step sizes change).
 
     """
 
@@ -128,6 +136,8 @@ class SOAP(torch.optim.Optimizer):
         fsdp_model: torch.nn.Module | None = None,
         nonfinite_grads: str = "skip",
         max_basis_failures: int = 3,
+        refresh_schedule: str = "aligned",
+        compile_elementwise: bool = False,
     ):
         validate_data_format(data_format)
         if moment_dtype not in _MOMENT_DTYPES:
@@ -135,6 +145,20 @@ class SOAP(torch.optim.Optimizer):
         self.data_format = data_format
         self.moment_dtype = moment_dtype
         self.faults = FaultPolicy(nonfinite_grads, max_basis_failures)
+        if refresh_schedule not in SCHEDULES:
+            raise ValueError(
+                f"refresh_schedule must be one of {SCHEDULES}, got {refresh_schedule!r}"
+            )
+        if not isinstance(compile_elementwise, bool):
+            raise ValueError(
+                f"compile_elementwise must be True or False, got {compile_elementwise!r}"
+            )
+        self.refresh_schedule = refresh_schedule
+        self._elementwise = (
+            compiled_rotated_adam_direction if compile_elementwise else rotated_adam_direction
+        )
+        self._offsets: dict[int, int] = {}
+        self._due_refreshes: list = []
         self._buckets: dict[tuple, Bucket] = {}
         self._layouts: dict[int, tuple[torch.Size, torch.device]] = {}
         defaults = dict(
@@ -215,7 +239,10 @@ class SOAP(torch.optim.Optimizer):
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
         state.update(
-            data_format=self.data_format, moment_dtype=self.moment_dtype, faults=self.faults
+            data_format=self.data_format,
+            moment_dtype=self.moment_dtype,
+            faults=self.faults,
+            refresh_schedule=self.refresh_schedule,
         )
         return state
 
@@ -225,6 +252,8 @@ class SOAP(torch.optim.Optimizer):
         unpickling = not hasattr(self, "_strategy")
         if unpickling:
             state.setdefault("faults", FaultPolicy("skip", 3))
+            state.setdefault("refresh_schedule", "aligned")
+            state.update(_elementwise=rotated_adam_direction, _offsets={}, _due_refreshes=[])
         super().__setstate__(state)
         self._buckets = {}
         self._layouts = {id(p): (p.shape, p.device) for g in self.param_groups for p in g["params"]}
@@ -291,7 +320,7 @@ class SOAP(torch.optim.Optimizer):
                     )
 
     def compute_updates(
-        self, grads: dict[int, torch.Tensor]
+        self, grads: dict[int, torch.Tensor], defer_refresh: bool = False
     ) -> dict[int, tuple[dict[str, Any], torch.Tensor | None]]:
         """SOAP on this rank's blocks: advance their state and return their parameter deltas.
 
@@ -302,6 +331,8 @@ class SOAP(torch.optim.Optimizer):
                 gradient (parameter shape), or, for sharded parameters, the assembled full
                 gradient or (local mode) the local shard's. Only these parameters are stepped;
                 their state lives on this rank, laid out for that gradient's shape.
+            defer_refresh: leave the due eigenbasis refreshes to :meth:`finish_refreshes`
+                (strategies run them while the updates travel).
 
         Returns:
             ``id(param)`` -> (its param group, its delta ``-step_size * U`` in the gradient's
@@ -350,6 +381,8 @@ class SOAP(torch.optim.Optimizer):
                 deltas = self._step_bucket(key, params, grads, group)
                 for param, delta in zip(params, deltas):
                     result[id(param)] = (group, delta)
+        if not defer_refresh:
+            self.finish_refreshes()
         return result
 
     def _first_call(
@@ -361,7 +394,8 @@ class SOAP(torch.optim.Optimizer):
         state: dict[str, Any],
     ) -> None:
         if "step" not in state:
-            for key, value in new_state_header(group, spec).items():
+            header = new_state_header(group, spec, self._refresh_offset(param, group))
+            for key, value in header.items():
                 state.setdefault(key, value)  # keeps a non-finite skip counted before
         dtype = compute_dtype(param)
         moments = torch.float64 if dtype == torch.float64 else self.moment_dtype
@@ -402,14 +436,38 @@ class SOAP(torch.optim.Optimizer):
         for p in params:
             self.state[p]["step"] += 1
             steps.append(self.state[p]["step"])
+        offsets = [self.state[p].get("refresh_offset", 0) for p in params]
         tensors = bucket.select(rows)
-        deltas, refreshed, failed = soap_update(
-            tensors, stacked, steps, group, shampoo_beta, frequency
+        deltas, due = soap_update(
+            tensors, stacked, steps, group, shampoo_beta, frequency, offsets, self._elementwise
         )
         bucket.write_back(rows, tensors)
-        for row in refreshed:
-            self.faults.basis(self.param_name(params[row]), self.state[params[row]], row in failed)
+        if due:
+            self._due_refreshes.append((bucket, [rows[i] for i in due], len(specs[0].block_shape)))
         return [s.from_block(d) for s, d in zip(specs, deltas)]
+
+    def finish_refreshes(self) -> None:
+        """Run the eigenbasis refreshes the last ``compute_updates`` left due.
+
+        They change only the state of the next step, so a strategy calls this while the
+        step's updates are on the wire.
+        """
+        due, self._due_refreshes = self._due_refreshes, []
+        for bucket, rows, rank in due:
+            tensors = bucket.select(rows)
+            failed = set(refresh_rows(tensors, list(range(len(rows))), rank))
+            bucket.write_back(rows, tensors)
+            for i, row in enumerate(rows):
+                param = bucket.params[row]
+                self.faults.basis(self.param_name(param), self.state[param], i in failed)
+
+    def _refresh_offset(self, param: torch.Tensor, group: dict[str, Any]) -> int:
+        """Return the block's refresh phase (0 for the aligned schedule)."""
+        if self.refresh_schedule == "aligned":
+            return 0
+        if id(param) not in self._offsets:
+            self._offsets = staggered_offsets(self)
+        return self._offsets.get(id(param), 0)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict saved by this optimizer (any world size for lossless strategies).

@@ -14,9 +14,15 @@ import os
 
 import torch
 
+from .rotated_adam import compiled_rotated_adam_direction
 from .rotated_adam import rotated_adam_direction as rotated_adam_direction_torch
 
-__all__ = ["rotated_adam_direction", "rotated_adam_direction_torch", "triton_available"]
+__all__ = [
+    "compiled_rotated_adam_direction",
+    "rotated_adam_direction",
+    "rotated_adam_direction_torch",
+    "triton_available",
+]
 
 
 def triton_available() -> bool:

@@ -49,3 +49,61 @@ def rotated_adam_direction(
     if isinstance(scale, torch.Tensor):
         return direction.mul_(scale.view(-1, *[1] * (direction.dim() - 1)))
     return direction.mul_(scale)
+
+
+def rotated_adam_direction_compilable(
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    grad_rotated: torch.Tensor,
+    beta1: torch.Tensor,
+    beta2: torch.Tensor,
+    eps: torch.Tensor,
+    scale: torch.Tensor,
+) -> torch.Tensor:
+    """``rotated_adam_direction`` with every scalar a 0-d tensor and ``scale`` a ``(B,)`` tensor.
+
+    Written for ``torch.compile(fullgraph=True, dynamic=True)``: no Python numbers in the
+    graph, so changing betas (OneCycleLR) or step sizes never recompiles, and shapes are
+    symbolic, so one graph serves every bucket of a rank. fp32 moments only.
+    """
+    exp_avg.mul_(beta1).add_(grad_rotated * (1.0 - beta1))
+    exp_avg_sq.mul_(beta2).add_(grad_rotated * grad_rotated * (1.0 - beta2))
+    direction = exp_avg / (exp_avg_sq.sqrt() + eps)
+    return direction * scale.reshape([-1] + [1] * (direction.dim() - 1))
+
+
+_COMPILED = None
+
+
+def compiled_rotated_adam_direction(
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    grad_rotated: torch.Tensor,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    scale: torch.Tensor | float,
+) -> torch.Tensor:
+    """The torch.compile'd elementwise update (same contract as ``rotated_adam_direction``).
+
+    Moments stored in another dtype than the gradient take the eager path.
+    """
+    global _COMPILED
+    if exp_avg.dtype != grad_rotated.dtype or exp_avg_sq.dtype != grad_rotated.dtype:
+        return rotated_adam_direction(exp_avg, exp_avg_sq, grad_rotated, beta1, beta2, eps, scale)
+    if _COMPILED is None:
+        _COMPILED = torch.compile(rotated_adam_direction_compilable, fullgraph=True, dynamic=True)
+    like = grad_rotated
+    batch = like.shape[0]
+    scales = (
+        scale.to(like.dtype)
+        if isinstance(scale, torch.Tensor)
+        else torch.full((batch,), float(scale), dtype=like.dtype, device=like.device)
+    )
+
+    def scalar(x: float) -> torch.Tensor:
+        return torch.tensor(x, dtype=like.dtype, device=like.device)
+
+    return _COMPILED(
+        exp_avg, exp_avg_sq, grad_rotated, scalar(beta1), scalar(beta2), scalar(eps), scales
+    )

@@ -49,7 +49,14 @@ class ReferenceSOAP(torch.optim.Optimizer):
         normalize_grads: bool = DEFAULTS["normalize_grads"],
         data_format: str = "channels_first",
         correct_bias: bool = DEFAULTS["correct_bias"],
+        *,
+        refresh_offset: Callable[[torch.Tensor], int] | None = None,
     ):
+        """Take the same arguments as ``SOAP``, plus a schedule for tests.
+
+        ``refresh_offset(param)`` gives a block's refresh phase: it refreshes when
+        ``(t + phase) % precondition_frequency == 0`` (default 0, the reference's schedule).
+        """
         defaults = dict(
             lr=lr,
             betas=betas,
@@ -64,6 +71,7 @@ class ReferenceSOAP(torch.optim.Optimizer):
             correct_bias=correct_bias,
         )
         self.data_format = data_format
+        self.refresh_offset = refresh_offset or (lambda param: 0)
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict) -> None:
@@ -138,7 +146,7 @@ class ReferenceSOAP(torch.optim.Optimizer):
         # 10. factors and bases with the raw gradient.
         exp_avg_orig = _contract(exp_avg, bases, out=True)  # a.
         self._update_factors(state, grad)  # b.
-        if t % state["precondition_frequency"] == 0:  # c.
+        if (t + self.refresh_offset(p)) % state["precondition_frequency"] == 0:  # c.
             self._refresh(state)
         state["exp_avg"] = _contract(exp_avg_orig, state["bases"], out=False)  # d.
 

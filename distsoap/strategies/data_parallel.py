@@ -177,12 +177,14 @@ class DataParallel:
     def step(self) -> None:
         """Owners compute their blocks, then every rank applies every update."""
         grads = self._owned_grads()
-        updates = self.optimizer.compute_updates(grads)
+        updates = self.optimizer.compute_updates(grads, defer_refresh=True)
         error = self.optimizer.faults.take_pending()
         pending: list[PendingExchange] = []
         for bucket in self.buckets:
             part = self._pack_updates(bucket, updates, abort=error is not None)
             pending.append(launch_gather(bucket, part, self.rank, self.group, self.stats))
+        # the refreshes only prepare the next step: run them while the updates travel
+        self.optimizer.finish_refreshes()
         aborting: set[int] = set()
         for bucket, exchange, flags in zip(self.buckets, pending, self._flag_positions):
             payload = exchange.wait()

@@ -154,11 +154,17 @@ class ShardedLossless:
     def _device(self) -> torch.device:
         return local_view(self.params[0]).device if self.params else torch.device("cpu")
 
-    def _exchange(self, send, send_sizes, recv_sizes, kind: str) -> list[torch.Tensor]:
+    def _exchange(self, send, send_sizes, recv_sizes, kind: str, overlap=None) -> list:
+        """One uneven all-to-all; ``overlap()`` runs while it is in flight."""
         received = send.new_empty(sum(recv_sizes))
-        dist.all_to_all_single(received, send, recv_sizes, send_sizes, group=self.group)
+        work = dist.all_to_all_single(
+            received, send, recv_sizes, send_sizes, group=self.group, async_op=True
+        )
         sent = sum(n for r, n in enumerate(send_sizes) if r != self.rank)
         self.stats.add(kind, sent * send.element_size())
+        if overlap is not None:
+            overlap()
+        work.wait()
         return list(received.split(recv_sizes))
 
     @torch.no_grad()
@@ -195,7 +201,7 @@ class ShardedLossless:
                 layout = self.layouts[i]
                 ordered = [pieces[i][s] for s in layout.sources(self.rank)]
                 grads[id(self.params[i])] = layout.assemble(ordered).to(self.params[i].dtype)
-        updates = self.optimizer.compute_updates(grads)
+        updates = self.optimizer.compute_updates(grads, defer_refresh=True)
         error = self.optimizer.faults.take_pending()
         # 3. update pieces back to every rank
         out_dtype = self.comm_dtype or self.exact
@@ -214,8 +220,12 @@ class ShardedLossless:
                 piece = self.layouts[i].extract(entry[1], destination).to(out_dtype)
                 parts += [flag, piece]
         send = torch.cat(parts) if parts else torch.zeros(0, dtype=out_dtype, device=device)
-        received = self._exchange(
-            send, self.update_send_sizes, self.update_recv_sizes, "update_scatter"
+        received = self._exchange(  # the refreshes only prepare the next step: overlap them
+            send,
+            self.update_send_sizes,
+            self.update_recv_sizes,
+            "update_scatter",
+            overlap=self.optimizer.finish_refreshes,
         )
         by_group: dict[int, tuple[dict[str, Any], list, list]] = {}
         groups = groups_by_param(self.optimizer)

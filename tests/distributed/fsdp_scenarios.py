@@ -35,6 +35,7 @@ def train_fsdp2(
     reshard_after_forward: bool = True,
     accumulate: int = 1,
     bf16_compute: bool = False,
+    soap_kwargs: dict | None = None,
 ) -> dict:
     """FSDP2 (1-D mesh) or HSDP (2-D mesh ``(replicate, shard)``) training on shards."""
     mesh_shape = mesh_shape or (world,)
@@ -49,7 +50,7 @@ def train_fsdp2(
             param_dtype=torch.bfloat16, reduce_dtype=torch.float32
         )
     fully_shard(model, **kwargs)
-    opt = SOAP(model.param_groups(), strategy=strategy, **OPTIONS)
+    opt = SOAP(model.param_groups(), strategy=strategy, **OPTIONS, **(soap_kwargs or {}))
     sent = []
     for step in range(steps):
         opt.zero_grad(set_to_none=True)

@@ -68,10 +68,11 @@ def single_process_reference(
     shapes=SHAPES,
     skips: str = "per_rank",
     lr_decay: float = 1.0,
+    soap_kwargs: dict | None = None,
 ) -> list:
     """Single-process SOAP on the average of every rank's shard loss (the full batch)."""
     model = ProblemModel(dtype, shapes, skips)
-    opt = SOAP(model.param_groups(), strategy="single", **OPTIONS)
+    opt = SOAP(model.param_groups(), strategy="single", **OPTIONS, **(soap_kwargs or {}))
     for step in range(steps):
         for group in opt.param_groups:
             group["lr"] = OPTIONS["lr"] * lr_decay**step
@@ -91,13 +92,20 @@ def train_data_parallel(
     accumulate: int = 1,
     comm_dtype: torch.dtype | None = None,
     shapes=SHAPES,
+    soap_kwargs: dict | None = None,
 ) -> dict:
     """Train on this rank's shard with strategy "ddp" (DDP-wrapped) or "zero2" (no wrapper)."""
     model = ProblemModel(dtype, shapes)
     forward = model
     if strategy == "ddp":
         forward = nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
-    opt = SOAP(model.param_groups(), strategy=strategy, comm_dtype=comm_dtype, **OPTIONS)
+    opt = SOAP(
+        model.param_groups(),
+        strategy=strategy,
+        comm_dtype=comm_dtype,
+        **OPTIONS,
+        **(soap_kwargs or {}),
+    )
     bytes_per_step = []
     for step in range(steps):
         opt.zero_grad(set_to_none=True)

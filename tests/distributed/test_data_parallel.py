@@ -9,6 +9,7 @@ import torch
 
 from distsoap.local_ranks import run_ranks
 from tests.distributed.scenarios import (
+    SHAPES,
     build_and_report,
     clipped_reference,
     ddp_strategy_without_wrapper,
@@ -120,3 +121,13 @@ def test_state_is_balanced_and_only_on_owners():
         assert result["held"] == {i for i, o in enumerate(owners) if o == rank}
     total = sum(r["bytes"] for r in results)
     assert max(r["bytes"] for r in results) <= 1.1 * total / world
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "zero2"])
+def test_staggered_refreshes_match_single_process_on_the_same_schedule(strategy):
+    staggered = {"refresh_schedule": "staggered"}
+    results = run_ranks(
+        train_data_parallel, 2, strategy, torch.float64, STEPS, 1, None, SHAPES, staggered
+    )
+    reference = single_process_reference(torch.float64, 2, STEPS, soap_kwargs=staggered)
+    _check_equivalent(results, reference, torch.float64)

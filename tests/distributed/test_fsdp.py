@@ -81,3 +81,14 @@ def test_fsdp1_matches_single_process():
     results = run_ranks(train_fsdp1, 2)
     _check(results, _reference(2, skips="none"), FP64)
     assert all(r["held"] for r in results)
+
+
+def test_fsdp2_staggered_refreshes_match_single_process():
+    staggered = {"refresh_schedule": "staggered"}
+    results = run_ranks(
+        train_fsdp2, 2, "fsdp2", torch.float64, STEPS, None, True, 1, False, staggered
+    )
+    reference = single_process_reference(
+        torch.float64, 2, STEPS, FSDP_SHAPES, "global", soap_kwargs=staggered
+    )
+    _check(results, reference, FP64)
