@@ -1,0 +1,80 @@
+"""Per-step optimizer time over several refresh cycles: aligned vs staggered refreshes.
+
+With the reference's aligned schedule every block runs its QR refresh on the same step, one
+step in ``precondition_frequency``; staggered spreads the refreshes so every step carries about
+the same share. Prints median, p99 and max step time and p99 / median (target <= 1.2 staggered).
+
+    python benchmarks/bench_spike.py [--cycles 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+from bench_step import PRESETS, gpt_shapes  # noqa: I001  (sibling script)
+
+from distsoap import SOAP
+
+
+def step_times(schedule: str, preset: dict, frequency: int, cycles: int, device) -> list[float]:
+    gen = torch.Generator().manual_seed(0)
+    shapes = gpt_shapes(**preset)
+    params = [torch.nn.Parameter((torch.randn(s, generator=gen) * 0.02).to(device)) for s in shapes]
+    grads = [[torch.randn(s, generator=gen).to(device) for s in shapes] for _ in range(3)]
+    opt = SOAP(
+        params,
+        precondition_frequency=frequency,
+        refresh_schedule=schedule,
+        max_precond_dim=preset["max_precond_dim"],
+    )
+    times = []
+    for k in range(1 + frequency + cycles * frequency):  # first call + a warm-up cycle
+        for p, g in zip(params, grads[k % 3]):
+            p.grad = g
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        opt.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return times[1 + frequency :]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--preset", choices=sorted(PRESETS), default=None)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--frequency", type=int, default=10)
+    p.add_argument("--cycles", type=int, default=4)
+    p.add_argument("--out", type=Path, default=Path("benchmarks/results/bench_spike.json"))
+    args = p.parse_args()
+    device = torch.device(args.device)
+    preset = PRESETS[args.preset or ("gpu" if device.type == "cuda" else "cpu")]
+    report = {}
+    print(f"{'schedule':10s} {'median ms':>10s} {'p99 ms':>8s} {'max ms':>8s} {'p99/median':>11s}")
+    for schedule in ("aligned", "staggered"):
+        times = sorted(step_times(schedule, preset, args.frequency, args.cycles, device))
+        median = times[len(times) // 2]
+        p99 = times[min(len(times) - 1, int(round(0.99 * (len(times) - 1))))]
+        report[schedule] = {
+            "median_s": median,
+            "p99_s": p99,
+            "max_s": times[-1],
+            "p99_over_median": p99 / median,
+            "steps": len(times),
+        }
+        print(
+            f"{schedule:10s} {median * 1e3:10.1f} {p99 * 1e3:8.1f} {times[-1] * 1e3:8.1f} "
+            f"{p99 / median:10.2f}x"
+        )
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"preset": preset, "device": str(device), **report}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
