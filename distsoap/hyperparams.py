@@ -5,6 +5,8 @@ from __future__ import annotations
 import numbers
 from typing import Any
 
+import torch
+
 from distsoap.blocks import DATA_FORMATS
 
 # Names and defaults of the public reference implementation (shared/SOAP.md), so that replacing
@@ -84,3 +86,30 @@ def resolved_shampoo_beta(group: dict[str, Any]) -> float:
     """The factor EMA coefficient: ``shampoo_beta``, or beta2 when it is negative."""
     shampoo_beta = group["shampoo_beta"]
     return float(shampoo_beta if shampoo_beta >= 0 else group["betas"][1])
+
+
+_DTYPE_NAMES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "float64": torch.float64,
+    "fp64": torch.float64,
+}
+
+
+def parse_dtype(value: torch.dtype | str | None, name: str) -> torch.dtype | None:
+    """A dtype given as a ``torch.dtype`` or by name (``"bf16"``, ``"float32"``; JSON configs).
+
+    Raises:
+        ValueError: for a name that is not one of the known ones.
+    """
+    if value is None or isinstance(value, torch.dtype):
+        return value
+    if isinstance(value, str) and value.removeprefix("torch.") in _DTYPE_NAMES:
+        return _DTYPE_NAMES[value.removeprefix("torch.")]
+    raise ValueError(
+        f"{name} must be a torch.dtype or one of {sorted(_DTYPE_NAMES)}, got {value!r}"
+    )

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Callable, Iterable
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, nullcontext
+from contextvars import ContextVar
 from functools import lru_cache
 from typing import Any
 
@@ -30,6 +31,7 @@ from distsoap.engine import first_call, refresh_rows, soap_update
 from distsoap.faults import FaultPolicy, parameter_names
 from distsoap.hyperparams import (
     DEFAULTS,
+    parse_dtype,
     validate_data_format,
     validate_group,
 )
@@ -41,6 +43,11 @@ from distsoap.strategies.single import SingleProcess
 _MOMENT_DTYPES = (torch.float32, torch.bfloat16, torch.float64)
 
 _cached_block_spec = lru_cache(maxsize=None)(make_block_spec)
+
+WRAPPER_BUILDING: ContextVar[bool] = ContextVar("distsoap_wrapper_building", default=False)
+"""True while a framework wraps the optimizer (DeepSpeed's ``_configure_optimizer``): DeepSpeed's
+fp16 wrapper calls ``step()`` once with all-zero gradients to allocate optimizer state, which for
+SOAP would initialise the eigenbases from a zero gradient. Such a step does nothing."""
 
 
 def compute_dtype(param: torch.Tensor) -> torch.dtype:
@@ -80,6 +87,7 @@ class SOAP(torch.optim.Optimizer):
         correct_bias: fold Adam's bias correction into the step size.
         moment_dtype: keyword-only; dtype of ``exp_avg`` and ``exp_avg_sq`` (fp32 default;
             bf16 halves their memory at some accuracy cost; fp64 parameters always use fp64).
+            Dtypes may also be given by name (``"bf16"``, ``"float32"``), as JSON configs do.
         strategy: keyword-only; ``"auto"`` (``"fsdp2"`` for DTensor parameters, ``"ddp"``
             when a process group of more than one rank is initialised, else ``"single"``),
             ``"single"`` (every rank computes everything), ``"ddp"`` (model wrapped in
@@ -128,10 +136,10 @@ class SOAP(torch.optim.Optimizer):
         data_format: str = "channels_first",
         correct_bias: bool = DEFAULTS["correct_bias"],
         *,
-        moment_dtype: torch.dtype = torch.float32,
+        moment_dtype: torch.dtype | str = torch.float32,
         strategy: str = "auto",
         process_group: dist.ProcessGroup | None = None,
-        comm_dtype: torch.dtype | None = None,
+        comm_dtype: torch.dtype | str | None = None,
         bucket_cap_mb: float = 25.0,
         fsdp_model: torch.nn.Module | None = None,
         nonfinite_grads: str = "skip",
@@ -140,6 +148,8 @@ class SOAP(torch.optim.Optimizer):
         compile_elementwise: bool = False,
     ):
         validate_data_format(data_format)
+        moment_dtype = parse_dtype(moment_dtype, "moment_dtype")
+        comm_dtype = parse_dtype(comm_dtype, "comm_dtype")
         if moment_dtype not in _MOMENT_DTYPES:
             raise ValueError(f"moment_dtype must be one of {_MOMENT_DTYPES}, got {moment_dtype}")
         self.data_format = data_format
@@ -161,6 +171,9 @@ class SOAP(torch.optim.Optimizer):
         self._due_refreshes: list = []
         self._buckets: dict[tuple, Bucket] = {}
         self._layouts: dict[int, tuple[torch.Size, torch.device]] = {}
+        self.built_params: dict[int, list[torch.Tensor]] = {}
+        """``id(group)`` -> the parameters the group was added with (frameworks that replace
+        them, like DeepSpeed, are mapped back to these)."""
         defaults = dict(
             lr=lr,
             betas=betas,
@@ -176,6 +189,7 @@ class SOAP(torch.optim.Optimizer):
         )
         super().__init__(params, defaults)
         self.register_state_dict_post_hook(complete_state_dict)
+        self.strategy_options = dict(comm_dtype=comm_dtype, bucket_cap_mb=bucket_cap_mb)
         self._strategy = make_strategy(
             self,
             strategy,
@@ -189,6 +203,25 @@ class SOAP(torch.optim.Optimizer):
     def strategy(self) -> Strategy:
         """How the work is spread over ranks (single process, data parallel, ...)."""
         return self._strategy
+
+    def set_strategy(self, strategy: Strategy) -> None:
+        """Replace the strategy (integrations do, once they know how a framework wrapped us).
+
+        Only before the first step: the placement of existing state would be lost.
+        """
+        if any(self.state.values()):
+            raise RuntimeError("the strategy can only be replaced before the first step")
+        self._strategy = strategy
+        self._buckets = {}
+        self._offsets = {}
+
+    def parameters_replaced(self) -> None:
+        """Accept new tensors in ``param_groups`` (a framework's fp32 master copies).
+
+        They must have the shapes of the parameters they replace; SOAP's checks of shape and
+        device follow them from now on.
+        """
+        self._layouts = {id(p): (p.shape, p.device) for g in self.param_groups for p in g["params"]}
 
     def state_bytes(self) -> int:
         """Bytes of SOAP state (moments, factors, bases) this rank holds."""
@@ -233,6 +266,8 @@ class SOAP(torch.optim.Optimizer):
             raise
         for p in self.param_groups[-1]["params"]:
             self._layouts[id(p)] = (p.shape, p.device)
+        group = self.param_groups[-1]
+        self.built_params[id(group)] = list(group["params"])
         if getattr(self, "_strategy", None) is not None:
             self._strategy.param_groups_changed()
 
@@ -294,7 +329,15 @@ class SOAP(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self._check_layouts()
+        if WRAPPER_BUILDING.get():
+            return loss
+        with self.model_view():
+            self._step()
+        return loss
+
+    def _step(self) -> None:
+        if not self._views_model:
+            self._check_layouts()
         self._strategy.step()
         # Every trainable parameter gets a state entry on every rank, empty where this rank
         # holds nothing for it (another rank owns it, or it has had no gradient yet). So
@@ -306,7 +349,24 @@ class SOAP(torch.optim.Optimizer):
             for p in group["params"]:
                 if p.requires_grad:
                     self.state[p]  # noqa: B018 (defaultdict: creates the entry)
-        return loss
+
+    @property
+    def _views_model(self) -> bool:
+        return hasattr(self._strategy, "model_view")
+
+    def model_view(self) -> AbstractContextManager:
+        """Context in which ``param_groups`` hold the model's parameters.
+
+        A framework may replace them with tensors of its own (DeepSpeed ZeRO puts one flat fp32
+        partition per group there); its strategy then knows how to show SOAP the parameters it
+        preconditions, for the step and for state dicts. Otherwise it changes nothing.
+        """
+        return self._strategy.model_view() if self._views_model else nullcontext()
+
+    def state_dict(self) -> dict[str, Any]:
+        """Torch's state dict, numbered over the model's parameters (see :meth:`model_view`)."""
+        with self.model_view():
+            return super().state_dict()
 
     def _check_layouts(self) -> None:
         for group in self.param_groups:
@@ -477,7 +537,8 @@ class SOAP(torch.optim.Optimizer):
         state laid out differently (other layout hyperparameters or parameter shapes) is a
         ValueError. See :mod:`distsoap.checkpoint`.
         """
-        check_layout_hyperparameters(self.param_groups, state_dict["param_groups"])
-        super().load_state_dict({**state_dict, "state": {}})
-        load_state(self, state_dict)
-        self._buckets = {}
+        with self.model_view():
+            check_layout_hyperparameters(self.param_groups, state_dict["param_groups"])
+            super().load_state_dict({**state_dict, "state": {}})
+            load_state(self, state_dict)
+            self._buckets = {}

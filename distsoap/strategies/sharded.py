@@ -22,6 +22,7 @@ on the number of shards.
 from __future__ import annotations
 
 from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -35,6 +36,69 @@ from distsoap.strategies.single import SingleProcess, apply_updates, groups_by_p
 
 if TYPE_CHECKING:
     from distsoap.optimizer import SOAP
+
+
+def param_lists_of(optimizer: SOAP) -> list[tuple[dict[str, Any], list[torch.Tensor]]]:
+    """(group, its parameters) for every param group."""
+    return [(group, list(group["params"])) for group in optimizer.param_groups]
+
+
+@dataclass(frozen=True)
+class ExchangePlan:
+    """Who sends what to whom, in both directions, for one set of parameters.
+
+    Lists are per peer rank and hold parameter indices in the same order on every rank.
+    """
+
+    mine: list[int]
+    """The parameters of the set this rank owns."""
+    grad_to: list[list[int]]
+    """Per owner: the parameters whose gradient piece this rank sends it."""
+    grad_from: list[list[int]]
+    """Per source rank: the owned parameters whose piece it sends here."""
+    update_from: list[list[int]]
+    """Per owner: its parameters, whose update piece for this rank it sends."""
+    grad_send_sizes: list[int]
+    grad_recv_sizes: list[int]
+    update_send_sizes: list[int]
+    update_recv_sizes: list[int]
+
+    @classmethod
+    def build(
+        cls,
+        items: tuple[int, ...],
+        owners: list[int],
+        layouts: list[ShardLayout],
+        me: int,
+        world: int,
+    ) -> ExchangePlan:
+        """The plan for parameters ``items`` seen from rank ``me``."""
+        # gradients: to owner o, the pieces of o's parameters from o's replica group
+        grad_to = [
+            [i for i in items if owners[i] == o and me in layouts[i].sources(o)]
+            for o in range(world)
+        ]
+        grad_from = [
+            [i for i in items if owners[i] == me and s in layouts[i].sources(me)]
+            for s in range(world)
+        ]
+        # updates: from owner o, to every rank, that rank's piece
+        mine = [i for i in items if owners[i] == me]
+        update_from = [[i for i in items if owners[i] == o] for o in range(world)]
+
+        def size(rank: int, chosen: list[int]) -> int:
+            return sum(1 + layouts[i].numel(rank) for i in chosen)
+
+        return cls(
+            mine=mine,
+            grad_to=grad_to,
+            grad_from=grad_from,
+            update_from=update_from,
+            grad_send_sizes=[size(me, chosen) for chosen in grad_to],
+            grad_recv_sizes=[size(s, chosen) for s, chosen in enumerate(grad_from)],
+            update_send_sizes=[size(d, mine) for d in range(world)],
+            update_recv_sizes=[size(me, chosen) for chosen in update_from],
+        )
 
 
 def local_view(param: torch.Tensor) -> torch.Tensor:
@@ -57,6 +121,9 @@ class ShardedLossless:
         layouts: ``id(param)`` -> its layout, for every trainable parameter.
         name: the strategy name to report (``fsdp2`` or ``fsdp1``).
         comm_dtype: dtype of updates on the wire (None: exact).
+        param_lists: (param group, its parameters) pairs, when the parameters SOAP steps are
+            not those in ``optimizer.param_groups`` (DeepSpeed, which puts flat partitions
+            there); default: the param groups.
     """
 
     def __init__(
@@ -66,6 +133,7 @@ class ShardedLossless:
         layouts: dict[int, ShardLayout],
         name: str,
         comm_dtype: torch.dtype | None,
+        param_lists: list[tuple[dict[str, Any], list[torch.Tensor]]] | None = None,
     ):
         self.optimizer = optimizer
         self.group = group
@@ -77,8 +145,9 @@ class ShardedLossless:
         self.params: list[torch.Tensor] = []
         self.layouts: list[ShardLayout] = []
         self.costs = []
-        for group_ in optimizer.param_groups:
-            for p in group_["params"]:
+        pairs = param_lists if param_lists is not None else param_lists_of(optimizer)
+        for group_, params in pairs:
+            for p in params:
                 if not p.requires_grad:
                     continue
                 layout = layouts[id(p)]
@@ -91,32 +160,16 @@ class ShardedLossless:
         self.exact = (
             torch.float64 if any(p.dtype == torch.float64 for p in self.params) else (torch.float32)
         )
-        self._plan()
+        self.mine = [i for i in range(len(self.params)) if self.owners[i] == self.rank]
+        self._plans: dict[tuple[int, ...], ExchangePlan] = {}
 
-    def _plan(self) -> None:
-        """Who sends what to whom, in both directions; identical order on every rank."""
-        me = self.rank
-        indices = range(len(self.params))
-        # gradients: to owner o, the pieces of o's parameters from o's replica group
-        self.grad_to = [
-            [i for i in indices if self.owners[i] == o and me in self.layouts[i].sources(o)]
-            for o in range(self.world)
-        ]
-        self.grad_from = [
-            [i for i in indices if self.owners[i] == me and s in self.layouts[i].sources(me)]
-            for s in range(self.world)
-        ]
-        # updates: from owner o, to every rank, that rank's piece
-        self.mine = [i for i in indices if self.owners[i] == me]
-        self.update_from = [[i for i in indices if self.owners[i] == o] for o in range(self.world)]
-
-        def size(rank: int, items: list[int]) -> int:
-            return sum(1 + self.layouts[i].numel(rank) for i in items)
-
-        self.grad_send_sizes = [size(me, items) for items in self.grad_to]
-        self.grad_recv_sizes = [size(s, items) for s, items in enumerate(self.grad_from)]
-        self.update_send_sizes = [size(d, self.mine) for d in range(self.world)]
-        self.update_recv_sizes = [size(me, items) for items in self.update_from]
+    def _plan(self, items: tuple[int, ...]) -> ExchangePlan:
+        """Who sends what to whom for the parameters ``items`` (cached; same on every rank)."""
+        plan = self._plans.get(items)
+        if plan is None:
+            plan = ExchangePlan.build(items, self.owners, self.layouts, self.rank, self.world)
+            self._plans[items] = plan
+        return plan
 
     def owned_params(self) -> list[torch.Tensor]:
         """The parameters whose SOAP state lives on this rank."""
@@ -167,15 +220,32 @@ class ShardedLossless:
         work.wait()
         return list(received.split(recv_sizes))
 
+    def _local_grad(self, index: int) -> torch.Tensor | None:
+        """Return this rank's piece of parameter ``index``'s gradient, or None."""
+        return local_grad(self.params[index])
+
+    def _local_target(self, index: int) -> torch.Tensor:
+        """The tensor this rank updates for parameter ``index`` (its local piece)."""
+        return local_view(self.params[index])
+
+    def _grad_dtype(self, index: int) -> torch.dtype:
+        """Dtype SOAP receives parameter ``index``'s assembled gradient in."""
+        return self.params[index].dtype
+
     @torch.no_grad()
     def step(self) -> None:
         """Gather gradients to owners, step the owned blocks, scatter the updates back."""
+        self.step_items(tuple(range(len(self.params))))
+
+    def step_items(self, items: tuple[int, ...]) -> None:
+        """One step of the parameters ``items`` (every rank passes the same ones)."""
+        plan = self._plan(items)
         device = self._device()
         # 1. gradient pieces to owners
         parts = []
-        for items in self.grad_to:
-            for i in items:
-                piece = local_grad(self.params[i])
+        for to_owner in plan.grad_to:
+            for i in to_owner:
+                piece = self._local_grad(i)
                 flag = torch.ones(1, dtype=self.exact, device=device)
                 if piece is None:
                     flag.zero_()
@@ -184,30 +254,30 @@ class ShardedLossless:
                     )
                 parts += [flag, piece.reshape(-1).to(self.exact)]
         send = torch.cat(parts) if parts else torch.zeros(0, dtype=self.exact, device=device)
-        received = self._exchange(send, self.grad_send_sizes, self.grad_recv_sizes, "grad_sync")
+        received = self._exchange(send, plan.grad_send_sizes, plan.grad_recv_sizes, "grad_sync")
         # 2. whole gradients of owned blocks, SOAP on them
-        pieces: dict[int, dict[int, torch.Tensor]] = {i: {} for i in self.mine}
-        present: dict[int, bool] = {i: False for i in self.mine}
-        for source, (items, buffer) in enumerate(zip(self.grad_from, received)):
-            offsets = self._offsets(items, source)
-            flags = buffer[offsets].tolist() if items else []
-            for i, offset, flag in zip(items, offsets, flags):
+        pieces: dict[int, dict[int, torch.Tensor]] = {i: {} for i in plan.mine}
+        present: dict[int, bool] = {i: False for i in plan.mine}
+        for source, (from_source, buffer) in enumerate(zip(plan.grad_from, received)):
+            offsets = self._offsets(from_source, source)
+            flags = buffer[offsets].tolist() if from_source else []
+            for i, offset, flag in zip(from_source, offsets, flags):
                 n = self.layouts[i].numel(source)
                 present[i] = present[i] or flag != 0
                 pieces[i][source] = buffer[offset + 1 : offset + 1 + n]
         grads = {}
-        for i in self.mine:
+        for i in plan.mine:
             if present[i]:
                 layout = self.layouts[i]
                 ordered = [pieces[i][s] for s in layout.sources(self.rank)]
-                grads[id(self.params[i])] = layout.assemble(ordered).to(self.params[i].dtype)
+                grads[id(self.params[i])] = layout.assemble(ordered).to(self._grad_dtype(i))
         updates = self.optimizer.compute_updates(grads, defer_refresh=True)
         error = self.optimizer.faults.take_pending()
         # 3. update pieces back to every rank
         out_dtype = self.comm_dtype or self.exact
         parts = []
         for destination in range(self.world):
-            for i in self.mine:
+            for i in plan.mine:
                 entry = updates.get(id(self.params[i]))
                 n = self.layouts[i].numel(destination)
                 has_update = entry is not None and entry[1] is not None
@@ -222,24 +292,24 @@ class ShardedLossless:
         send = torch.cat(parts) if parts else torch.zeros(0, dtype=out_dtype, device=device)
         received = self._exchange(  # the refreshes only prepare the next step: overlap them
             send,
-            self.update_send_sizes,
-            self.update_recv_sizes,
+            plan.update_send_sizes,
+            plan.update_recv_sizes,
             "update_scatter",
             overlap=self.optimizer.finish_refreshes,
         )
         by_group: dict[int, tuple[dict[str, Any], list, list]] = {}
-        groups = groups_by_param(self.optimizer)
+        groups = self._groups_by_param()
         aborting: set[int] = set()
-        for owner, (items, buffer) in enumerate(zip(self.update_from, received)):
-            offsets = self._offsets(items, self.rank)
-            flags = buffer[offsets].tolist() if items else []
-            for i, offset, flag in zip(items, offsets, flags):
+        for owner, (from_owner, buffer) in enumerate(zip(plan.update_from, received)):
+            offsets = self._offsets(from_owner, self.rank)
+            flags = buffer[offsets].tolist() if from_owner else []
+            for i, offset, flag in zip(from_owner, offsets, flags):
                 n = self.layouts[i].numel(self.rank)
                 has_update, abort = read_flag(flag)
                 if abort:
                     aborting.add(owner)
                 if has_update and n > 0:
-                    target = local_view(self.params[i])
+                    target = self._local_target(i)
                     delta = buffer[offset + 1 : offset + 1 + n].view(target.shape)
                     group = groups[id(self.params[i])]
                     entry = by_group.setdefault(id(group), (group, [], []))
@@ -249,6 +319,10 @@ class ShardedLossless:
             apply_deltas(targets, deltas, group)
         self.stats.end_step()
         raise_if_aborted(error, aborting, self.rank)
+
+    def _groups_by_param(self) -> dict[int, dict[str, Any]]:
+        """``id(param)`` -> its param group now (hyperparameters may change between steps)."""
+        return groups_by_param(self.optimizer)
 
     def _offsets(self, items: list[int], rank: int) -> list[int]:
         """Where each item's flag sits in a payload of ``rank``-sized pieces."""

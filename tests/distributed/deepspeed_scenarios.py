@@ -1,0 +1,172 @@
+"""What each rank runs in the DeepSpeed tests (importable by spawned processes).
+
+The model is tests/distributed/scenarios.py's ProblemModel (mixed shapes, two param groups, a
+frozen and an unused parameter). DeepSpeed hands parameters that got no gradient a zero
+gradient (at ZeRO >= 1, and in its stage-0 all-reduce), where single-process SOAP skips them, so
+no block is skipped in these runs (``skips="none"``); the unused parameter still is, and a zero
+gradient leaves it where single-process SOAP leaves it (its group has no weight decay).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from tests.distributed.scenarios import OPTIONS, ProblemModel
+
+# no 0-d parameter: DeepSpeed cannot broadcast one (it views every parameter as bytes)
+DS_SHAPES = [(16, 16), (16, 16), (3, 3), (24, 24), (8, 6, 3, 3), (12, 40), (37,), (5,), (1,)]
+
+
+def ds_config(
+    stage: int,
+    precision: str = "fp32",
+    accumulate: int = 1,
+    clip: float = 0.0,
+    world: int = 2,
+    extra: dict | None = None,
+) -> dict:
+    """A DeepSpeed config with ``"type": "SOAP"``."""
+    config = {
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_accumulation_steps": accumulate,
+        "train_batch_size": accumulate * world,
+        "optimizer": {"type": "SOAP", "params": dict(OPTIONS)},
+        "zero_optimization": {"stage": stage},
+        "gradient_clipping": clip,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if precision == "bf16":
+        config["bf16"] = {"enabled": True}
+    config.update(extra or {})
+    return config
+
+
+def _environment(rank: int, world: int) -> None:
+    # DeepSpeed reads the launcher's variables even when the process group is already up
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world))
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29555")
+
+
+def build_engine(rank: int, world: int, config: dict, entry: str = "wrapper"):
+    """A DeepSpeed engine over a fresh ProblemModel; ``entry``: how SOAP gets in."""
+    _environment(rank, world)
+    model = ProblemModel(torch.float32, DS_SHAPES, skips="none")
+    groups = model.param_groups()
+    if entry == "wrapper":
+        from distsoap.integrations.deepspeed import initialize
+    else:  # plain deepspeed.initialize after importing the integration (HF Trainer's path)
+        import deepspeed
+
+        import distsoap.integrations.deepspeed  # noqa: F401
+
+        initialize = deepspeed.initialize
+    if entry == "client":  # an optimizer object instead of the JSON "optimizer" section
+        from distsoap import SOAP
+
+        config = {k: v for k, v in config.items() if k != "optimizer"}
+        engine, *_ = initialize(model=model, optimizer=SOAP(groups, **OPTIONS), config=config)
+    else:
+        engine, *_ = initialize(model=model, model_parameters=groups, config=config)
+    return model, engine
+
+
+def full_params(engine, model) -> list[torch.Tensor]:
+    """Every parameter, whole, in fp32 (gathered from ZeRO-3's partitions)."""
+    if engine.zero_optimization_stage() == 3:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(model.parameters())):
+            return [p.detach().float().clone() for p in model.parameters()]
+    return [p.detach().float().clone() for p in model.parameters()]
+
+
+def master_params(engine, model) -> list[torch.Tensor]:
+    """DeepSpeed's fp32 master weights (what the optimizer updates), whole."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    if engine.zero_optimization_stage() in (0, 3):  # stage 3: the gathered parameters
+        return full_params(engine, model)
+    out = []
+    for p in model.parameters():
+        full = safe_get_full_fp32_param(p) if p.requires_grad else None
+        out.append(p.detach().float().clone() if full is None else full.detach().clone())
+    return out
+
+
+def train_deepspeed(
+    rank: int,
+    world: int,
+    config: dict,
+    steps: int,
+    entry: str = "wrapper",
+    inf_at_step: int | None = None,
+) -> dict:
+    """Train ``steps`` optimizer steps; each rank scores its micro-batch shards."""
+    model, engine = build_engine(rank, world, config, entry)
+    accumulate = config.get("gradient_accumulation_steps", 1)
+    soap = engine.basic_optimizer
+    states_before_inf = None
+    for step in range(steps):
+        for micro in range(accumulate):
+            shard = (rank * accumulate + micro, world * accumulate)
+            loss = engine(step, rank, shard)
+            if step == inf_at_step:
+                states_before_inf = _state_copy(soap)
+                loss = loss * float("inf")
+            engine.backward(loss)
+            engine.step()
+    result = {
+        "params": full_params(engine, model),
+        "master": master_params(engine, model),
+        "strategy": soap.strategy.name,
+        "wrapper": type(engine.optimizer).__name__,
+        "state_bytes": soap.state_bytes(),
+        "skipped_steps": engine.skipped_steps,
+    }
+    if states_before_inf is not None:
+        result["state_unchanged"] = _same_state(states_before_inf, _state_copy(soap))
+    return result
+
+
+def _state_copy(soap) -> dict:
+    return {
+        id(k): {n: v.clone() if torch.is_tensor(v) else v for n, v in s.items()}
+        for k, s in soap.state.items()
+    }
+
+
+def _same_state(before: dict, after: dict) -> bool:
+    if before.keys() != after.keys():
+        return False
+    for key, state in before.items():
+        other = after[key]
+        if state.keys() != other.keys():
+            return False
+        for name, value in state.items():
+            same = torch.equal(value, other[name]) if torch.is_tensor(value) else value == other[name]
+            if not same:
+                return False
+    return True
+
+
+def save_and_resume(rank: int, world: int, config: dict, steps: int, split: int, path: str):
+    """Train ``split`` steps, save, train on; a fresh engine loads and trains the same steps."""
+    model, engine = build_engine(rank, world, config)
+    for step in range(steps):
+        if step == split:
+            engine.save_checkpoint(path, tag="split")
+        engine.backward(engine(step, rank, (rank, world)))
+        engine.step()
+    straight = full_params(engine, model)
+    model2, engine2 = build_engine(rank, world, config)
+    engine2.load_checkpoint(path, tag="split")
+    for step in range(split, steps):
+        engine2.backward(engine2(step, rank, (rank, world)))
+        engine2.step()
+    resumed = full_params(engine2, model2)
+    return {"straight": straight, "resumed": resumed, "files": sorted(os.listdir(Path(path, "split")))}
