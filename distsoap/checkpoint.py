@@ -103,8 +103,8 @@ def load_state(optimizer: SOAP, state_dict: dict[str, Any]) -> None:
     # torch.distributed.checkpoint), matched to this optimizer's parameters by position
     saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
     for (_, param, group), saved_id in zip(_numbered_params(optimizer), saved_ids, strict=True):
-        if saved_id not in saved_state:
-            continue
+        if saved_id not in saved_state or not optimizer.strategy.owns(param):
+            continue  # a block owned elsewhere keeps its state there only
         saved = saved_state[saved_id]
         if suffix:
             saved = {k[: -len(suffix)]: v for k, v in saved.items() if k.endswith(suffix)}

@@ -41,6 +41,7 @@ from distsoap.strategies import make_strategy
 from distsoap.strategies.deepspeed_zero import DeepSpeedPartitions
 
 _WRAPPED_MARK = "_distsoap_wrapped"
+_REPLICATING_MARK = "_distsoap_replicates_state"
 
 
 def register() -> None:
@@ -115,9 +116,34 @@ def bind(engine: Any) -> None:
         soap.parameters_replaced()
         name = "ddp" if dist.get_world_size(group) > 1 else "single"
         soap.set_strategy(make_strategy(soap, name, group, **options))
+        if name == "ddp" and not getattr(soap, _REPLICATING_MARK, False):
+            # DeepSpeed writes stage 0's optimizer state from rank 0 alone, and every rank
+            # loads that file: put every owner's blocks into the state dict of every rank
+            soap.register_state_dict_post_hook(functools.partial(_replicate_state, group=group))
+            setattr(soap, _REPLICATING_MARK, True)
         return
     name = f"deepspeed_zero{engine.zero_optimization_stage()}"
     soap.set_strategy(DeepSpeedPartitions(soap, wrapper, group, options["comm_dtype"], name))
+
+
+def _replicate_state(
+    optimizer: SOAP, state_dict: dict[str, Any], group: dist.ProcessGroup | None
+) -> dict[str, Any]:
+    """State-dict post-hook (stage 0): every owner's blocks, on every rank (collective).
+
+    Loading keeps only the blocks each rank owns (:func:`distsoap.checkpoint.load_state`).
+    """
+    mine = {
+        index: {k: v.cpu() if torch.is_tensor(v) else v for k, v in entry.items()}
+        for index, entry in state_dict["state"].items()
+        if entry
+    }
+    gathered: list = [None] * dist.get_world_size(group)
+    dist.all_gather_object(gathered, mine, group=group)
+    merged: dict = {}
+    for part in gathered:
+        merged.update(part)
+    return {**state_dict, "state": merged}
 
 
 def _holds_master_copies(wrapper: Any) -> bool:
@@ -125,3 +151,6 @@ def _holds_master_copies(wrapper: Any) -> bool:
     from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
 
     return isinstance(wrapper, FP16_UnfusedOptimizer)
+
+
+register()

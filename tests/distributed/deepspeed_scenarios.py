@@ -41,6 +41,8 @@ def ds_config(
     }
     if precision == "bf16":
         config["bf16"] = {"enabled": True}
+    if precision == "fp16":  # dynamic loss scaling from 2^4: no overflow on this problem
+        config["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 4}
     config.update(extra or {})
     return config
 
@@ -52,9 +54,24 @@ def _environment(rank: int, world: int) -> None:
     os.environ.setdefault("MASTER_PORT", "29555")
 
 
+def allow_cpu_fp16() -> None:
+    """Let DeepSpeed's CPU accelerator run fp16.
+
+    It offers fp16 only where oneDNN has fp16 instructions (this machine's CPU has none); torch's
+    CPU fp16 arithmetic is correct without them, only slower, so the fp16 tests lift the gate to
+    run DeepSpeed's real fp16 wrappers and dynamic loss scaler.
+    """
+    from deepspeed.accelerator import get_accelerator
+
+    accelerator = get_accelerator()
+    accelerator.is_fp16_supported = lambda: True
+
+
 def build_engine(rank: int, world: int, config: dict, entry: str = "wrapper"):
     """A DeepSpeed engine over a fresh ProblemModel; ``entry``: how SOAP gets in."""
     _environment(rank, world)
+    if config.get("fp16", {}).get("enabled"):
+        allow_cpu_fp16()
     model = ProblemModel(torch.float32, DS_SHAPES, skips="none")
     groups = model.param_groups()
     if entry == "wrapper":
@@ -110,16 +127,18 @@ def train_deepspeed(
     model, engine = build_engine(rank, world, config, entry)
     accumulate = config.get("gradient_accumulation_steps", 1)
     soap = engine.basic_optimizer
-    states_before_inf = None
+    unchanged = None
     for step in range(steps):
+        before = _state_copy(soap) if step == inf_at_step else None
         for micro in range(accumulate):
             shard = (rank * accumulate + micro, world * accumulate)
             loss = engine(step, rank, shard)
             if step == inf_at_step:
-                states_before_inf = _state_copy(soap)
                 loss = loss * float("inf")
             engine.backward(loss)
             engine.step()
+        if before is not None:
+            unchanged = _same_state(before, _state_copy(soap))
     result = {
         "params": full_params(engine, model),
         "master": master_params(engine, model),
@@ -128,8 +147,8 @@ def train_deepspeed(
         "state_bytes": soap.state_bytes(),
         "skipped_steps": engine.skipped_steps,
     }
-    if states_before_inf is not None:
-        result["state_unchanged"] = _same_state(states_before_inf, _state_copy(soap))
+    if unchanged is not None:
+        result["state_unchanged"] = unchanged
     return result
 
 
@@ -148,7 +167,9 @@ def _same_state(before: dict, after: dict) -> bool:
         if state.keys() != other.keys():
             return False
         for name, value in state.items():
-            same = torch.equal(value, other[name]) if torch.is_tensor(value) else value == other[name]
+            same = (
+                torch.equal(value, other[name]) if torch.is_tensor(value) else value == other[name]
+            )
             if not same:
                 return False
     return True
@@ -169,4 +190,47 @@ def save_and_resume(rank: int, world: int, config: dict, steps: int, split: int,
         engine2.backward(engine2(step, rank, (rank, world)))
         engine2.step()
     resumed = full_params(engine2, model2)
-    return {"straight": straight, "resumed": resumed, "files": sorted(os.listdir(Path(path, "split")))}
+    return {
+        "straight": straight,
+        "resumed": resumed,
+        "files": sorted(os.listdir(Path(path, "split"))),
+    }
+
+
+def clipped_reference(world: int, max_norm: float, steps: int, accumulate: int = 1) -> list:
+    """Single process, full batch, torch's clip_grad_norm_ (what DeepSpeed's clipping does)."""
+    from distsoap import SOAP
+
+    model = ProblemModel(torch.float32, DS_SHAPES, skips="none")
+    opt = SOAP(model.param_groups(), strategy="single", **OPTIONS)
+    shards = world * accumulate
+    for step in range(steps):
+        opt.zero_grad(set_to_none=True)
+        (sum(model(step, r, (r, shards)) for r in range(shards)) / shards).backward()
+        if max_norm > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+        opt.step()
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def state_balance(rank: int, world: int, stage: int) -> dict:
+    """A GPT-shaped model with many blocks under ZeRO ``stage``: per-rank SOAP state bytes."""
+    _environment(rank, world)
+    from distsoap.integrations.deepspeed import initialize
+
+    d = 32
+    shapes = [(128, d)] + [(3 * d, d), (d, d), (4 * d, d), (d, 4 * d), (d,), (d,)] * 6
+    gen = torch.Generator().manual_seed(0)
+    model = torch.nn.Module()
+    model.weights = torch.nn.ParameterList(
+        [torch.nn.Parameter(torch.randn(s, generator=gen) * 0.1) for s in shapes]
+    )
+    engine, *_ = initialize(
+        model=model, model_parameters=model.parameters(), config=ds_config(stage, world=world)
+    )
+    for step in range(2):
+        data = torch.Generator().manual_seed(step * 10 + rank)
+        loss = sum((p * torch.randn(p.shape, generator=data)).sum() for p in model.weights)
+        engine.backward(loss)
+        engine.step()
+    return {"state_bytes": engine.basic_optimizer.state_bytes(), "numel": len(shapes)}
