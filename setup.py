@@ -11,7 +11,8 @@ from setuptools import setup
 EXTRAS = {
     "demo": ["matplotlib>=3.7", "tqdm>=4.60"],
     "triton": ["triton>=3.0"],
-    "deepspeed": ["deepspeed>=0.16"],
+    # the DeepSpeed integration reads ZeRO's partition metadata; tested with 0.19.8
+    "deepspeed": ["deepspeed>=0.19"],
     "mpi": ["mpi4py>=3.1"],
     "bench": ["heavyball", "pytorch-optimizer"],
     # triton 3.7.1 is the release torch 2.13 (the set-up script's torch) is built against; the
@@ -23,6 +24,10 @@ EXTRAS = {
         "matplotlib>=3.7",
         "tqdm>=4.60",
         "triton==3.7.1; platform_system == 'Linux'",
+        # the DeepSpeed tests (ZeRO 0-3, and its launchers incl. mpirun via mpi4py)
+        "deepspeed==0.19.8",
+        "mpi4py>=3.1",
+        "openmpi; platform_system == 'Linux'",
     ],
 }
 
