@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import pickle
 import socket
+import sys
 import tempfile
 import time
 import traceback
@@ -17,6 +18,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+from distsoap.process_group import release_process_groups
 
 
 def free_port() -> int:
@@ -38,9 +41,13 @@ def _worker(
     except Exception as error:  # returned to the parent, which re-raises
         result = ("error", f"{type(error).__name__}: {error}\n{traceback.format_exc()}")
     Path(out, f"{rank}.pkl").write_bytes(pickle.dumps(result))
-    # tear gloo down only once every rank is done with it (an early exit can abort a peer)
-    dist.barrier()
-    dist.destroy_process_group()
+    del result
+    release_process_groups()
+    # the result is written and gloo is down: skip interpreter finalization, where objects
+    # still holding gloo resources would be destroyed after the runtime they need
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def run_ranks(

@@ -211,6 +211,9 @@ class SOAP(torch.optim.Optimizer):
         """
         if any(self.state.values()):
             raise RuntimeError("the strategy can only be replaced before the first step")
+        hooks = getattr(self._strategy, "grad_sync", None)
+        if hooks is not None:  # mode B's gradient hooks would keep synchronising
+            hooks.remove()
         self._strategy = strategy
         self._buckets = {}
         self._offsets = {}
@@ -371,6 +374,13 @@ class SOAP(torch.optim.Optimizer):
     def _check_layouts(self) -> None:
         for group in self.param_groups:
             for p in group["params"]:
+                if id(p) not in self._layouts:
+                    raise RuntimeError(
+                        "param_groups hold a tensor SOAP was not built with (shape "
+                        f"{tuple(p.shape)}): a framework replaced the parameters. Under DeepSpeed, "
+                        "import distsoap.integrations.deepspeed before deepspeed.initialize "
+                        "(or use distsoap.integrations.deepspeed.initialize)"
+                    )
                 if self._layouts[id(p)] != (p.shape, p.device):
                     shape, device = self._layouts[id(p)]
                     raise ValueError(

@@ -1,4 +1,4 @@
-"""Joining the process group in a way that survives torchrun restarts.
+"""Joining the process group in a way that survives torchrun restarts, and leaving it cleanly.
 
 Under torchrun the workers of every restart attempt meet in the same store (the elastic agent's,
 ``TORCHELASTIC_USE_AGENT_STORE``). ``init_process_group`` writes its rendezvous keys there
@@ -11,6 +11,7 @@ predecessor left and try to connect to a port that no longer listens: gloo then 
 
 from __future__ import annotations
 
+import gc
 import os
 from datetime import timedelta
 
@@ -45,3 +46,19 @@ def init_distributed(backend: str, timeout: timedelta | None = None) -> None:
         world_size=int(os.environ["WORLD_SIZE"]),
         **kwargs,
     )
+
+
+def release_process_groups() -> None:
+    """Tear the process groups down cleanly, once every rank is done with them.
+
+    Objects in reference cycles (an optimizer and its strategy) can keep process groups and
+    their pending gloo work alive until the interpreter shuts down; destroyed that late, gloo
+    sometimes aborts the process ("terminate called without an active exception", seen here
+    with torch 2.13 on CPU). Collect them first, then barrier (an early exit can abort a peer
+    still in a collective), then destroy.
+    """
+    gc.collect()
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    gc.collect()

@@ -23,6 +23,7 @@ from distsoap.demo.model import GPT, GPTConfig
 from distsoap.demo.report import plot_losses, summarize
 from distsoap.demo.train import RunConfig, train_run
 from distsoap.process_group import init_distributed as join_process_group
+from distsoap.process_group import release_process_groups
 
 # Peak learning rates picked by benchmarks/sweep_lr.py (see BENCHMARKS.md).
 DEFAULT_LR = {"soap": 1.2e-2, "adamw": 3e-3}
@@ -144,7 +145,7 @@ def main(argv: list[str] | None = None) -> dict:
         if bar is not None:
             bar.close()
     if rank != 0:
-        dist.destroy_process_group()
+        release_process_groups()
         return {}
     args.out.mkdir(parents=True, exist_ok=True)
     settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()} | {
@@ -157,8 +158,7 @@ def main(argv: list[str] | None = None) -> dict:
     plot_losses(results, args.out / "loss_curves.png")
     print(json.dumps(summary["headline"], indent=2))
     print(f"wrote {args.out / 'loss_curves.png'} and {args.out / 'summary.json'}")
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    release_process_groups()
     return summary
 
 

@@ -234,3 +234,43 @@ def state_balance(rank: int, world: int, stage: int) -> dict:
         engine.backward(loss)
         engine.step()
     return {"state_bytes": engine.basic_optimizer.state_bytes(), "numel": len(shapes)}
+
+
+def gpt_stage3(rank: int, world: int, zero_init: bool, steps: int) -> list[torch.Tensor]:
+    """The demo GPT under ZeRO-3, built inside ``deepspeed.zero.Init`` or not (HF's path).
+
+    Under zero.Init the parameters are partitioned as they are created, so SOAP is built on
+    empty-looking parameters. Both runs start from the same weights, written after
+    construction (zero.Init's own initialisation draws differently).
+    """
+    _environment(rank, world)
+    import deepspeed
+
+    from distsoap.demo.model import GPT, GPTConfig
+    from distsoap.integrations.deepspeed import initialize
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    config = {
+        "train_micro_batch_size_per_gpu": 2,
+        "optimizer": {"type": "SOAP", "params": {"lr": 3e-3, "precondition_frequency": 3}},
+        "zero_optimization": {"stage": 3},
+    }
+    shape = GPTConfig(context=16, n_layers=1, d_model=32, n_heads=2)
+    if zero_init:
+        with deepspeed.zero.Init(config_dict_or_path=config):
+            model = GPT(shape)
+    else:
+        model = GPT(shape)
+    weights = torch.Generator().manual_seed(123)
+    with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=0):
+        for p in model.parameters():
+            p.data.copy_(torch.randn(p.shape, generator=weights) * 0.05)
+    engine, *_ = initialize(model=model, model_parameters=model.parameters(), config=config)
+    data = torch.Generator().manual_seed(rank)
+    for _ in range(steps):
+        tokens = torch.randint(0, 256, (2, 16), generator=data)
+        _, loss = engine(tokens, tokens)
+        engine.backward(loss)
+        engine.step()
+    with deepspeed.zero.GatheredParameters(list(model.parameters())):
+        return [p.detach().clone() for p in model.parameters()]

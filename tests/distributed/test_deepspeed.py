@@ -18,6 +18,7 @@ from tests.distributed.deepspeed_scenarios import (  # noqa: E402
     DS_SHAPES,
     clipped_reference,
     ds_config,
+    gpt_stage3,
     save_and_resume,
     state_balance,
     train_deepspeed,
@@ -127,16 +128,32 @@ def test_overflow_skips_the_step_and_keeps_the_state(precision, stage):
         assert all(torch.isfinite(p).all() for p in result["params"])
 
 
-@pytest.mark.parametrize("stage", [0, 1, 2, 3])
-def test_checkpoint_continuation_is_bit_identical(stage, tmp_path):
-    results = run_ranks(save_and_resume, 2, ds_config(stage), 12, 6, str(tmp_path), timeout=TIMEOUT)
+CHECKPOINTED = [("fp32", 0), ("fp32", 1), ("fp32", 2), ("fp32", 3), ("bf16", 2), ("fp16", 0)]
+
+
+@pytest.mark.parametrize("precision,stage", CHECKPOINTED)
+def test_checkpoint_continuation_is_bit_identical(precision, stage, tmp_path):
+    """save_checkpoint mid-run; a fresh engine loads it and continues exactly as the first."""
+    config = ds_config(stage, precision)
+    results = run_ranks(save_and_resume, 2, config, 12, 6, str(tmp_path), timeout=TIMEOUT)
     for result in results:
         for a, b in zip(result["straight"], result["resumed"]):
             assert torch.equal(a, b)
 
 
-def test_state_balanced_over_ranks():
-    """Many blocks under ZeRO 2: the largest rank holds <= 1.1 x an even share of the state."""
-    results = run_ranks(state_balance, 2, 2, timeout=TIMEOUT)
+@pytest.mark.parametrize("stage", [2, 3])
+def test_state_balanced_over_ranks(stage):
+    """Many blocks: the largest rank holds <= 1.1 x an even share of the SOAP state."""
+    results = run_ranks(state_balance, 2, stage, timeout=TIMEOUT)
     total = sum(r["state_bytes"] for r in results)
     assert max(r["state_bytes"] for r in results) <= 1.1 * total / 2
+
+
+def test_zero3_model_built_under_zero_init():
+    """HF's ZeRO-3 path: parameters partitioned at creation; SOAP still sees whole matrices."""
+    built_under_init = run_ranks(gpt_stage3, 2, True, 8, timeout=TIMEOUT)
+    plain = run_ranks(gpt_stage3, 2, False, 8, timeout=TIMEOUT)
+    moved = run_ranks(gpt_stage3, 2, False, 0, timeout=TIMEOUT)
+    for a, b in zip(built_under_init[0], plain[0]):
+        assert torch.equal(a, b)
+    assert any(not torch.equal(b, c) for b, c in zip(plain[0], moved[0]))  # training moved them

@@ -90,6 +90,17 @@ def test_parameter_changing_shape_raises():
         opt.step()
 
 
+def test_replaced_parameters_raise_pointing_at_the_integration():
+    """A framework that swaps param_groups' tensors behind SOAP's back gets a clear error."""
+    p = torch.nn.Parameter(torch.randn(4, 4))
+    opt = SOAP([p])
+    flat = torch.zeros(16, requires_grad=True)  # what DeepSpeed ZeRO puts in a group
+    flat.grad = torch.ones(16)
+    opt.param_groups[0]["params"] = [flat]
+    with pytest.raises(RuntimeError, match="import distsoap.integrations.deepspeed"):
+        opt.step()
+
+
 def test_parameter_changing_device_raises():
     p = torch.nn.Parameter(torch.randn(4, 4))
     opt = SOAP([p])
