@@ -85,7 +85,7 @@ def measure(rank: int, world: int, optimizer: str, stage: int, steps: int) -> di
         "step_ms": 1e3 * sum(step_times) / len(step_times),
         "train_step_ms": 1e3 * sum(total_times) / len(total_times),
         "state_bytes": _state_bytes(engine.basic_optimizer),
-        "loss": float(loss),
+        "loss": loss.item(),
     }
 
 
