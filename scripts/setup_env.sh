@@ -30,7 +30,7 @@ stamp="$venv/.distsoap-${extras//,/-}-$(cat "$root/setup.py" | sha1sum | cut -c1
 if [ ! -f "$stamp" ]; then
   echo "setup: installing distsoap[$extras]" >&2
   # DeepSpeed (dev, deepspeed extras): no ahead-of-time op builds; it JIT-builds what it uses
-  DS_BUILD_OPS=0 "$py" -m pip install -q -e "$root[$extras]" >&2
+  DS_BUILD_OPS=0 "$py" -m pip install -q -e "${root}[${extras}]" >&2
   touch "$stamp"
 fi
 echo "$py"
