@@ -1,7 +1,8 @@
 """``python -m distsoap.demo``: SOAP vs AdamW on a small byte-level GPT, same data and init.
 
 Writes ``loss_curves.png`` and ``summary.json`` into the output folder. Under torchrun
-(``torchrun --standalone --nproc_per_node=2 -m distsoap.demo``) it trains data-parallel: gloo on
+(``torchrun --standalone --nproc_per_node=2 -m distsoap.demo``) or mpirun (``mpirun -n 2 python
+-m distsoap.demo``, see :mod:`distsoap.mpi`) it trains data-parallel: gloo on
 CPU, NCCL on GPUs, each rank on its slice of every global batch; ``--strategy`` picks how SOAP is
 distributed.
 """
@@ -22,6 +23,7 @@ from distsoap.demo.corpus import ByteBatches, load_corpus
 from distsoap.demo.model import GPT, GPTConfig
 from distsoap.demo.report import plot_losses, summarize
 from distsoap.demo.train import RunConfig, train_run
+from distsoap.mpi import init_from_mpi, mpi_identity
 from distsoap.process_group import init_distributed as join_process_group
 from distsoap.process_group import release_process_groups
 
@@ -92,15 +94,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def init_distributed(device_name: str) -> tuple[int, int, torch.device]:
-    """Join the process group when launched by torchrun; return rank, world size and device."""
-    if "WORLD_SIZE" not in os.environ:
-        return 0, 1, torch.device(device_name)
+    """Join the process group when launched by torchrun or mpirun; return rank, world, device."""
     device = torch.device(device_name)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    identity = None if "WORLD_SIZE" in os.environ else mpi_identity()
+    if identity is not None and identity.size > 1:  # mpirun: MPI says who we are
+        init_from_mpi(backend)
+    if "WORLD_SIZE" not in os.environ:
+        return 0, 1, device
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        join_process_group("nccl" if device.type == "cuda" else "gloo")
+        join_process_group(backend)
     return dist.get_rank(), dist.get_world_size(), device
 
 

@@ -1,8 +1,11 @@
 """The demo end to end (tiny settings) and its building blocks."""
 
 import json
+import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -132,6 +135,25 @@ def test_demo_under_torchrun_matches_single_process(tmp_path, strategy, single_p
         assert sent["update_scatter"] > 0
         # on the (2, 1) HSDP mesh each replica holds whole parameters: owners need no pieces
         assert (sent.get("grad_sync", 0) > 0) == (strategy == "fsdp2")
+
+
+def _mpirun() -> tuple[str, ...]:
+    found = Path(sys.executable).with_name("mpirun")
+    mpirun = str(found) if found.exists() else shutil.which("mpirun")
+    if mpirun is None:
+        pytest.fail("mpirun not found: install the dev extra (mpi4py, openmpi)")
+    root = ("--allow-run-as-root",) if os.geteuid() == 0 else ()  # containers run as root
+    return (mpirun, "-n", "2", "--oversubscribe", *root, sys.executable)
+
+
+def test_demo_under_mpirun_matches_single_process(tmp_path, single_process_summary):
+    """mpirun starts the ranks; distsoap.mpi reads who is who and broadcasts the rendezvous."""
+    summary = _run_demo(tmp_path / "mpi", _mpirun(), ("--strategy", "zero2"))
+    assert summary["settings"]["world_size"] == 2
+    runs, reference = summary["runs"], single_process_summary["runs"]
+    assert runs["adamw"]["val_loss"] == pytest.approx(reference["adamw"]["val_loss"], rel=1e-5)
+    assert runs["soap"]["val_loss"] == pytest.approx(reference["soap"]["val_loss"], rel=1e-2)
+    assert runs["soap"]["comm_bytes_per_step"]["grad_sync"] > 0
 
 
 def test_demo_fsdp2_local_mode_runs(tmp_path):
