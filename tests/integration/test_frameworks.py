@@ -1,0 +1,69 @@
+"""The framework recipes run: HF Trainer (client optimizer, DDP, DeepSpeed JSON) and Lightning.
+
+Each recipe in launch/ trains a tiny model on the bundled corpus and reports SOAP's strategy
+and losses; these tests run them as a user would (python, torchrun) and check that SOAP was
+the optimizer, distributed the way the framework set up, and that training went somewhere.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+
+
+def _run(command: list[str], tmp_path: Path) -> None:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    proc = subprocess.run(
+        command, capture_output=True, text=True, timeout=500, env=env, cwd=tmp_path
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+
+
+@pytest.mark.parametrize("mode", ["single", "ddp", "deepspeed"])
+def test_hf_trainer(mode, tmp_path):
+    pytest.importorskip("transformers")
+    script = [str(ROOT / "launch" / "hf" / "train_trainer.py"), "--steps", "10"]
+    script += ["--out", str(tmp_path / "out")]
+    if mode == "deepspeed":
+        script += ["--deepspeed", str(ROOT / "launch" / "hf" / "zero2.json")]
+    launcher = [sys.executable] if mode == "single" else TORCHRUN
+    _run([*launcher, *script], tmp_path)
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["optimizer"] == "SOAP"
+    assert report["strategy"] == {"single": "single", "ddp": "ddp"}.get(mode, "deepspeed_zero2")
+    assert report["steps"] == 10
+    assert report["last_loss"] < report["first_loss"]
+
+
+def _lightning(devices: int, tmp_path: Path) -> list[dict]:
+    pytest.importorskip("lightning")
+    out = tmp_path / f"devices{devices}"
+    script = str(ROOT / "launch" / "lightning" / "train_lightning.py")
+    command = [sys.executable, script, "--devices", str(devices), "--steps", "10"]
+    _run([*command, "--out", str(out)], tmp_path)
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(devices)]
+
+
+def test_lightning_single_process_and_ddp(tmp_path):
+    (single,) = _lightning(1, tmp_path)
+    ranks = _lightning(2, tmp_path)
+    assert single["strategy"] == "single"
+    assert [r["strategy"] for r in ranks] == ["ddp", "ddp"]
+    assert all(r["world"] == 2 and r["steps"] == 10 for r in ranks)
+    # replicas equal: each block stepped once, by its owner, and all-gathered
+    assert ranks[0]["checksum"] == ranks[1]["checksum"]
+    # SOAP's state split between the ranks, nothing duplicated
+    assert ranks[0]["state_bytes"] + ranks[1]["state_bytes"] == single["state_bytes"]
+    assert all(0 < r["state_bytes"] < single["state_bytes"] for r in ranks)
+    # the same global batches: the ranks' mean loss follows the single process's. Not equal:
+    # the GPT's non-square layers start with rank-deficient factors (shared/SOAP.md), so
+    # equal-math runs part at rounding level; measured 4e-4 relative after 10 steps
+    mean_last = (ranks[0]["last_loss"] + ranks[1]["last_loss"]) / 2
+    assert mean_last == pytest.approx(single["last_loss"], rel=1e-2)
+    assert single["last_loss"] < single["first_loss"]
