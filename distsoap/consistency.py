@@ -12,10 +12,13 @@ if TYPE_CHECKING:
     from distsoap.optimizer import SOAP
 
 
-def optimizer_fingerprint(optimizer: SOAP, strategy: str, comm_dtype: torch.dtype | None) -> int:
+def optimizer_fingerprint(
+    optimizer: SOAP, strategy: str, comm_dtype: torch.dtype | None, bucket_cap_mb: float = 25.0
+) -> int:
     """A 63-bit hash of what must agree across ranks.
 
-    Covers the strategy, communication dtype, every parameter's shape, dtype and requires_grad,
+    Covers the strategy, communication dtype and bucket size (both shape the collectives), every
+    parameter's shape, dtype and requires_grad,
     and every param group's hyperparameters. Under FSDP1 the optimizer sees each rank's local
     1-D piece, whose shape differs between ranks by design, so shapes are left out there (the
     full shapes are compared when FSDP's metadata is gathered).
@@ -24,6 +27,7 @@ def optimizer_fingerprint(optimizer: SOAP, strategy: str, comm_dtype: torch.dtyp
     parts: list[str] = [
         strategy,
         str(comm_dtype),
+        repr(float(bucket_cap_mb)),
         optimizer.data_format,
         str(optimizer.moment_dtype),
     ]
@@ -43,12 +47,13 @@ def check_same_on_all_ranks(
     strategy: str,
     comm_dtype: torch.dtype | None,
     group: dist.ProcessGroup | None,
+    bucket_cap_mb: float = 25.0,
 ) -> None:
     """Raise the same ValueError on every rank unless all ranks built the same optimizer.
 
     One all-gather of one integer per rank: it completes whatever the ranks disagree on.
     """
-    mine = optimizer_fingerprint(optimizer, strategy, comm_dtype)
+    mine = optimizer_fingerprint(optimizer, strategy, comm_dtype, bucket_cap_mb)
     backend = dist.get_backend(group)
     device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else "cpu"
     gathered = [
@@ -60,7 +65,7 @@ def check_same_on_all_ranks(
         differing = [r for r, v in enumerate(values) if v != values[0]]
         raise ValueError(
             "SOAP was built differently on different ranks (parameter lists, shapes, dtypes, "
-            "param-group hyperparameters or strategy differ): ranks "
+            "param-group hyperparameters, strategy, comm_dtype or bucket_cap_mb differ): ranks "
             f"{differing} disagree with rank 0. Build the model and optimizer identically on "
             "every rank."
         )

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from distsoap.blocks import BlockSpec, make_block_spec
+from distsoap.blocks import BlockSpec, layout_signature, make_block_spec
 from distsoap.bucket import Bucket, block_tensor_keys
 from distsoap.checkpoint import (
     check_layout_hyperparameters,
@@ -431,11 +431,12 @@ class SOAP(torch.optim.Optimizer):
                     self._first_call(param, grad, spec, group, state)
                     result[id(param)] = (group, None)
                     continue
-                if state["exp_avg"].shape != spec.block_shape:
+                layout = layout_signature(spec)
+                if state.get("block_layout", layout) != layout:
                     raise ValueError(
-                        f"a parameter's SOAP state has block shape {tuple(state['exp_avg'].shape)}"
-                        f" but max_precond_dim / merge_dims / precondition_1d now give "
-                        f"{spec.block_shape}; these cannot change during training"
+                        f"parameter {self.param_name(param)}: its SOAP state is laid out as "
+                        f"{state['block_layout']}, but max_precond_dim / merge_dims / "
+                        f"precondition_1d now give {layout}; these cannot change during training"
                     )
                 key = (
                     index,

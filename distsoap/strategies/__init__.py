@@ -113,7 +113,7 @@ def make_strategy(
     resolved = resolve_strategy_name(name, group, params)
     if dist.is_available() and dist.is_initialized():
         # every rank takes part, whatever it asked for, so a disagreement raises and never hangs
-        check_same_on_all_ranks(optimizer, resolved, comm_dtype, group)
+        check_same_on_all_ranks(optimizer, resolved, comm_dtype, group, bucket_cap_mb)
     trainable = [p for p in params if p.requires_grad]
     if resolved in ("fsdp2", "fsdp2_local"):
         plain = [i for i, p in enumerate(trainable) if not hasattr(p, "device_mesh")]

@@ -167,6 +167,8 @@ def build_and_report(rank: int, world: int, variant: str) -> str:
     kwargs = {"strategy": "zero2" if variant == "strategy" and rank == 1 else "ddp"}
     if variant == "hyperparameters" and rank == 1:
         kwargs["lr"] = 0.5
+    if variant == "bucket_cap_mb" and rank == 1:
+        kwargs["bucket_cap_mb"] = 1.0
     if variant == "count" and rank == 1:
         params.append(torch.nn.Parameter(torch.zeros(2)))
     try:

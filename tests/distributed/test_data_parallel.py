@@ -102,7 +102,9 @@ def test_clip_grad_norm_matches_torch_on_the_full_batch():
         assert rank_norms == pytest.approx(norms, rel=1e-10)
 
 
-@pytest.mark.parametrize("variant", ["shapes", "strategy", "hyperparameters", "count"])
+@pytest.mark.parametrize(
+    "variant", ["shapes", "strategy", "hyperparameters", "count", "bucket_cap_mb"]
+)
 def test_ranks_that_disagree_raise_the_same_error_everywhere(variant):
     messages = run_ranks(build_and_report, 2, variant, timeout=60)
     assert all("built differently on different ranks" in m for m in messages)

@@ -53,13 +53,23 @@ def test_complex_parameter_is_rejected():
         opt.step()
 
 
-def test_layout_options_cannot_change_mid_training():
-    p = torch.nn.Parameter(torch.randn(4, 4, 4))
-    opt = SOAP([p])
+@pytest.mark.parametrize(
+    "shape, change",
+    [
+        ((4, 4, 4), {"merge_dims": True}),  # the block's shape changes
+        ((16, 40), {"max_precond_dim": 8}),  # same shape, one factor fewer
+        ((4, 40), {"max_precond_dim": 64}),  # same shape, one factor more
+        ((6,), {"precondition_1d": True}),  # a 1-D block gains its factor
+    ],
+)
+def test_layout_options_cannot_change_mid_training(shape, change):
+    p = torch.nn.Parameter(torch.randn(shape))
+    opt = SOAP([p], max_precond_dim=32)
     for _ in range(2):
-        p.grad = torch.randn(4, 4, 4)
+        p.grad = torch.randn(shape)
         opt.step()
-    opt.param_groups[0]["merge_dims"] = True
+    opt.param_groups[0].update(change)
+    p.grad = torch.randn(shape)
     with pytest.raises(ValueError, match="cannot change during training"):
         opt.step()
 
