@@ -65,12 +65,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument(
         "--strategy",
-        choices=["auto", "single", "ddp", "zero2", "fsdp2", "hsdp", "fsdp2_local"],
+        choices=["auto", "single", "ddp", "zero2", "fsdp2", "hsdp", "fsdp2_local", "deepspeed"],
         default="auto",
         help="distribution under torchrun: ddp (DDP-wrapped model, sharded SOAP), zero2 "
         "(no DDP wrapper, SOAP syncs gradients), fsdp2 / hsdp (FSDP2 on a 1-D / (2, world/2) "
-        "mesh, lossless SOAP), fsdp2_local (SOAP on local shards, approximate), single (every "
-        "rank computes everything); auto: ddp under torchrun, else single",
+        "mesh, lossless SOAP), fsdp2_local (SOAP on local shards, approximate), deepspeed "
+        "(DeepSpeed ZeRO-2; SOAP lossless on its partitions), single (every rank computes "
+        "everything); auto: ddp under torchrun, else single",
     )
     args = p.parse_args(argv)
     numbers = (

@@ -16,6 +16,7 @@ SOAP_STRATEGY = {
     "fsdp2": "fsdp2",
     "hsdp": "fsdp2",
     "fsdp2_local": "fsdp2_local",
+    "deepspeed": "auto",  # DeepSpeed's ZeRO stage decides (distsoap.integrations.deepspeed)
 }
 
 
@@ -28,8 +29,8 @@ def wrap_model(model: GPT, strategy: str, optimizer: str, device: torch.device):
     shape ``(2, world // 2)``. The model is changed in place for the FSDP strategies (its
     parameters become DTensors), for SOAP and AdamW alike.
     """
-    if strategy == "single" or not dist.is_initialized():
-        return model
+    if strategy in ("single", "deepspeed") or not dist.is_initialized():
+        return model  # DeepSpeed wraps the model itself
     if strategy in ("ddp", "zero2"):
         if strategy == "ddp" or optimizer == "adamw":
             return DistributedDataParallel(model)

@@ -15,6 +15,7 @@ import torch.distributed as dist
 from distsoap import SOAP
 from distsoap.demo.checkpointing import RunCheckpoints
 from distsoap.demo.corpus import ByteBatches
+from distsoap.demo.deepspeed_engine import deepspeed_engine
 from distsoap.demo.model import GPT
 from distsoap.demo.parallel import SOAP_STRATEGY, wrap_model
 
@@ -140,6 +141,12 @@ def train_run(
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, cfg.steps, cfg.warmup_fraction)
     )
+    engine = None
+    if cfg.strategy == "deepspeed":
+        if cfg.checkpoint_dir is not None:
+            raise ValueError("the demo's checkpoints do not cover --strategy deepspeed")
+        engine = deepspeed_engine(model, optimizer, scheduler, cfg.batch_size // world, cfg.clip)
+        forward = engine
     train_gen = torch.Generator().manual_seed(cfg.seed)
     val_gen = torch.Generator().manual_seed(10_000 + cfg.seed)
     val_batches = [
@@ -162,18 +169,26 @@ def train_run(
         x, y = data.batch("train", cfg.batch_size, train_gen)
         x, y = (t[rank * share : (rank + 1) * share].to(device) for t in (x, y))
         _, loss = forward(x, y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if own_sync:
-            optimizer.clip_grad_norm_(cfg.clip)
+        if engine is not None:  # DeepSpeed clips, steps the optimizer and the schedule
+            engine.backward(loss)
+            sync()
+            opt_start = time.perf_counter()
+            engine.step()
+            sync()
+            result.optimizer_seconds += time.perf_counter() - opt_start
         else:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
-        sync()
-        opt_start = time.perf_counter()
-        optimizer.step()
-        sync()
-        result.optimizer_seconds += time.perf_counter() - opt_start
-        scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if own_sync:
+                optimizer.clip_grad_norm_(cfg.clip)
+            else:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
+            sync()
+            opt_start = time.perf_counter()
+            optimizer.step()
+            sync()
+            result.optimizer_seconds += time.perf_counter() - opt_start
+            scheduler.step()
         if distributed:
             loss = loss.detach().clone()
             dist.all_reduce(loss)

@@ -112,10 +112,11 @@ def single_process_summary(tmp_path_factory):
     return _run_demo(tmp_path_factory.mktemp("single"))
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "zero2", "fsdp2", "hsdp"])
+@pytest.mark.parametrize("strategy", ["ddp", "zero2", "fsdp2", "hsdp", "deepspeed"])
 def test_demo_under_torchrun_matches_single_process(tmp_path, strategy, single_process_summary):
     """Two gloo ranks, each on half of every global batch: the same training as one process
-    (hsdp runs on a (2, 1) replicate x shard mesh)."""
+    (hsdp runs on a (2, 1) replicate x shard mesh; deepspeed is ZeRO-2, DeepSpeed clipping and
+    stepping)."""
     dist_summary = _run_demo(tmp_path / "dist", TORCHRUN, ("--strategy", strategy))
     single = single_process_summary
     assert dist_summary["settings"]["world_size"] == 2
@@ -131,10 +132,10 @@ def test_demo_under_torchrun_matches_single_process(tmp_path, strategy, single_p
     if strategy in ("ddp", "zero2"):
         assert sent["update_gather"] > 0
         assert ("grad_sync" in sent) == (strategy == "zero2")
-    else:  # lossless FSDP: gradient pieces to owners, update pieces back
+    else:  # lossless FSDP / ZeRO: gradient pieces to owners, update pieces back
         assert sent["update_scatter"] > 0
         # on the (2, 1) HSDP mesh each replica holds whole parameters: owners need no pieces
-        assert (sent.get("grad_sync", 0) > 0) == (strategy == "fsdp2")
+        assert (sent.get("grad_sync", 0) > 0) == (strategy in ("fsdp2", "deepspeed"))
 
 
 def _mpirun() -> tuple[str, ...]:
