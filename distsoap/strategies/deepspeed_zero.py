@@ -127,10 +127,6 @@ class DeepSpeedPartitions(ShardedLossless):
                 group["params"] = params
             opt.param_groups = outer
 
-    def owned_params(self) -> list[torch.Tensor]:
-        """The model parameters whose SOAP state lives on this rank."""
-        return [self.params[i] for i in self.mine]
-
     def _local_grad(self, index: int) -> torch.Tensor | None:
         fragment = self.local.get(index)
         n = self.layouts[index].numel(self.rank)
