@@ -43,6 +43,7 @@ from distsoap.strategies.single import SingleProcess
 _MOMENT_DTYPES = (torch.float32, torch.bfloat16, torch.float64)
 
 _cached_block_spec = lru_cache(maxsize=None)(make_block_spec)
+_cached_layout_signature = lru_cache(maxsize=None)(layout_signature)  # checked every step
 
 WRAPPER_BUILDING: ContextVar[bool] = ContextVar("distsoap_wrapper_building", default=False)
 """True while a framework wraps the optimizer (DeepSpeed's ``_configure_optimizer``): DeepSpeed's
@@ -431,7 +432,7 @@ class SOAP(torch.optim.Optimizer):
                     self._first_call(param, grad, spec, group, state)
                     result[id(param)] = (group, None)
                     continue
-                layout = layout_signature(spec)
+                layout = _cached_layout_signature(spec)
                 if state.get("block_layout", layout) != layout:
                     raise ValueError(
                         f"parameter {self.param_name(param)}: its SOAP state is laid out as "
