@@ -227,6 +227,12 @@ class SOAP(torch.optim.Optimizer):
         """
         self._layouts = {id(p): (p.shape, p.device) for g in self.param_groups for p in g["params"]}
 
+    def state_element_bytes(self, param: torch.Tensor) -> tuple[int, int]:
+        """Bytes per element of ``param``'s moments and of its factors / bases (placement)."""
+        if param.dtype == torch.float64:
+            return 8, 8
+        return self.moment_dtype.itemsize, 4
+
     def state_bytes(self) -> int:
         """Bytes of SOAP state (moments, factors, bases) this rank holds."""
         return sum(

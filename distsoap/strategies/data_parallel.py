@@ -79,7 +79,9 @@ class DataParallel:
                 if not p.requires_grad:
                     continue
                 self.params.append(p)
-                costs.append(block_cost(opt.block_spec(p, group), group["precondition_frequency"]))
+                spec = opt.block_spec(p, group)
+                frequency = group["precondition_frequency"]
+                costs.append(block_cost(spec, frequency, *opt.state_element_bytes(p)))
         self.costs = costs
         self.owners = assign_owners(costs, self.world)
         self._owner_of = {id(p): o for p, o in zip(self.params, self.owners)}

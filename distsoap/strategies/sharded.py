@@ -154,7 +154,8 @@ class ShardedLossless:
                 self.params.append(p)
                 self.layouts.append(layout)
                 spec = optimizer.block_spec(p, group_, layout.full_shape)
-                self.costs.append(block_cost(spec, group_["precondition_frequency"]))
+                frequency = group_["precondition_frequency"]
+                self.costs.append(block_cost(spec, frequency, *optimizer.state_element_bytes(p)))
         self.owners = assign_owners(self.costs, self.world)
         self._index = {id(p): i for i, p in enumerate(self.params)}
         self.exact = (

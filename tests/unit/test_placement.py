@@ -1,5 +1,7 @@
 import pytest
+import torch
 
+from distsoap import SOAP
 from distsoap.blocks import make_block_spec
 from distsoap.comm import build_buckets
 from distsoap.placement import BlockCost, assign_owners, block_cost, load_balance
@@ -32,6 +34,27 @@ def test_cost_model_terms():
     # only the 20-dim is factored: 3 * 600 * 20 rotation/product flops + 2 * 20^3 / 10 refresh
     assert cost.flops == 600 * 4 + 3 * 600 * 20 + 2 * 20**3 / 10
     assert cost.state_bytes == 2 * 600 * 4 + 2 * 20 * 20 * 4
+
+
+@pytest.mark.parametrize(
+    "dtype, moment_dtype, moment_bytes, factor_bytes",
+    [
+        (torch.float32, torch.float32, 4, 4),
+        (torch.float32, torch.bfloat16, 2, 4),
+        (torch.bfloat16, torch.bfloat16, 2, 4),
+        (torch.float64, torch.bfloat16, 8, 8),  # fp64 parameters keep fp64 state
+    ],
+)
+def test_placement_counts_the_state_dtypes(dtype, moment_dtype, moment_bytes, factor_bytes):
+    """The cost model sees the moment dtype SOAP really allocates (bf16 moments: half)."""
+    p = torch.nn.Parameter(torch.zeros(30, 20, dtype=dtype))
+    opt = SOAP([p], moment_dtype=moment_dtype)
+    assert opt.state_element_bytes(p) == (moment_bytes, factor_bytes)
+    p.grad = torch.ones_like(p)
+    opt.step()  # the first call allocates the state: the model's bytes are the real ones
+    spec = opt.block_spec(p, opt.param_groups[0])
+    cost = block_cost(spec, 10, *opt.state_element_bytes(p))
+    assert cost.state_bytes == opt.state_bytes()
 
 
 @pytest.mark.parametrize("world", [2, 3, 4])
