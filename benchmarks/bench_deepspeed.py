@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 from pathlib import Path
 
@@ -55,9 +54,6 @@ def _state_bytes(optimizer) -> int:
 
 def measure(rank: int, world: int, optimizer: str, stage: int, steps: int) -> dict:
     """Mean step times and this rank's optimizer state for one (optimizer, stage)."""
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world))
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29556")
     from distsoap.integrations.deepspeed import initialize
 
     torch.manual_seed(0)

@@ -9,13 +9,11 @@ the same share. Prints median, p99 and max step time and p99 / median (target <=
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
-from pathlib import Path
 
 import torch
-from bench_step import PRESETS, gpt_shapes  # noqa: I001  (sibling script)
+from bench_step import PRESETS, chosen_preset, gpt_shapes, timing_parser  # noqa: I001
 
 from distsoap import SOAP
 
@@ -46,15 +44,12 @@ def step_times(schedule: str, preset: dict, frequency: int, cycles: int, device)
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--preset", choices=sorted(PRESETS), default=None)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--frequency", type=int, default=10)
-    p.add_argument("--cycles", type=int, default=4)
-    p.add_argument("--out", type=Path, default=Path("benchmarks/results/bench_spike.json"))
+    p = timing_parser(
+        __doc__.splitlines()[0], PRESETS, "benchmarks/results/bench_spike.json", cycles=4
+    )
     args = p.parse_args()
     device = torch.device(args.device)
-    preset = PRESETS[args.preset or ("gpu" if device.type == "cuda" else "cpu")]
+    preset = chosen_preset(PRESETS, args.preset, device)
     report = {}
     print(f"{'schedule':10s} {'median ms':>10s} {'p99 ms':>8s} {'max ms':>8s} {'p99/median':>11s}")
     for schedule in ("aligned", "staggered"):

@@ -159,18 +159,31 @@ def optimizers(max_dim: int, frequency: int) -> dict[str, Callable]:
     return makers
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--preset", choices=sorted(PRESETS), default=None)
+def timing_parser(
+    description: str, presets: dict, out: str, cycles: int = 2
+) -> argparse.ArgumentParser:
+    """The options the timing benchmarks share: --preset, --device, --frequency, --cycles, --out."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--preset", choices=sorted(presets), default=None)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--frequency", type=int, default=10)
-    p.add_argument("--cycles", type=int, default=2)
+    p.add_argument("--cycles", type=int, default=cycles)
+    p.add_argument("--out", type=Path, default=Path(out))
+    return p
+
+
+def chosen_preset(presets: dict, name: str | None, device: torch.device):
+    """The named preset, else the device's (``gpu`` on CUDA, ``cpu`` otherwise)."""
+    return presets[name or ("gpu" if device.type == "cuda" else "cpu")]
+
+
+def main() -> None:
+    p = timing_parser(__doc__.splitlines()[0], PRESETS, "benchmarks/results/bench_step.json")
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--only", default="", help="comma-separated subset of contenders")
-    p.add_argument("--out", type=Path, default=Path("benchmarks/results/bench_step.json"))
     args = p.parse_args()
     device = torch.device(args.device)
-    preset = PRESETS[args.preset or ("gpu" if device.type == "cuda" else "cpu")]
+    preset = chosen_preset(PRESETS, args.preset, device)
     shapes = gpt_shapes(**preset)
     gen = torch.Generator().manual_seed(1)
     grads = [[torch.randn(s, generator=gen).to(device) for s in shapes] for _ in range(3)]

@@ -10,12 +10,11 @@ two refresh cycles after a warm-up cycle; the overhead is SOAP's step time over 
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
-from pathlib import Path
 
 import torch
+from bench_step import chosen_preset, timing_parser  # noqa: I001  (sibling script)
 
 from distsoap import SOAP
 from distsoap.demo.model import GPT, GPTConfig
@@ -62,15 +61,10 @@ def time_training(name: str, preset: dict, frequency: int, cycles: int, device) 
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--preset", choices=sorted(PRESETS), default=None)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--frequency", type=int, default=10)
-    p.add_argument("--cycles", type=int, default=2)
-    p.add_argument("--out", type=Path, default=Path("benchmarks/results/bench_train.json"))
+    p = timing_parser(__doc__.splitlines()[0], PRESETS, "benchmarks/results/bench_train.json")
     args = p.parse_args()
     device = torch.device(args.device)
-    preset = PRESETS[args.preset or ("gpu" if device.type == "cuda" else "cpu")]
+    preset = chosen_preset(PRESETS, args.preset, device)
     results = {
         n: time_training(n, preset, args.frequency, args.cycles, device) for n in ("adamw", "soap")
     }

@@ -33,6 +33,14 @@ def _worker(
     rank: int, world: int, port: int, fn: Callable, args: tuple, out: str, threads: int
 ) -> None:
     torch.set_num_threads(threads)
+    # the variables a launcher sets: libraries that read them (DeepSpeed) find this rank too
+    os.environ.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
     dist.init_process_group(
         "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
     )

@@ -47,13 +47,6 @@ def ds_config(
     return config
 
 
-def _environment(rank: int, world: int) -> None:
-    # DeepSpeed reads the launcher's variables even when the process group is already up
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world))
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29555")
-
-
 def allow_cpu_fp16() -> None:
     """Let DeepSpeed's CPU accelerator run fp16.
 
@@ -69,7 +62,6 @@ def allow_cpu_fp16() -> None:
 
 def build_engine(rank: int, world: int, config: dict, entry: str = "wrapper"):
     """A DeepSpeed engine over a fresh ProblemModel; ``entry``: how SOAP gets in."""
-    _environment(rank, world)
     if config.get("fp16", {}).get("enabled"):
         allow_cpu_fp16()
     model = ProblemModel(torch.float32, DS_SHAPES, skips="none")
@@ -232,7 +224,6 @@ class ManyBlocks(torch.nn.Module):
 
 def state_balance(rank: int, world: int, stage: int) -> dict:
     """Many blocks under ZeRO ``stage``: per-rank SOAP state bytes after two steps."""
-    _environment(rank, world)
     from distsoap.integrations.deepspeed import initialize
 
     model = ManyBlocks()
@@ -252,7 +243,6 @@ def gpt_stage3(rank: int, world: int, zero_init: bool, steps: int) -> list[torch
     empty-looking parameters. Both runs start from the same weights, written after
     construction (zero.Init's own initialisation draws differently).
     """
-    _environment(rank, world)
     import deepspeed
 
     from distsoap.demo.model import GPT, GPTConfig

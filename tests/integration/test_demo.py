@@ -12,26 +12,9 @@ import torch
 
 from distsoap.demo.corpus import ByteBatches, load_corpus, stdlib_source_files
 from distsoap.demo.train import lr_factor
+from tests.integration.demo_args import tiny_demo_args
 
-TINY = [
-    "--steps",
-    "6",
-    "--eval-every",
-    "3",
-    "--layers",
-    "1",
-    "--d-model",
-    "32",
-    "--heads",
-    "2",
-    "--context",
-    "32",
-    "--batch-size",
-    "4",
-    "--corpus-bytes",
-    "200000",
-    "--no-progress",
-]
+TINY = tiny_demo_args(steps=6, eval_every=3)
 
 
 def test_demo_writes_plot_and_summary(tmp_path):

@@ -86,18 +86,23 @@ def _fake_slurm(tmp_path: Path) -> Path:
     return bin_dir
 
 
-def test_slurm_script_builds_one_torchrun_per_node(tmp_path):
+def _slurm_env(tmp_path: Path, hosts: str, nodelist: str, **variables: str) -> dict:
+    """A faked allocation of ``hosts`` (stub scontrol / srun first on PATH), in DRY_RUN mode."""
     bin_dir = _fake_slurm(tmp_path)
-    env = {
-        "PATH": f"{bin_dir}:{os.environ['PATH']}",
-        "FAKE_HOSTS": "gpu07 gpu12",
-        "SLURM_JOB_NODELIST": "gpu[07,12]",
-        "SLURM_JOB_ID": "4242",
-        "SLURM_GPUS_ON_NODE": "4",
-        "TMPDIR": "/scratch",
-        "PYTHON": "/opt/venv/bin/python",
-        "DRY_RUN": "1",
-    }
+    path = f"{bin_dir}:{os.environ['PATH']}"
+    return dict(PATH=path, FAKE_HOSTS=hosts, SLURM_JOB_NODELIST=nodelist, DRY_RUN="1", **variables)
+
+
+def test_slurm_script_builds_one_torchrun_per_node(tmp_path):
+    env = _slurm_env(
+        tmp_path,
+        "gpu07 gpu12",
+        "gpu[07,12]",
+        SLURM_JOB_ID="4242",
+        SLURM_GPUS_ON_NODE="4",
+        TMPDIR="/scratch",
+        PYTHON="/opt/venv/bin/python",
+    )
     lines = _run(ROOT / "launch" / "slurm.sbatch", ["-m", "distsoap.demo", "--steps", "5"], env)
     command = (
         "/opt/venv/bin/python -m torch.distributed.run --nnodes=2 --nproc_per_node=4 "
@@ -111,18 +116,16 @@ def test_slurm_script_builds_one_torchrun_per_node(tmp_path):
 
 
 def test_slurm_script_gpus_per_node_and_port_overrides(tmp_path):
-    bin_dir = _fake_slurm(tmp_path)
-    env = {
-        "PATH": f"{bin_dir}:{os.environ['PATH']}",
-        "FAKE_HOSTS": "n1 n2 n3",
-        "SLURM_JOB_NODELIST": "n[1-3]",
-        "SLURM_JOB_ID": "7",
-        "GPUS_PER_NODE": "8",
-        "MASTER_PORT": "31000",
-        "TMPDIR": "/tmp",
-        "PYTHON": "python3",
-        "DRY_RUN": "1",
-    }
+    env = _slurm_env(
+        tmp_path,
+        "n1 n2 n3",
+        "n[1-3]",
+        SLURM_JOB_ID="7",
+        GPUS_PER_NODE="8",
+        MASTER_PORT="31000",
+        TMPDIR="/tmp",
+        PYTHON="python3",
+    )
     lines = _run(ROOT / "launch" / "slurm.sbatch", ["train.py"], env)
     assert len(lines) == 3
     assert all("--nnodes=3 --nproc_per_node=8" in line for line in lines)

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from distsoap import resume
+from tests.integration.demo_args import tiny_demo_args
 
 SAVER = """
 import sys, torch
@@ -58,25 +59,7 @@ def test_step_of_and_empty_root(tmp_path):
     assert resume.latest(tmp_path) is None
 
 
-TINY = [
-    "--steps",
-    "8",
-    "--eval-every",
-    "4",
-    "--layers",
-    "1",
-    "--d-model",
-    "32",
-    "--heads",
-    "2",
-    "--context",
-    "32",
-    "--batch-size",
-    "4",
-    "--corpus-bytes",
-    "200000",
-    "--no-progress",
-]
+TINY = tiny_demo_args(steps=8, eval_every=4)
 
 
 @pytest.mark.parametrize("strategy", ["zero2", "fsdp2"])
