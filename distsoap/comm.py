@@ -195,6 +195,37 @@ def launch_gather(
     return PendingExchange(work, received)
 
 
+def pack_flagged(
+    blocks: list[tuple[float, torch.Tensor | None, int]],
+    dtype: torch.dtype,
+    device: torch.device,
+) -> torch.Tensor:
+    """Lay out ``[flag, values...]`` per block in one new buffer, in the given order.
+
+    One host-to-device copy for every flag and one concatenation for the whole buffer, whatever
+    the number of blocks, so packing launches no kernel per block.
+
+    Args:
+        blocks: per block its flag, its values (any shape; None sends ``numel`` zeros) and
+            ``numel``, the number of values.
+        dtype: the buffer's dtype; values are rounded to it once, as a copy would.
+        device: where the buffer lives.
+
+    Returns:
+        The 1-D buffer of ``sum(1 + numel)`` elements.
+    """
+    out = torch.empty(sum(1 + n for _, _, n in blocks), dtype=dtype, device=device)
+    if not blocks:
+        return out
+    flags = torch.tensor([flag for flag, _, _ in blocks], dtype=dtype, device=device)
+    zero = torch.zeros((), dtype=dtype, device=device)
+    pieces = []
+    for k, (_, values, numel) in enumerate(blocks):
+        pieces.append(flags[k : k + 1])
+        pieces.append(zero.expand(numel) if values is None else values.reshape(-1))
+    return torch.cat(pieces, out=out)
+
+
 def update_flag(has_update: bool, abort: bool) -> float:
     """The flag element sent before a block's update: 1 update / 0 none, plus 2 to stop."""
     return float(has_update) + (2.0 if abort else 0.0)

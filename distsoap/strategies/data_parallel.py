@@ -22,6 +22,7 @@ from distsoap.comm import (
     PendingExchange,
     build_buckets,
     launch_gather,
+    pack_flagged,
     raise_if_aborted,
     read_flag,
     update_flag,
@@ -204,15 +205,11 @@ class DataParallel:
         device = self.params[mine[0]].device if mine else self._device()
         exact = torch.float64 if bucket.dtype == torch.float64 else torch.float32
         dtype = self.comm_dtype or exact
-        part = torch.zeros(bucket.sizes[self.rank], dtype=dtype, device=device)
+        blocks = []
         for i in mine:
-            entry = updates.get(id(self.params[i]))
-            offset = bucket.offsets[i]
-            has_update = entry is not None and entry[1] is not None
-            part[offset] = update_flag(has_update, abort)
-            if has_update:
-                part[offset + 1 : offset + 1 + bucket.numels[i]].copy_(entry[1].reshape(-1))
-        return part
+            delta = updates.get(id(self.params[i]), (None, None))[1]
+            blocks.append((update_flag(delta is not None, abort), delta, bucket.numels[i]))
+        return pack_flagged(blocks, dtype, device)
 
     def _device(self) -> torch.device:
         return self.params[0].device if self.params else torch.device("cpu")

@@ -16,7 +16,7 @@ from contextlib import contextmanager
 import torch
 import torch.distributed as dist
 
-from distsoap.comm import CommBucket, CommStats, PendingExchange, launch_reduce
+from distsoap.comm import CommBucket, CommStats, PendingExchange, launch_reduce, pack_flagged
 
 
 class GradSync:
@@ -101,17 +101,11 @@ class GradSync:
     def _launch(self, bucket: CommBucket) -> None:
         """Lay out this rank's gradients of the bucket owner by owner and send them."""
         device = self.params[bucket.params[0]].device
-        send = torch.zeros(bucket.total, dtype=bucket.dtype, device=device)
-        base = 0
-        for part, size in zip(bucket.owned, bucket.sizes):
-            for i in part:
-                grad = self.params[i].grad
-                if grad is None:
-                    continue
-                offset = base + bucket.offsets[i]
-                send[offset] = 1
-                send[offset + 1 : offset + 1 + bucket.numels[i]].copy_(grad.reshape(-1))
-            base += size
+        blocks = []
+        for i in bucket.params:  # owner by owner: the payload order
+            grad = self.params[i].grad
+            blocks.append((float(grad is not None), grad, bucket.numels[i]))
+        send = pack_flagged(blocks, bucket.dtype, device)
         self.pending.append(launch_reduce(bucket, send, self.rank, self.group, self.stats))
 
     @torch.no_grad()
@@ -138,13 +132,15 @@ class GradSync:
             work = torch.float64 if bucket.dtype == torch.float64 else torch.float32
             summed = received.to(work).sum(dim=0)
             flags = summed[[bucket.offsets[i] for i in mine]].tolist()
+            # the whole part at once (flags included, already read): no kernel per parameter
+            averaged = summed.div_(self.world).to(bucket.dtype)
             for i, count in zip(mine, flags):
                 if count == 0:
                     result[i] = None
                     continue
                 offset = bucket.offsets[i] + 1
-                grad = summed[offset : offset + bucket.numels[i]].div_(self.world)
-                result[i] = grad.view(self.params[i].shape).to(self.params[i].dtype)
+                grad = averaged[offset : offset + bucket.numels[i]]
+                result[i] = grad.view(self.params[i].shape)
         if keep:
             self._reduced = result
         else:
@@ -156,16 +152,17 @@ class GradSync:
         """Clip the averaged gradients (held by their owners) to a total 2-norm of max_norm."""
         reduced = self._reduced if self._reduced is not None else self._finish(keep=True)
         device = self.params[0].device if self.params else torch.device("cpu")
+        grads = [g for g in reduced.values() if g is not None]
         local = torch.zeros((), dtype=torch.float64, device=device)
-        for grad in reduced.values():
-            if grad is not None:
-                local += grad.double().square().sum()
+        if grads:  # per-tensor norms fused (as torch's clip_grad_norm_), summed in fp64
+            local += torch.stack(torch._foreach_norm(grads, 2)).double().square().sum()
         dist.all_reduce(local, group=self.group)
         self.stats.add("clip_norm", local.element_size() * 2 * (self.world - 1) // self.world)
         total = local.sqrt()
         coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
-        for grad in reduced.values():
-            if grad is not None:
-                grad.mul_(coef.to(grad.dtype))
-        dtypes = [g.dtype for g in reduced.values() if g is not None]
-        return total.to(dtypes[0] if dtypes else torch.float32)  # like torch: the grads' dtype
+        by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+        for grad in grads:
+            by_dtype.setdefault(grad.dtype, []).append(grad)
+        for dtype, same in by_dtype.items():
+            torch._foreach_mul_(same, coef.to(dtype))
+        return total.to(grads[0].dtype if grads else torch.float32)  # like torch: the grads' dtype

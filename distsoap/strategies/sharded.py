@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed as dist
 
-from distsoap.comm import CommStats, raise_if_aborted, read_flag, update_flag
+from distsoap.comm import CommStats, pack_flagged, raise_if_aborted, read_flag, update_flag
 from distsoap.engine import apply_deltas
 from distsoap.placement import assign_owners, block_cost
 from distsoap.sharding import ShardLayout
@@ -243,18 +243,12 @@ class ShardedLossless:
         plan = self._plan(items)
         device = self._device()
         # 1. gradient pieces to owners
-        parts = []
+        blocks = []
         for to_owner in plan.grad_to:
             for i in to_owner:
                 piece = self._local_grad(i)
-                flag = torch.ones(1, dtype=self.exact, device=device)
-                if piece is None:
-                    flag.zero_()
-                    piece = torch.zeros(
-                        self.layouts[i].numel(self.rank), dtype=self.exact, device=device
-                    )
-                parts += [flag, piece.reshape(-1).to(self.exact)]
-        send = torch.cat(parts) if parts else torch.zeros(0, dtype=self.exact, device=device)
+                blocks.append((float(piece is not None), piece, self.layouts[i].numel(self.rank)))
+        send = pack_flagged(blocks, self.exact, device)
         received = self._exchange(send, plan.grad_send_sizes, plan.grad_recv_sizes, "grad_sync")
         # 2. whole gradients of owned blocks, SOAP on them
         pieces: dict[int, dict[int, torch.Tensor]] = {i: {} for i in plan.mine}
@@ -276,21 +270,14 @@ class ShardedLossless:
         error = self.optimizer.faults.take_pending()
         # 3. update pieces back to every rank
         out_dtype = self.comm_dtype or self.exact
-        parts = []
+        blocks = []
         for destination in range(self.world):
             for i in plan.mine:
-                entry = updates.get(id(self.params[i]))
-                n = self.layouts[i].numel(destination)
-                has_update = entry is not None and entry[1] is not None
-                flag = torch.full(
-                    (1,), update_flag(has_update, error is not None), dtype=out_dtype, device=device
-                )
-                if not has_update:
-                    parts += [flag, torch.zeros(n, dtype=out_dtype, device=device)]
-                    continue
-                piece = self.layouts[i].extract(entry[1], destination).to(out_dtype)
-                parts += [flag, piece]
-        send = torch.cat(parts) if parts else torch.zeros(0, dtype=out_dtype, device=device)
+                delta = updates.get(id(self.params[i]), (None, None))[1]
+                piece = None if delta is None else self.layouts[i].extract(delta, destination)
+                flag = update_flag(delta is not None, error is not None)
+                blocks.append((flag, piece, self.layouts[i].numel(destination)))
+        send = pack_flagged(blocks, out_dtype, device)
         received = self._exchange(  # the refreshes only prepare the next step: overlap them
             send,
             plan.update_send_sizes,

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from distsoap import SOAP
-from distsoap.faults import NumericalFaultError
+from distsoap.faults import FaultPolicy, NumericalFaultError
 from tests.problems import RegressionProblem
 
 SHAPES = [(16, 16), (12, 12), (8, 6, 3, 3), (32,)]
@@ -166,3 +166,64 @@ def test_non_finite_factor_never_produces_a_basis():
     opt.step()
     assert torch.equal(opt.state[p]["basis_0"], basis)
     assert opt.state[p]["basis_failures"] == 1
+
+
+def test_finiteness_check_is_exact_for_every_dtype_and_overflow():
+    """The fused-norm check answers exactly what ``torch.isfinite(g).all()`` answers."""
+    fp16_big = torch.full((3, 3), 60000.0, dtype=torch.float16)  # finite; its norm is not
+    nan, inf = float("nan"), float("inf")
+    cases = {
+        "fp32": torch.randn(5, 4),
+        "fp32_nan": torch.tensor([1.0, nan, 2.0]),
+        "fp32_neg_inf": torch.tensor([[-inf, 0.0]]),
+        "fp64_inf": torch.tensor([inf], dtype=torch.float64),
+        "bf16": torch.randn(7, dtype=torch.bfloat16),
+        "bf16_nan": torch.tensor([nan, 1.0], dtype=torch.bfloat16),
+        "fp16_big": fp16_big,
+        "fp16_big_inf": torch.cat([fp16_big.flatten(), torch.tensor([inf], dtype=torch.float16)]),
+        "empty": torch.zeros(0, 3),
+        "strided_nan": torch.tensor([[1.0, nan], [2.0, 3.0]]).mT,
+    }
+    grads = {i: g for i, g in enumerate(cases.values())}
+    got = FaultPolicy.finite(grads)
+    want = {i: bool(torch.isfinite(g).all()) for i, g in grads.items()}
+    assert got == want
+    assert [got[i] for i in range(len(cases))].count(False) == 6  # the check can fail
+
+
+def test_kernel_ops_per_step_do_not_grow_with_the_number_of_parameters():
+    """The hot path is batched: the aten ops one step dispatches (views aside) are per bucket.
+
+    Counted below Python with a dispatch mode, so every tensor operation of the step is seen;
+    on a GPU each is a kernel launch, which is what a per-parameter loop would multiply.
+    """
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountOps(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.count += not func.is_view
+            return func(*args, **(kwargs or {}))
+
+    def ops_in_one_step(copies: int, refresh: bool) -> int:
+        torch.manual_seed(0)
+        shapes = [(6, 5), (7,), (3, 4, 2)] * copies
+        params = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
+        opt = SOAP(params, weight_decay=0.1, precondition_frequency=3)
+        measured = 3 if refresh else 4  # call 0 is the first call; update 3 refreshes
+        for call in range(measured + 1):
+            for p in params:
+                p.grad = torch.randn_like(p)
+            if call == measured:
+                with CountOps() as counter:
+                    opt.step()
+                return counter.count
+            opt.step()
+        raise AssertionError("unreachable")
+
+    for refresh in (False, True):
+        few, many = ops_in_one_step(2, refresh), ops_in_one_step(12, refresh)
+        assert few == many, (refresh, few, many)
