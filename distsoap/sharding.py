@@ -47,6 +47,15 @@ class ShardLayout:
         ranks = [r for r, g in enumerate(self.replica) if g == self.replica[owner]]
         return sorted(ranks, key=lambda r: (self.ranges[r][0], r))
 
+    @property
+    def pieces_concatenate(self) -> bool:
+        """Whether the whole parameter, flattened, is its flat pieces one after another.
+
+        True when the split is along the first dim that is not 1 (FSDP2's ``Shard(0)``, FSDP1's
+        and DeepSpeed's flat ranges), so many parameters can be assembled by one concatenation.
+        """
+        return all(d == 1 for d in self.split_shape[: self.dim])
+
     def assemble(self, pieces: list[torch.Tensor]) -> torch.Tensor:
         """The whole parameter from flat pieces given in ``sources`` order."""
         shaped = []

@@ -21,6 +21,7 @@ on the number of shards.
 
 from __future__ import annotations
 
+import math
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -260,12 +261,7 @@ class ShardedLossless:
                 n = self.layouts[i].numel(source)
                 present[i] = present[i] or flag != 0
                 pieces[i][source] = buffer[offset + 1 : offset + 1 + n]
-        grads = {}
-        for i in plan.mine:
-            if present[i]:
-                layout = self.layouts[i]
-                ordered = [pieces[i][s] for s in layout.sources(self.rank)]
-                grads[id(self.params[i])] = layout.assemble(ordered).to(self._grad_dtype(i))
+        grads = self._assemble([i for i in plan.mine if present[i]], pieces)
         updates = self.optimizer.compute_updates(grads, defer_refresh=True)
         error = self.optimizer.faults.take_pending()
         # 3. update pieces back to every rank
@@ -307,6 +303,35 @@ class ShardedLossless:
             apply_deltas(targets, deltas, group)
         self.stats.end_step()
         raise_if_aborted(error, aborting, self.rank)
+
+    def _assemble(
+        self, items: list[int], pieces: dict[int, dict[int, torch.Tensor]]
+    ) -> dict[int, torch.Tensor]:
+        """Whole gradients of ``items`` from their pieces (``pieces[i][source]``, flat).
+
+        Parameters whose pieces simply concatenate (:attr:`ShardLayout.pieces_concatenate`)
+        are assembled together, one concatenation per gradient dtype, and handed out as views;
+        the others (split along an inner dim) one by one.
+        """
+        grads: dict[int, torch.Tensor] = {}
+        together: dict[torch.dtype, list[int]] = {}
+        for i in items:
+            layout = self.layouts[i]
+            if layout.pieces_concatenate:
+                together.setdefault(self._grad_dtype(i), []).append(i)
+                continue
+            ordered = [pieces[i][s] for s in layout.sources(self.rank)]
+            grads[id(self.params[i])] = layout.assemble(ordered).to(self._grad_dtype(i))
+        for dtype, same in together.items():
+            flat = [pieces[i][s] for i in same for s in self.layouts[i].sources(self.rank)]
+            whole = torch.cat(flat).to(dtype)
+            offset = 0
+            for i in same:
+                shape = self.layouts[i].full_shape
+                numel = math.prod(shape)
+                grads[id(self.params[i])] = whole[offset : offset + numel].view(shape)
+                offset += numel
+        return grads
 
     def _groups_by_param(self) -> dict[int, dict[str, Any]]:
         """``id(param)`` -> its param group now (hyperparameters may change between steps)."""

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from distsoap.local_ranks import run_ranks
+from tests.distributed.hot_path_scenarios import ops_per_step
 from tests.distributed.scenarios import (
     SHAPES,
     build_and_report,
@@ -133,3 +134,15 @@ def test_staggered_refreshes_match_single_process_on_the_same_schedule(strategy)
     )
     reference = single_process_reference(torch.float64, 2, STEPS, soap_kwargs=staggered)
     _check_equivalent(results, reference, torch.float64)
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "zero2", "fsdp2", "fsdp2_local"])
+def test_kernel_ops_per_step_do_not_grow_with_the_number_of_parameters(strategy):
+    """Packing, exchanging, assembling, stepping and applying are per bucket, not per block.
+
+    Each rank's step is counted with 4 and with 12 copies of every shape (both ranks own some
+    of every shape either way), on a refresh step and on a plain one; see tests/op_count.py.
+    """
+    few = run_ranks(ops_per_step, 2, strategy, 4)
+    many = run_ranks(ops_per_step, 2, strategy, 12)
+    assert few == many
