@@ -37,6 +37,7 @@ from distsoap.hyperparams import (
 )
 from distsoap.kernels import compiled_rotated_adam_direction, rotated_adam_direction
 from distsoap.schedule import SCHEDULES, staggered_offsets
+from distsoap.step_plan import BucketStep
 from distsoap.strategies import Strategy, make_strategy
 from distsoap.strategies.single import SingleProcess
 
@@ -56,11 +57,11 @@ def compute_dtype(param: torch.Tensor) -> torch.dtype:
     return torch.float64 if param.dtype == torch.float64 else torch.float32
 
 
-def check_gradient(param: torch.Tensor, grad: torch.Tensor) -> None:
-    """Reject gradients SOAP cannot precondition."""
+def check_gradient(grad: torch.Tensor) -> None:
+    """Reject gradients SOAP cannot precondition (a complex parameter has a complex gradient)."""
     if grad.is_sparse:
         raise RuntimeError("SOAP does not support sparse gradients (use a dense embedding)")
-    if grad.is_complex() or param.is_complex():
+    if grad.is_complex():
         raise RuntimeError("SOAP does not support complex parameters or gradients")
 
 
@@ -171,6 +172,7 @@ class SOAP(torch.optim.Optimizer):
         self._offsets: dict[int, int] = {}
         self._due_refreshes: list = []
         self._buckets: dict[tuple, Bucket] = {}
+        self._plans: dict[tuple, list[BucketStep]] = {}
         self._layouts: dict[int, tuple[torch.Size, torch.device]] = {}
         self.built_params: dict[int, list[torch.Tensor]] = {}
         """``id(group)`` -> the parameters the group was added with (frameworks that replace
@@ -216,7 +218,7 @@ class SOAP(torch.optim.Optimizer):
         if hooks is not None:  # mode B's gradient hooks would keep synchronising
             hooks.remove()
         self._strategy = strategy
-        self._buckets = {}
+        self._reset_buckets()
         self._offsets = {}
 
     def parameters_replaced(self) -> None:
@@ -300,7 +302,7 @@ class SOAP(torch.optim.Optimizer):
             state.setdefault("refresh_schedule", "aligned")
             state.update(_elementwise=rotated_adam_direction, _offsets={}, _due_refreshes=[])
         super().__setstate__(state)
-        self._buckets = {}
+        self._reset_buckets()
         self._layouts = {id(p): (p.shape, p.device) for g in self.param_groups for p in g["params"]}
         if unpickling:  # an unpickled optimizer is a local copy: it steps on this process only
             self._strategy = SingleProcess(self)
@@ -417,11 +419,52 @@ class SOAP(torch.optim.Optimizer):
 
         """
         result: dict[int, tuple[dict[str, Any], torch.Tensor | None]] = {}
-        for group in self.param_groups:
-            for param in group["params"]:
-                if id(param) in grads:
-                    check_gradient(param, grads[id(param)])
+        for grad in grads.values():
+            check_gradient(grad)
         finite = self.faults.finite(grads)
+        plan_key = (tuple(grads), self._groups_signature())
+        plan = self._plans.get(plan_key) if all(finite.values()) else None
+        if plan is None or any(self._buckets.get(b.key) is not b.bucket for b in plan):
+            plan, reusable = self._plan_step(grads, finite, result)
+            if reusable:
+                self._plans[plan_key] = plan
+        for bucket_step in plan:
+            deltas = self._step_bucket(bucket_step, grads)
+            for param, delta in zip(bucket_step.params, deltas):
+                result[id(param)] = (bucket_step.group, delta)
+        if not defer_refresh:
+            self.finish_refreshes()
+        return result
+
+    def _groups_signature(self) -> tuple:
+        """What a step plan depends on besides the stepped parameters (see distsoap.step_plan)."""
+        return tuple(
+            (
+                id(g),
+                len(g["params"]),
+                g["max_precond_dim"],
+                g["merge_dims"],
+                g["precondition_1d"],
+            )
+            for g in self.param_groups
+        )
+
+    def _plan_step(
+        self,
+        grads: dict[int, torch.Tensor],
+        finite: dict[int, bool],
+        result: dict[int, tuple[dict[str, Any], torch.Tensor | None]],
+    ) -> tuple[list[BucketStep], bool]:
+        """Route this step's blocks: first calls and skipped blocks now, the rest into buckets.
+
+        First calls and non-finite skips are handled here and recorded in ``result``.
+
+        Returns:
+            The bucket steps of the blocks to update, and whether the plan may be reused (no
+            first call and no skip this step).
+        """
+        reusable = True
+        plan: list[BucketStep] = []
         for index, group in enumerate(self.param_groups):
             ready: dict[tuple, list[torch.Tensor]] = defaultdict(list)
             for param in group["params"]:
@@ -432,11 +475,13 @@ class SOAP(torch.optim.Optimizer):
                 if not finite[id(param)]:
                     self.faults.nonfinite(self.param_name(param), state)
                     result[id(param)] = (group, None)
+                    reusable = False
                     continue
                 spec = self.block_spec(param, group, tuple(grad.shape))
                 if not state.get("bases_ready", False):
                     self._first_call(param, grad, spec, group, state)
                     result[id(param)] = (group, None)
+                    reusable = False
                     continue
                 layout = _cached_layout_signature(spec)
                 if state.get("block_layout", layout) != layout:
@@ -456,12 +501,23 @@ class SOAP(torch.optim.Optimizer):
                 )
                 ready[key].append(param)
             for key, params in ready.items():
-                deltas = self._step_bucket(key, params, grads, group)
-                for param, delta in zip(params, deltas):
-                    result[id(param)] = (group, delta)
-        if not defer_refresh:
-            self.finish_refreshes()
-        return result
+                bucket = self._bucket(key, params)
+                states = [self.state[p] for p in params]
+                plan.append(
+                    BucketStep(
+                        key=key,
+                        bucket=bucket,
+                        group=group,
+                        params=params,
+                        states=states,
+                        rows=[bucket.row[id(p)] for p in params],
+                        specs=[
+                            self.block_spec(p, group, tuple(grads[id(p)].shape)) for p in params
+                        ],
+                        offsets=[s.get("refresh_offset", 0) for s in states],
+                    )
+                )
+        return plan, reusable
 
     def _first_call(
         self,
@@ -485,6 +541,11 @@ class SOAP(torch.optim.Optimizer):
         """A name for ``param`` in messages (from named_parameters() input when given)."""
         return parameter_names(self.param_groups).get(id(param), "an unknown parameter")
 
+    def _reset_buckets(self) -> None:
+        """Forget the buckets and the step plans using them (state is rebuilt from state[p])."""
+        self._buckets = {}
+        self._plans = {}
+
     def _bucket(self, key: tuple, params: list[torch.Tensor]) -> Bucket:
         """The bucket for ``key``, (re)built if some of ``params`` are not members yet."""
         bucket = self._buckets.get(key)
@@ -499,30 +560,30 @@ class SOAP(torch.optim.Optimizer):
         return bucket
 
     def _step_bucket(
-        self,
-        key: tuple,
-        params: list[torch.Tensor],
-        grads: dict[int, torch.Tensor],
-        group: dict[str, Any],
+        self, bucket_step: BucketStep, grads: dict[int, torch.Tensor]
     ) -> list[torch.Tensor]:
-        _, _, _, dtype, _, frequency, shampoo_beta = key
-        bucket = self._bucket(key, params)
-        rows = [bucket.row[id(p)] for p in params]
-        specs = [self.block_spec(p, group, tuple(grads[id(p)].shape)) for p in params]
-        stacked = torch.stack([s.to_block(grads[id(p)]).to(dtype) for s, p in zip(specs, params)])
+        _, block_shape, _, dtype, _, frequency, shampoo_beta = bucket_step.key
+        stacked = bucket_step.stack_grads(grads, dtype)
         steps = []
-        for p in params:
-            self.state[p]["step"] += 1
-            steps.append(self.state[p]["step"])
-        offsets = [self.state[p].get("refresh_offset", 0) for p in params]
+        for state in bucket_step.states:
+            state["step"] += 1
+            steps.append(state["step"])
+        bucket, rows = bucket_step.bucket, bucket_step.rows
         tensors = bucket.select(rows)
         deltas, due = soap_update(
-            tensors, stacked, steps, group, shampoo_beta, frequency, offsets, self._elementwise
+            tensors,
+            stacked,
+            steps,
+            bucket_step.group,
+            shampoo_beta,
+            frequency,
+            bucket_step.offsets,
+            self._elementwise,
         )
         bucket.write_back(rows, tensors)
         if due:
-            self._due_refreshes.append((bucket, [rows[i] for i in due], len(specs[0].block_shape)))
-        return [s.from_block(d) for s, d in zip(specs, deltas)]
+            self._due_refreshes.append((bucket, [rows[i] for i in due], len(block_shape)))
+        return bucket_step.split_deltas(deltas)
 
     def finish_refreshes(self) -> None:
         """Run the eigenbasis refreshes the last ``compute_updates`` left due.
@@ -559,4 +620,4 @@ class SOAP(torch.optim.Optimizer):
             check_layout_hyperparameters(self.param_groups, state_dict["param_groups"])
             super().load_state_dict({**state_dict, "state": {}})
             load_state(self, state_dict)
-            self._buckets = {}
+            self._reset_buckets()

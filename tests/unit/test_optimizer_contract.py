@@ -1,5 +1,6 @@
 """The torch.optim.Optimizer contract: state dicts, schedulers, closures, missing gradients."""
 
+import copy
 import io
 
 import pytest
@@ -210,3 +211,29 @@ def test_dcp_get_optimizer_state_dict_on_fresh_optimizer():
     assert "basis_0" in state["state"]["0.weight"]
     assert all(torch.equal(a, b.detach()) for a, b in zip(before, model.parameters()))
     assert not opt.state[model[0].weight]["bases_ready"]
+
+
+def test_load_state_dict_into_a_live_optimizer_continues_from_the_loaded_state():
+    """Loading replaces the state the next steps use (the cached step plans included)."""
+    problem = RegressionProblem(SHAPES)
+    kwargs = dict(lr=1e-2, precondition_frequency=7, max_precond_dim=32)
+    params = problem.make_params()
+    opt = SOAP(params, **kwargs)
+    _run(problem, opt, params, 0, 12)
+    saved_params = [p.detach().clone() for p in params]
+    saved = copy.deepcopy(opt.state_dict())
+    _run(problem, opt, params, 12, 30)  # the live optimizer moves on, plans cached
+
+    with torch.no_grad():
+        for p, value in zip(params, saved_params):
+            p.copy_(value)
+    opt.load_state_dict(saved)
+    _run(problem, opt, params, 12, 20)
+
+    fresh_params = [torch.nn.Parameter(p.clone()) for p in saved_params]
+    fresh = SOAP(fresh_params, **kwargs)
+    fresh.load_state_dict(copy.deepcopy(saved))
+    _run(problem, fresh, fresh_params, 12, 20)
+    for got, want in zip(params, fresh_params):
+        assert torch.equal(got.detach(), want.detach())
+    assert opt.state[params[0]]["step"] == 19  # 12 calls saved (the first makes no update) + 8
