@@ -5,6 +5,10 @@ Triton one used for CUDA tensors when Triton is installed:
 
 - rotated Adam (:mod:`.rotated_adam` in torch, :mod:`.rotated_adam_triton`).
 
+:mod:`.symmetric_factor_triton` holds a factor update that computes one triangle of
+``G G^T``; its torch definition is ``baddbmm`` in :mod:`distsoap.math.rotations`. It is tested
+but not used by the optimizer until a GPU measurement shows it faster than cuBLAS.
+
 ``DISTSOAP_DISABLE_TRITON=1`` forces the torch versions.
 """
 

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from distsoap import SOAP
-from tests.op_count import count_ops
+from distsoap.op_count import count_ops
 
 SHAPES = [(6, 5), (7,), (3, 4, 2)]
 

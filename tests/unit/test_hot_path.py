@@ -3,7 +3,7 @@
 import torch
 
 from distsoap import SOAP
-from tests.op_count import count_ops
+from distsoap.op_count import count_ops
 
 
 def test_kernel_ops_per_step_do_not_grow_with_the_number_of_parameters():

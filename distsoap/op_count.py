@@ -1,4 +1,13 @@
-"""Count the tensor operations a piece of code dispatches (the kernel launches of a GPU run)."""
+"""Count the tensor operations a piece of code dispatches: the kernel launches of a GPU run.
+
+A diagnostic for the hot path: a per-parameter loop of tensor operations shows up as a count
+that grows with the number of parameters, on any device, CPU included. Used by the tests that
+hold distsoap's step to a fixed number of operations per bucket, and by
+``benchmarks/bench_host.py``.
+
+    from distsoap.op_count import count_ops
+    print(count_ops(optimizer.step))
+"""
 
 from __future__ import annotations
 
@@ -10,8 +19,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 class CountOps(TorchDispatchMode):
     """Counts every aten op dispatched inside the context, views aside (they launch nothing).
 
-    It sits below Python, so it sees each tensor operation of the code under it; a per-parameter
-    loop of tensor operations shows up as a count that grows with the number of parameters.
+    It sits below autograd and Python, so it sees each tensor operation the code runs,
+    including those of torch's own optimizers (a ``_foreach`` op counts once).
     """
 
     def __init__(self) -> None:

@@ -1,0 +1,93 @@
+"""Host overhead of one optimizer step: many tiny tensors, so the math itself is negligible.
+
+What is left of a step on such a set is Python and the launch of each tensor operation, the
+part of a step that does not shrink on a faster device and that a per-parameter loop
+multiplies. For every contender, in one run and on the same gradients: the time of one
+``optimizer.step()`` (mean over ``--cycles`` refresh cycles, refresh steps included, after one
+warm-up cycle; best of ``--repeats``) and the aten operations one step dispatches (views
+aside; on a GPU each is a kernel launch), averaged over one refresh cycle, at several tensor
+counts.
+
+    python benchmarks/bench_host.py                 # CPU (about a minute here)
+    python benchmarks/bench_host.py --device cuda   # adds fused AdamW
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+
+import torch
+from bench_step import gpt_shapes, optimizers, time_optimizer, timing_parser
+
+from distsoap.op_count import count_ops
+
+LAYERS = (4, 16, 64)  # 8 tensors per layer, plus the embedding and the final norm
+WIDTH = 8  # d_model: every tensor is tiny (at most 32 x 8)
+
+
+def ops_per_step(make, shapes, grads, frequency: int, device) -> float:
+    """Mean aten ops (views aside) per step over one refresh cycle, after a warm-up cycle."""
+    gen = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen).to(device)) for s in shapes]
+    opt = make(params)
+
+    def step(k: int) -> None:
+        for p, g in zip(params, grads[k % len(grads)]):
+            p.grad = g
+        opt.step()
+
+    for k in range(frequency + 1):
+        step(k)
+    return sum(count_ops(lambda k=k: step(k)) for k in range(frequency)) / frequency
+
+
+def main() -> None:
+    p = timing_parser(__doc__.splitlines()[0], {"cpu": {}}, "benchmarks/results/bench_host.json")
+    p.add_argument("--repeats", type=int, default=3)
+    args = p.parse_args()
+    device = torch.device(args.device)
+    makers = optimizers(max_dim=10_000, frequency=args.frequency)
+    if device.type == "cuda":
+        common = dict(lr=3e-3, betas=(0.95, 0.95), weight_decay=0.01, eps=1e-8)
+        makers["torch AdamW (fused)"] = lambda ps: torch.optim.AdamW(ps, fused=True, **common)
+    rows = []
+    for layers in LAYERS:
+        shapes = gpt_shapes(d_model=WIDTH, layers=layers, vocab=4 * WIDTH)
+        gen = torch.Generator().manual_seed(1)
+        grads = [[torch.randn(s, generator=gen).to(device) for s in shapes] for _ in range(3)]
+        for name, make in makers.items():
+            seconds = min(
+                time_optimizer(make, shapes, grads, args.frequency, args.cycles, device)
+                for _ in range(args.repeats)
+            )
+            ops = ops_per_step(make, shapes, grads, args.frequency, device)
+            rows.append(dict(tensors=len(shapes), contender=name, ms=seconds * 1e3, ops=ops))
+            print(f"{len(shapes):5d} tensors  {name:28s} {seconds * 1e3:8.2f} ms  {ops:8.1f} ops")
+    print(f"\n{'tensors':>7s} {'contender':28s} {'ms/step':>8s} {'x AdamW':>8s} {'ops/step':>9s}")
+    for row in rows:
+        adamw = next(
+            r["ms"]
+            for r in rows
+            if r["tensors"] == row["tensors"] and r["contender"] == "torch AdamW (foreach)"
+        )
+        print(
+            f"{row['tensors']:7d} {row['contender']:28s} {row['ms']:8.2f} "
+            f"{row['ms'] / adamw:7.2f}x {row['ops']:9.1f}"
+        )
+    machine = (
+        torch.cuda.get_device_name()
+        if device.type == "cuda"
+        else f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+    )
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(
+        json.dumps(
+            {"machine": machine, "torch": torch.__version__, "width": WIDTH, "rows": rows},
+            indent=1,
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
