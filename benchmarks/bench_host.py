@@ -5,8 +5,11 @@ part of a step that does not shrink on a faster device and that a per-parameter 
 multiplies. For every contender, in one run and on the same gradients: the time of one
 ``optimizer.step()`` (mean over ``--cycles`` refresh cycles, refresh steps included, after one
 warm-up cycle; best of ``--repeats``) and the aten operations one step dispatches (views
-aside; on a GPU each is a kernel launch), averaged over one refresh cycle, at several tensor
-counts.
+aside), averaged over one refresh cycle, at several tensor counts. On a GPU each operation on
+device tensors is a kernel launch; reads of a value into Python by ``.item()`` are counted
+apart: a sync for a GPU tensor, nothing for a CPU one (torch's AdamW reads its CPU step
+counters that way). distsoap reads its finiteness flags with one ``.tolist()`` per step,
+which does not dispatch and is not counted.
 
     python benchmarks/bench_host.py                 # CPU (about a minute here)
     python benchmarks/bench_host.py --device cuda   # adds fused AdamW
@@ -20,14 +23,18 @@ import platform
 import torch
 from bench_step import gpt_shapes, optimizers, time_optimizer, timing_parser
 
-from distsoap.op_count import count_ops
+from distsoap.op_count import CountOps
 
 LAYERS = (4, 16, 64)  # 8 tensors per layer, plus the embedding and the final norm
 WIDTH = 8  # d_model: every tensor is tiny (at most 32 x 8)
 
 
-def ops_per_step(make, shapes, grads, frequency: int, device) -> float:
-    """Mean aten ops (views aside) per step over one refresh cycle, after a warm-up cycle."""
+def ops_per_step(make, shapes, grads, frequency: int, device) -> tuple[float, float]:
+    """Mean aten ops (views aside) per step over one refresh cycle, and of those the reads.
+
+    Reads are of a value into Python by ``.item()`` (``.tolist()`` is not dispatched, so not
+    seen). Counted after a warm-up cycle.
+    """
     gen = torch.Generator().manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(s, generator=gen).to(device)) for s in shapes]
     opt = make(params)
@@ -39,7 +46,10 @@ def ops_per_step(make, shapes, grads, frequency: int, device) -> float:
 
     for k in range(frequency + 1):
         step(k)
-    return sum(count_ops(lambda k=k: step(k)) for k in range(frequency)) / frequency
+    with CountOps() as counter:
+        for k in range(frequency):
+            step(k)
+    return counter.count / frequency, counter.scalar_reads / frequency
 
 
 def main() -> None:
@@ -61,10 +71,13 @@ def main() -> None:
                 time_optimizer(make, shapes, grads, args.frequency, args.cycles, device)
                 for _ in range(args.repeats)
             )
-            ops = ops_per_step(make, shapes, grads, args.frequency, device)
-            rows.append(dict(tensors=len(shapes), contender=name, ms=seconds * 1e3, ops=ops))
+            ops, reads = ops_per_step(make, shapes, grads, args.frequency, device)
+            rows.append(
+                dict(tensors=len(shapes), contender=name, ms=seconds * 1e3, ops=ops, reads=reads)
+            )
             print(f"{len(shapes):5d} tensors  {name:28s} {seconds * 1e3:8.2f} ms  {ops:8.1f} ops")
-    print(f"\n{'tensors':>7s} {'contender':28s} {'ms/step':>8s} {'x AdamW':>8s} {'ops/step':>9s}")
+    header = f"{'ms/step':>8s} {'x AdamW':>8s} {'ops/step':>9s} {'of which reads':>14s}"
+    print(f"\n{'tensors':>7s} {'contender':28s} {header}")
     for row in rows:
         adamw = next(
             r["ms"]
@@ -73,7 +86,7 @@ def main() -> None:
         )
         print(
             f"{row['tensors']:7d} {row['contender']:28s} {row['ms']:8.2f} "
-            f"{row['ms'] / adamw:7.2f}x {row['ops']:9.1f}"
+            f"{row['ms'] / adamw:7.2f}x {row['ops']:9.1f} {row['reads']:14.1f}"
         )
     machine = (
         torch.cuda.get_device_name()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 
@@ -26,9 +27,14 @@ class CountOps(TorchDispatchMode):
     def __init__(self) -> None:
         super().__init__()
         self.count = 0
+        self.scalar_reads = 0
+        """Of ``count``, the reads of a tensor's value into Python by ``.item()`` (``.tolist()``
+        does not dispatch, so it is not seen): a device sync for a GPU tensor, no kernel for a
+        CPU one (torch's AdamW reads its CPU step counters this way, two per parameter)."""
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.count += not func.is_view
+        self.scalar_reads += func is torch.ops.aten._local_scalar_dense.default
         return func(*args, **(kwargs or {}))
 
 

@@ -538,8 +538,17 @@ class SOAP(torch.optim.Optimizer):
             self.faults.basis(self.param_name(param), state, failed=not decomposed)
 
     def param_name(self, param: torch.Tensor) -> str:
-        """A name for ``param`` in messages (from named_parameters() input when given)."""
-        return parameter_names(self.param_groups).get(id(param), "an unknown parameter")
+        """A name for ``param`` in messages (from named_parameters() input when given).
+
+        The names of all parameters are built once per layout of the param groups (every
+        refreshed block reports to the fault counters by name, so building them per call
+        would cost O(parameters^2) on a refresh step).
+        """
+        signature = self._groups_signature()
+        cached = getattr(self, "_names", None)
+        if cached is None or cached[0] != signature:
+            cached = self._names = (signature, parameter_names(self.param_groups))
+        return cached[1].get(id(param), "an unknown parameter")
 
     def _reset_buckets(self) -> None:
         """Forget the buckets and the step plans using them (state is rebuilt from state[p])."""

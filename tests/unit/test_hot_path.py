@@ -30,3 +30,28 @@ def test_kernel_ops_per_step_do_not_grow_with_the_number_of_parameters():
     for refresh in (False, True):
         few, many = ops_in_one_step(2, refresh), ops_in_one_step(12, refresh)
         assert few == many, (refresh, few, many)
+
+
+def test_parameter_names_are_built_once_not_per_block(monkeypatch):
+    """Every refreshed block reports to the fault counters by name; the name table is built
+    once per param-group layout, so a refresh step is not quadratic in the parameter count."""
+    import distsoap.optimizer as optimizer_module
+
+    calls = []
+    real = optimizer_module.parameter_names
+
+    def counting(groups):
+        calls.append(1)
+        return real(groups)
+
+    monkeypatch.setattr(optimizer_module, "parameter_names", counting)
+    params = [torch.nn.Parameter(torch.randn(5, 4)) for _ in range(20)]
+    opt = SOAP(params, precondition_frequency=2)
+    for _ in range(7):  # the first call (20 eighs) and three refresh steps
+        for p in params:
+            p.grad = torch.randn_like(p)
+        opt.step()
+    assert len(calls) == 1
+    opt.add_param_group({"params": [torch.nn.Parameter(torch.randn(3))]})
+    assert opt.param_name(params[0]) == "param_groups[0]['params'][0] of shape (5, 4)"
+    assert len(calls) == 2  # a new group layout: built again
