@@ -93,6 +93,7 @@ class DeepSpeedPartitions(ShardedLossless):
         self.flats = {id(flat): flat for flat, _ in units}
         self._active: list[torch.Tensor] = []
         self._in_view = False
+        self._stepped: set[int] = set()
 
     @contextmanager
     def model_view(self) -> Iterator[None]:
@@ -163,6 +164,17 @@ class DeepSpeedPartitions(ShardedLossless):
                 )
             items.update(unit)
         self.step_items(tuple(sorted(items)))
+
+    def _end_step(self) -> None:
+        """Close the byte counts once every flat tensor has been stepped.
+
+        DeepSpeed calls ``step()`` once per group (stages 1, 2) or sub-group (stage 3) in one
+        training step, so ``comm_stats`` would otherwise count each call as a step.
+        """
+        self._stepped.update(id(t) for t in self._active)
+        if self._stepped >= set(self.flats):
+            self.stats.end_step()
+            self._stepped = set()
 
     def param_groups_changed(self) -> None:
         """DeepSpeed fixes the groups when it builds its partitions."""

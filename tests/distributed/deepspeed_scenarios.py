@@ -138,6 +138,7 @@ def train_deepspeed(
         "wrapper": type(engine.optimizer).__name__,
         "state_bytes": soap.state_bytes(),
         "skipped_steps": engine.skipped_steps,
+        "comm_stats": soap.comm_stats,
     }
     if unchanged is not None:
         result["state_unchanged"] = unchanged

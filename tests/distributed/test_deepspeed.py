@@ -56,6 +56,15 @@ def test_fp32_matches_single_process(stage):
         assert relative_difference(result["master"], reference) < FP32
     # each block's state on one rank: both ranks hold some, neither holds everything
     assert all(r["state_bytes"] > 0 for r in results)
+    # byte counts per training step, though DeepSpeed calls step() once per group (stages
+    # 1, 2): every step sends the same payload sizes, so the total is STEPS x the last step
+    for result in results:
+        stats = result["comm_stats"]
+        assert stats["steps"] == STEPS
+        assert stats["last_step_bytes"] and all(
+            total == STEPS * stats["last_step_bytes"][kind]
+            for kind, total in stats["total_bytes"].items()
+        )
 
 
 LOW_PRECISION = [("bf16", 0), ("bf16", 1), ("bf16", 2), ("bf16", 3)]
