@@ -17,11 +17,8 @@ which does not dispatch and is not counted.
 
 from __future__ import annotations
 
-import json
-import platform
-
 import torch
-from bench_step import gpt_shapes, optimizers, time_optimizer, timing_parser
+from bench_step import gpt_shapes, optimizers, time_optimizer, timing_parser, write_results
 
 from distsoap.op_count import CountOps
 
@@ -88,18 +85,7 @@ def main() -> None:
             f"{row['tensors']:7d} {row['contender']:28s} {row['ms']:8.2f} "
             f"{row['ms'] / adamw:7.2f}x {row['ops']:9.1f} {row['reads']:14.1f}"
         )
-    machine = (
-        torch.cuda.get_device_name()
-        if device.type == "cuda"
-        else f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
-    )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(
-        json.dumps(
-            {"machine": machine, "torch": torch.__version__, "width": WIDTH, "rows": rows},
-            indent=1,
-        )
-    )
+    write_results(args.out, device, width=WIDTH, rows=rows)
 
 
 if __name__ == "__main__":

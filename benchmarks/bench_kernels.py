@@ -19,14 +19,13 @@ torch's ``baddbmm`` (cuBLAS, the optimizer's path) and the one-triangle Triton k
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import time
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
 import torch
+from bench_step import sync, write_results  # noqa: I001  (sibling script)
 from distsoap.kernels import compiled_rotated_adam_direction, rotated_adam_direction_torch
 
 # (blocks, rows, cols) of the stacks timed: a bucket of 256-wide and of 1024-wide matrices
@@ -35,22 +34,17 @@ SIZES = {"cpu": [(16, 256, 256), (16, 1024, 1024)], "cuda": [(64, 768, 768), (96
 FACTOR_SIZES = [(48, 768, 768), (24, 768, 3072), (24, 3072, 768)]
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def seconds_per_call(run: Callable[[], object], device: torch.device, repeats: int) -> float:
     """Best mean time of ``run`` over ``repeats`` rounds of 10 calls, after two warm-up calls."""
     run()
     run()
     best = float("inf")
     for _ in range(repeats):
-        _sync(device)
+        sync(device)
         start = time.perf_counter()
         for _ in range(10):
             run()
-        _sync(device)
+        sync(device)
         best = min(best, (time.perf_counter() - start) / 10)
     return best
 
@@ -141,15 +135,7 @@ def main() -> None:
                 )
     if device.type == "cuda":
         rows += factor_update_rows(device, args.repeats)
-    machine = (
-        torch.cuda.get_device_name()
-        if device.type == "cuda"
-        else f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
-    )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(
-        json.dumps({"machine": machine, "torch": torch.__version__, "rows": rows}, indent=1)
-    )
+    write_results(args.out, device, rows=rows)
 
 
 if __name__ == "__main__":

@@ -52,7 +52,8 @@ def gpt_shapes(d_model: int, layers: int, vocab: int, **_) -> list[tuple[int, ..
     return [(vocab, d_model)] + per_layer * layers + [(d_model,), (d_model,)]
 
 
-def _sync(device: torch.device) -> None:
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued work (timing on CUDA)."""
     if device.type == "cuda":
         torch.cuda.synchronize()
 
@@ -73,11 +74,11 @@ def time_optimizer(make: Callable, shapes, grads, frequency, cycles, device) -> 
 
     for _ in range(frequency + 1):
         step()
-    _sync(device)
+    sync(device)
     start = time.perf_counter()
     for _ in range(cycles * frequency):
         step()
-    _sync(device)
+    sync(device)
     return (time.perf_counter() - start) / (cycles * frequency)
 
 
@@ -109,16 +110,16 @@ def time_floor(shapes, grads, max_dim, frequency, cycles, device) -> float:
 
     per_step()
     refresh()
-    _sync(device)
+    sync(device)
     start = time.perf_counter()
     for _ in range(cycles * frequency):
         per_step()
-    _sync(device)
+    sync(device)
     products = (time.perf_counter() - start) / (cycles * frequency)
     start = time.perf_counter()
     for _ in range(cycles):
         refresh()
-    _sync(device)
+    sync(device)
     return products + (time.perf_counter() - start) / cycles / frequency
 
 
@@ -177,6 +178,19 @@ def chosen_preset(presets: dict, name: str | None, device: torch.device):
     return presets[name or ("gpu" if device.type == "cuda" else "cpu")]
 
 
+def write_results(out: Path, device: torch.device, **results) -> None:
+    """Write ``results`` as JSON to ``out``, with the machine and the torch version."""
+    machine = (
+        torch.cuda.get_device_name()
+        if device.type == "cuda"
+        else f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(
+        json.dumps({"machine": machine, "torch": torch.__version__, **results}, indent=1)
+    )
+
+
 def main() -> None:
     p = timing_parser(__doc__.splitlines()[0], PRESETS, "benchmarks/results/bench_step.json")
     p.add_argument("--repeats", type=int, default=2)
@@ -215,22 +229,8 @@ def main() -> None:
             f"{best['reference (per-param)'] / base:.2f}x"
         )
         print(f"distsoap / floor: {base / best['floor (products + refresh)']:.2f}x")
-    machine = (
-        torch.cuda.get_device_name()
-        if device.type == "cuda"
-        else f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
-    )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(
-        json.dumps(
-            {
-                "machine": machine,
-                "torch": torch.__version__,
-                "preset": preset,
-                "ms_per_step": {k: v * 1e3 for k, v in best.items()},
-            },
-            indent=1,
-        )
+    write_results(
+        args.out, device, preset=preset, ms_per_step={k: v * 1e3 for k, v in best.items()}
     )
 
 
