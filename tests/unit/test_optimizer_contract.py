@@ -25,25 +25,30 @@ def _run(problem, opt, params, start, stop):
         opt.step()
 
 
-def test_state_dict_round_trip_continues_bit_for_bit():
-    problem = RegressionProblem(SHAPES)
-    kwargs = dict(lr=1e-2, precondition_frequency=7, max_precond_dim=32)
+KWARGS = dict(lr=1e-2, precondition_frequency=7, max_precond_dim=32)
 
+
+def _trained(steps: int):
+    """The problem, its parameters and a SOAP optimizer after ``steps`` steps."""
+    problem = RegressionProblem(SHAPES)
     params = problem.make_params()
-    opt = SOAP(params, **kwargs)
-    _run(problem, opt, params, 0, 50)
+    opt = SOAP(params, **KWARGS)
+    _run(problem, opt, params, 0, steps)
+    return problem, params, opt
+
+
+def test_state_dict_round_trip_continues_bit_for_bit():
+    _, params, _ = _trained(50)
     uninterrupted = [p.detach().clone() for p in params]
 
-    params = problem.make_params()
-    opt = SOAP(params, **kwargs)
-    _run(problem, opt, params, 0, 23)
+    problem, params, opt = _trained(23)
     buffer = io.BytesIO()
     torch.save({"params": [p.detach() for p in params], "opt": opt.state_dict()}, buffer)
     del opt
     buffer.seek(0)
     saved = torch.load(buffer)
     params = [torch.nn.Parameter(p.clone()) for p in saved["params"]]
-    fresh = SOAP(params, **kwargs)
+    fresh = SOAP(params, **KWARGS)
     fresh.load_state_dict(saved["opt"])
     _run(problem, fresh, params, 23, 50)
     for got, want in zip(params, uninterrupted):
@@ -215,11 +220,7 @@ def test_dcp_get_optimizer_state_dict_on_fresh_optimizer():
 
 def test_load_state_dict_into_a_live_optimizer_continues_from_the_loaded_state():
     """Loading replaces the state the next steps use (the cached step plans included)."""
-    problem = RegressionProblem(SHAPES)
-    kwargs = dict(lr=1e-2, precondition_frequency=7, max_precond_dim=32)
-    params = problem.make_params()
-    opt = SOAP(params, **kwargs)
-    _run(problem, opt, params, 0, 12)
+    problem, params, opt = _trained(12)
     saved_params = [p.detach().clone() for p in params]
     saved = copy.deepcopy(opt.state_dict())
     _run(problem, opt, params, 12, 30)  # the live optimizer moves on, plans cached
@@ -231,7 +232,7 @@ def test_load_state_dict_into_a_live_optimizer_continues_from_the_loaded_state()
     _run(problem, opt, params, 12, 20)
 
     fresh_params = [torch.nn.Parameter(p.clone()) for p in saved_params]
-    fresh = SOAP(fresh_params, **kwargs)
+    fresh = SOAP(fresh_params, **KWARGS)
     fresh.load_state_dict(copy.deepcopy(saved))
     _run(problem, fresh, fresh_params, 12, 20)
     for got, want in zip(params, fresh_params):
