@@ -43,6 +43,10 @@ from distsoap.strategies.single import SingleProcess
 
 _MOMENT_DTYPES = (torch.float32, torch.bfloat16, torch.float64)
 
+MAX_STEP_PLANS = 8
+"""Step plans kept (one per set of parameters with gradients; usually one is enough, but models
+whose parameters get gradients in changing subsets must not grow the cache without bound)."""
+
 _cached_block_spec = lru_cache(maxsize=None)(make_block_spec)
 _cached_layout_signature = lru_cache(maxsize=None)(layout_signature)  # checked every step
 
@@ -427,6 +431,8 @@ class SOAP(torch.optim.Optimizer):
         if plan is None or any(self._buckets.get(b.key) is not b.bucket for b in plan):
             plan, reusable = self._plan_step(grads, finite, result)
             if reusable:
+                if len(self._plans) >= MAX_STEP_PLANS:  # drop the oldest
+                    del self._plans[next(iter(self._plans))]
                 self._plans[plan_key] = plan
         for bucket_step in plan:
             deltas = self._step_bucket(bucket_step, grads)

@@ -1,5 +1,7 @@
 """The step's tensor work is per bucket of same-shape blocks, never per parameter."""
 
+import itertools
+
 import torch
 
 from distsoap import SOAP
@@ -55,3 +57,28 @@ def test_parameter_names_are_built_once_not_per_block(monkeypatch):
     opt.add_param_group({"params": [torch.nn.Parameter(torch.randn(3))]})
     assert opt.param_name(params[0]) == "param_groups[0]['params'][0] of shape (5, 4)"
     assert len(calls) == 2  # a new group layout: built again
+
+
+def test_step_plans_stay_bounded_when_the_stepped_subset_changes():
+    """Each set of parameters with gradients gets its own plan; at most MAX_STEP_PLANS are
+    kept, and the results stay those of the per-parameter reference."""
+    from distsoap import ReferenceSOAP
+    from distsoap.optimizer import MAX_STEP_PLANS
+
+    subsets = list(itertools.combinations(range(6), 2))  # 15 pairs left out, > MAX_STEP_PLANS
+    runs = []
+    for cls in (SOAP, ReferenceSOAP):
+        gen = torch.Generator().manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(4, 3, generator=gen).double()) for _ in range(6)]
+        opt = cls(params, precondition_frequency=3)
+        for step in range(2 + 3 * len(subsets)):  # two full steps, then every subset 3 times
+            left_out = subsets[step % len(subsets)] if step >= 2 else ()
+            for i, p in enumerate(params):
+                grad = torch.randn(4, 3, generator=gen).double()
+                p.grad = None if i in left_out else grad
+            opt.step()
+        runs.append(params)
+        if cls is SOAP:
+            assert len(opt._plans) == MAX_STEP_PLANS
+    for got, want in zip(*runs):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=0)  # fp64 rounding only
