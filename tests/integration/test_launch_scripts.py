@@ -18,6 +18,7 @@ SCRIPTS = [
     ROOT / "launch" / "local.sh",
     ROOT / "launch" / "slurm.sbatch",
     *sorted((ROOT / "scripts").glob("*.sh")),
+    *sorted((ROOT / "benchmarks").glob("*.sh")),
     ROOT / ".ci" / "run",
 ]
 
