@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 import torch.distributed as dist
@@ -56,6 +57,15 @@ class CommBucket:
     def params(self) -> list[int]:
         """Every parameter index in the bucket."""
         return [i for part in self.owned for i in part]
+
+    @cached_property
+    def piece_sizes(self) -> list[int]:
+        """Sizes of the payload's pieces in order: per parameter its flag (1), its values."""
+        return [n for i in self.params for n in (1, self.numels[i])]
+
+    def part_piece_sizes(self, rank: int) -> list[int]:
+        """The same for ``rank``'s part alone."""
+        return [n for i in self.owned[rank] for n in (1, self.numels[i])]
 
     @property
     def total(self) -> int:
@@ -217,11 +227,11 @@ def pack_flagged(
     out = torch.empty(sum(1 + n for _, _, n in blocks), dtype=dtype, device=device)
     if not blocks:
         return out
-    flags = torch.tensor([flag for flag, _, _ in blocks], dtype=dtype, device=device)
+    flags = torch.tensor([flag for flag, _, _ in blocks], dtype=dtype, device=device).split(1)
     zero = torch.zeros((), dtype=dtype, device=device)
     pieces = []
-    for k, (_, values, numel) in enumerate(blocks):
-        pieces.append(flags[k : k + 1])
+    for flag, (_, values, numel) in zip(flags, blocks):
+        pieces.append(flag)
         pieces.append(zero.expand(numel) if values is None else values.reshape(-1))
     return torch.cat(pieces, out=out)
 

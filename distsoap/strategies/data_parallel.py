@@ -95,6 +95,7 @@ class DataParallel:
             max(1, int(self.bucket_cap_mb * 2**20 / element)),
         )
         self._flag_positions = [self._flags(b) for b in self.buckets]
+        self._positions: dict[int, torch.Tensor] = {}  # the same, as index tensors by bucket
         if self.sync_gradients:
             if getattr(self, "grad_sync", None) is not None:
                 self.grad_sync.remove()
@@ -189,9 +190,11 @@ class DataParallel:
         # the refreshes only prepare the next step: run them while the updates travel
         self.optimizer.finish_refreshes()
         aborting: set[int] = set()
+        groups = groups_by_param(self.optimizer)
         for bucket, exchange, flags in zip(self.buckets, pending, self._flag_positions):
             payload = exchange.wait()
-            aborting |= {self.owners[i] for i in self._apply_bucket(bucket, payload, flags)}
+            stopping = self._apply_bucket(bucket, payload, flags, groups)
+            aborting |= {self.owners[i] for i in stopping}
         self.stats.end_step()
         raise_if_aborted(error, aborting, self.rank)
 
@@ -214,28 +217,33 @@ class DataParallel:
     def _device(self) -> torch.device:
         return self.params[0].device if self.params else torch.device("cpu")
 
-    def _apply_bucket(self, bucket, payload: torch.Tensor, flags) -> list[int]:
+    def _apply_bucket(self, bucket, payload: torch.Tensor, flags, groups) -> list[int]:
         """Apply every block update of a gathered bucket whose flag says it was computed.
 
-        Returns the blocks whose owners flagged that training must stop.
+        ``groups`` maps ``id(param)`` to its param group. Returns the blocks whose owners
+        flagged that training must stop.
         """
-        positions = torch.tensor([pos for pos, _ in flags], device=payload.device)
-        computed = payload.index_select(0, positions).tolist() if flags else []
+        if not flags:
+            return []
+        positions = self._positions.get(bucket.index)
+        if positions is None or positions.device != payload.device:
+            positions = torch.tensor([pos for pos, _ in flags], device=payload.device)
+            self._positions[bucket.index] = positions
+        computed = payload.index_select(0, positions).tolist()
+        pieces = payload.split(bucket.piece_sizes)  # flag, values, flag, values, ... (views)
         by_group: dict[int, tuple[dict[str, Any], list, list]] = {}
-        groups = groups_by_param(self.optimizer)
         stopping = []
-        for (position, i), flag in zip(flags, computed):
+        for k, ((_, i), flag) in enumerate(zip(flags, computed)):
             has_update, abort = read_flag(flag)
             if abort:
                 stopping.append(i)
             if not has_update:
                 continue
             param = self.params[i]
-            delta = payload[position + 1 : position + 1 + bucket.numels[i]].view(param.shape)
             group = groups[id(param)]
             entry = by_group.setdefault(id(group), (group, [], []))
             entry[1].append(param)
-            entry[2].append(delta)
+            entry[2].append(pieces[2 * k + 1].view(param.shape))
         for group, params, deltas in by_group.values():
             apply_deltas(params, deltas, group)
         return stopping

@@ -46,6 +46,7 @@ class GradSync:
         self.group = group
         self.stats = stats
         self.bucket_of = {i: b.index for b in buckets for i in b.params}
+        self._piece_sizes = [b.part_piece_sizes(rank) for b in buckets]
         self.enabled = True
         self._reset()
         self._hooks = [
@@ -134,13 +135,10 @@ class GradSync:
             flags = summed[[bucket.offsets[i] for i in mine]].tolist()
             # the whole part at once (flags included, already read): no kernel per parameter
             averaged = summed.div_(self.world).to(bucket.dtype)
-            for i, count in zip(mine, flags):
-                if count == 0:
-                    result[i] = None
-                    continue
-                offset = bucket.offsets[i] + 1
-                grad = averaged[offset : offset + bucket.numels[i]]
-                result[i] = grad.view(self.params[i].shape)
+            pieces = averaged.split(self._piece_sizes[bucket.index])  # flag, values, ...
+            for k, (i, count) in enumerate(zip(mine, flags)):
+                grad = pieces[2 * k + 1].view(self.params[i].shape)
+                result[i] = None if count == 0 else grad
         if keep:
             self._reduced = result
         else:
