@@ -205,6 +205,12 @@ def first_call(
     return decomposed
 
 
+APPLY_CHUNK_ELEMENTS = 1 << 25
+"""Elements of low-precision parameters widened to fp32 at once by :func:`apply_deltas` (128
+MiB of fp32): bounds the temporary memory while keeping the kernel count per chunk, not per
+parameter."""
+
+
 def apply_deltas(
     params: list[torch.Tensor], deltas: list[torch.Tensor], group: dict[str, Any]
 ) -> None:
@@ -212,7 +218,8 @@ def apply_deltas(
 
     Parameters and deltas in fp32 (fp64 for fp64 parameters) take one ``foreach`` path; others
     (bf16 / fp16 parameters, or deltas that crossed the wire in bf16) are updated in fp32 and
-    rounded to the parameter's dtype once.
+    rounded to the parameter's dtype once, a chunk of parameters at a time
+    (:func:`_apply_widened`).
     """
     decay = -group["lr"] * group["weight_decay"]
     fast, slow = [], []
@@ -224,9 +231,31 @@ def apply_deltas(
         torch._foreach_add_(fast_params, [d for _, d in fast])
         if group["weight_decay"] > 0:
             torch._foreach_add_(fast_params, fast_params, alpha=decay)
+    chunk: list[tuple[torch.Tensor, torch.Tensor]] = []
+    size = 0
     for p, d in slow:
-        work = torch.float64 if p.dtype == torch.float64 else torch.float32
-        weight = p.to(work).add_(d.to(work))
-        if group["weight_decay"] > 0:
-            weight.add_(weight, alpha=decay)
-        p.copy_(weight)
+        same_kind = chunk and (p.dtype, p.device) == (chunk[0][0].dtype, chunk[0][0].device)
+        if chunk and (not same_kind or size + p.numel() > APPLY_CHUNK_ELEMENTS):
+            _apply_widened(chunk, decay if group["weight_decay"] > 0 else None)
+            chunk, size = [], 0
+        chunk.append((p, d))
+        size += p.numel()
+    if chunk:
+        _apply_widened(chunk, decay if group["weight_decay"] > 0 else None)
+
+
+def _apply_widened(pairs: list[tuple[torch.Tensor, torch.Tensor]], decay: float | None) -> None:
+    """Update parameters of one dtype and device in fp32 (fp64 for fp64), rounding once.
+
+    The parameters are concatenated and widened together, updated, and copied back with one
+    ``_foreach_copy_``: a fixed number of kernels for the whole chunk. Elementwise the same
+    arithmetic as widening each parameter on its own.
+    """
+    work = torch.float64 if pairs[0][0].dtype == torch.float64 else torch.float32
+    weight = torch.cat([p.reshape(-1) for p, _ in pairs]).to(work)
+    weight.add_(torch.cat([d.reshape(-1) for _, d in pairs]).to(work))
+    if decay is not None:
+        weight.add_(weight, alpha=decay)
+    pieces = weight.split([p.numel() for p, _ in pairs])
+    params = [p for p, _ in pairs]
+    torch._foreach_copy_(params, [w.view(p.shape) for w, p in zip(pieces, params)])

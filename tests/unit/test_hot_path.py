@@ -2,13 +2,15 @@
 
 import itertools
 
+import pytest
 import torch
 
 from distsoap import SOAP
 from distsoap.op_count import count_ops
 
 
-def test_kernel_ops_per_step_do_not_grow_with_the_number_of_parameters():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_kernel_ops_per_step_do_not_grow_with_the_number_of_parameters(dtype):
     """The hot path is batched: the aten ops one step dispatches (views aside) are per bucket.
 
     Counted below Python with a dispatch mode, so every tensor operation of the step is seen;
@@ -18,7 +20,7 @@ def test_kernel_ops_per_step_do_not_grow_with_the_number_of_parameters():
     def ops_in_one_step(copies: int, refresh: bool) -> int:
         torch.manual_seed(0)
         shapes = [(6, 5), (7,), (3, 4, 2)] * copies
-        params = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
+        params = [torch.nn.Parameter(torch.randn(s).to(dtype)) for s in shapes]
         opt = SOAP(params, weight_decay=0.1, precondition_frequency=3)
         measured = 3 if refresh else 4  # call 0 is the first call; update 3 refreshes
         for call in range(measured + 1):
@@ -82,3 +84,41 @@ def test_step_plans_stay_bounded_when_the_stepped_subset_changes():
             assert len(opt._plans) == MAX_STEP_PLANS
     for got, want in zip(*runs):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=0)  # fp64 rounding only
+
+
+def _apply_one_by_one(params, deltas, group):
+    """The definition of the low-precision update: each parameter widened, updated, rounded."""
+    decay = -group["lr"] * group["weight_decay"]
+    for p, d in zip(params, deltas):
+        work = torch.float64 if p.dtype == torch.float64 else torch.float32
+        weight = p.to(work).add_(d.to(work))
+        if group["weight_decay"] > 0:
+            weight.add_(weight, alpha=decay)
+        p.copy_(weight)
+
+
+@pytest.mark.parametrize("chunk", [1 << 25, 40])  # one chunk; many (a chunk per few params)
+def test_low_precision_apply_equals_widening_each_parameter(monkeypatch, chunk):
+    """bf16 / fp16 parameters are updated in chunks with a fixed kernel count; the result is
+    bitwise that of widening, updating and rounding each parameter on its own."""
+    import distsoap.engine as engine
+
+    monkeypatch.setattr(engine, "APPLY_CHUNK_ELEMENTS", chunk)
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(1,), (7,), (3, 5), (33, 17), (4, 6, 3, 3), (10003,)]
+    dtypes = [torch.bfloat16, torch.float16, torch.bfloat16, torch.float32, torch.float64]
+    params, deltas = [], []
+    for i, shape in enumerate(shapes * 2):
+        params.append(torch.randn(shape, generator=gen).to(dtypes[i % len(dtypes)]))
+        delta = torch.randn(shape, generator=gen) * 1e-2
+        deltas.append(delta.bfloat16() if i % 3 == 0 else delta)  # some crossed the wire in bf16
+    params[3] = params[3].mT.contiguous().mT  # a strided parameter
+    for weight_decay in (0.0, 0.3):
+        group = dict(lr=0.1, weight_decay=weight_decay)
+        want = [p.clone() for p in params]
+        _apply_one_by_one(want, deltas, group)
+        got = [p.clone() for p in params]
+        engine.apply_deltas(got, deltas, group)
+        for g, w in zip(got, want):
+            assert g.dtype == w.dtype and torch.equal(g, w)
+        assert not torch.equal(got[5], params[5])  # the update did something (10003 elements)
