@@ -15,6 +15,16 @@ import torch
 import triton
 import triton.language as tl
 
+# A launch addresses elements with int32 offsets unless told otherwise; the masked tail of the
+# last program reaches up to one BLOCK (65536 at most, the interpreter's) past the end, and must
+# not wrap either.
+INT32_SAFE_ELEMENTS = 2**31 - 1 - 65536
+
+
+def needs_wide_index(n_elements: int) -> bool:
+    """Whether a bucket of ``n_elements`` needs int64 offsets (int32 ones would wrap around)."""
+    return n_elements > INT32_SAFE_ELEMENTS
+
 
 def _configs() -> list[triton.Config]:
     if os.environ.get("TRITON_INTERPRET") == "1":  # one large block keeps the interpreter fast
@@ -38,9 +48,13 @@ def _rotated_adam_kernel(
     beta1,
     beta2,
     eps,
+    WIDE_INDEX: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    block = tl.program_id(0)
+    if WIDE_INDEX:  # 2^31 elements or more: int32 offsets would wrap to negative addresses
+        block = block.to(tl.int64)
+    offsets = block * BLOCK + tl.arange(0, BLOCK)
     mask = offsets < n_elements
     g = tl.load(g_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     m = tl.load(m_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
@@ -87,7 +101,8 @@ def rotated_adam_direction_triton(
     out = torch.empty_like(g)
     if n:
         grid = lambda meta: (triton.cdiv(n, meta["BLOCK"]),)  # noqa: E731
-        _rotated_adam_kernel[grid](m, v, g, out, scales, n, row, beta1, beta2, eps)
+        wide = needs_wide_index(n)
+        _rotated_adam_kernel[grid](m, v, g, out, scales, n, row, beta1, beta2, eps, wide)
     if m.data_ptr() != exp_avg.data_ptr():
         exp_avg.copy_(m)
     if v.data_ptr() != exp_avg_sq.data_ptr():

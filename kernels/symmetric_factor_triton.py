@@ -21,6 +21,25 @@ import torch
 import triton
 import triton.language as tl
 
+INT32_MAX = 2**31 - 1
+
+
+def largest_offset(tensor: torch.Tensor) -> int:
+    """The element offset of a tensor's last element from its first, given its strides."""
+    return sum((size - 1) * stride for size, stride in zip(tensor.shape, tensor.stride()))
+
+
+def needs_wide_index(factor: torch.Tensor, unfolded: torch.Tensor) -> bool:
+    """Whether addressing these tensors needs int64 offsets (int32 ones would wrap around).
+
+    Each term of an address (batch, row or column times its stride) is at most the largest
+    offset, so int32 is safe while that fits. Masked lanes beyond the edges may wrap, but they
+    are never read or written.
+    """
+    if factor.numel() == 0 or unfolded.numel() == 0:
+        return False
+    return max(largest_offset(factor), largest_offset(unfolded)) > INT32_MAX
+
 
 def _configs() -> list[triton.Config]:
     if os.environ.get("TRITON_INTERPRET") == "1":
@@ -50,6 +69,7 @@ def _symmetric_factor_kernel(
     stride_gr,
     stride_gc,
     beta,
+    WIDE_INDEX: tl.constexpr,
     BLOCK: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
@@ -59,12 +79,18 @@ def _symmetric_factor_kernel(
     tile_row += ((tile_row + 1) * (tile_row + 2) // 2 <= pair).to(tl.int32)  # sqrt rounding
     tile_row -= (tile_row * (tile_row + 1) // 2 > pair).to(tl.int32)
     tile_col = pair - tile_row * (tile_row + 1) // 2
+    if WIDE_INDEX:  # an offset of 2^31 or more: int32 products with the strides would wrap
+        batch = batch.to(tl.int64)
+        tile_row = tile_row.to(tl.int64)
+        tile_col = tile_col.to(tl.int64)
     rows = tile_row * BLOCK + tl.arange(0, BLOCK)
     cols = tile_col * BLOCK + tl.arange(0, BLOCK)
     g = g_ptr + batch * stride_gb
     acc = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
     for start in range(0, r, BLOCK_K):
         k = start + tl.arange(0, BLOCK_K)
+        if WIDE_INDEX:
+            k = k.to(tl.int64)
         left = tl.load(
             g + rows[:, None] * stride_gr + k[None, :] * stride_gc,
             mask=(rows[:, None] < d) & (k[None, :] < r),
@@ -107,6 +133,7 @@ def symmetric_factor_update_triton(factor: torch.Tensor, unfolded: torch.Tensor,
         tiles = triton.cdiv(d, meta["BLOCK"])
         return (tiles * (tiles + 1) // 2, batch)
 
+    wide = needs_wide_index(factor, unfolded)
     _symmetric_factor_kernel[grid](
-        factor, unfolded, d, r, *factor.stride(), *unfolded.stride(), beta
+        factor, unfolded, d, r, *factor.stride(), *unfolded.stride(), beta, wide
     )

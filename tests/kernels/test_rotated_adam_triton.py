@@ -51,3 +51,27 @@ def test_rejects_unsupported_dtypes():
         triton_kernel.rotated_adam_direction_triton(m, v, g.double(), 0.9, 0.9, 1e-8, 1.0)
     with pytest.raises(ValueError, match="moments must be one of"):
         triton_kernel.rotated_adam_direction_triton(m.half(), v, g, 0.9, 0.9, 1e-8, 1.0)
+
+
+def test_wide_index_path_matches_torch_definition(monkeypatch):
+    # the int64-offset variant, forced on a small bucket (a real one needs 2^31 elements)
+    monkeypatch.setattr(triton_kernel, "INT32_SAFE_ELEMENTS", 0)
+    assert triton_kernel.needs_wide_index(1)
+    m1, v1, g = _inputs((3, 5, 71), torch.bfloat16, seed=2)
+    m2, v2 = m1.clone(), v1.clone()
+    scale = torch.tensor([-0.1, -0.2, -0.3], device=DEVICE)
+    want = rotated_adam_direction_torch(m1, v1, g, 0.9, 0.99, 1e-8, scale)
+    got = triton_kernel.rotated_adam_direction_triton(m2, v2, g, 0.9, 0.99, 1e-8, scale)
+    tol = TOLERANCE[torch.bfloat16]
+    torch.testing.assert_close(got, want, **tol)
+    torch.testing.assert_close(m2.float(), m1.float(), **tol)
+    torch.testing.assert_close(v2.float(), v1.float(), **tol)
+
+
+def test_buckets_of_two_billion_elements_take_int64_offsets():
+    # int32 offsets wrap at 2^31; the last program's masked tail reaches one BLOCK further
+    largest_block = 65536
+    assert not triton_kernel.needs_wide_index(2**31 - 1 - largest_block)
+    assert triton_kernel.needs_wide_index(2**31 - largest_block)
+    assert triton_kernel.needs_wide_index(320 * 2560 * 3072)  # 320 stacked 2560x3072 blocks
+    assert not triton_kernel.needs_wide_index(48 * 768 * 3072)  # GPT-2 small's MLP, 4 copies

@@ -54,3 +54,31 @@ def test_rejects_bad_inputs():
         triton_kernel.symmetric_factor_update_triton(factor, g.half(), 0.9)
     with pytest.raises(ValueError, match="factor of shape"):
         triton_kernel.symmetric_factor_update_triton(factor[:, :3, :3], g, 0.9)
+
+
+def test_wide_index_path_matches_baddbmm(monkeypatch):
+    # the int64-offset variant, forced on small factors (real ones need 2^31-element offsets)
+    monkeypatch.setattr(triton_kernel, "INT32_MAX", 0)
+    factor, g = _inputs(3, 33, 20, torch.bfloat16, seed=3)
+    assert triton_kernel.needs_wide_index(factor, g)
+    want = factor.clone()
+    update_factors([want], g.float(), 0.9)
+    got = factor.clone()
+    triton_kernel.symmetric_factor_update_triton(got, g, 0.9)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)  # as test_matches_baddbmm
+    assert torch.equal(got, got.mT)
+
+
+def test_offsets_past_int32_take_int64_indexing():
+    # meta tensors: the shapes and strides of real buckets, no memory
+    def meta(*shape):
+        return torch.empty(shape, device="meta")
+
+    small_factor, small_grad = meta(48, 768, 768), meta(48, 768, 3072)
+    assert not triton_kernel.needs_wide_index(small_factor, small_grad)
+    # 320 stacked 2560x3072 gradients: the last batch starts at 319 * 7.9M > 2^31
+    assert triton_kernel.needs_wide_index(meta(320, 2560, 2560), meta(320, 2560, 3072))
+    # few elements in all, but a strided view whose row stride times d passes 2^31
+    strided = meta(1, 2**31).as_strided((1, 2, 2), (0, 2**31 - 1, 1))
+    assert triton_kernel.needs_wide_index(strided, meta(1, 2, 3))
+    assert not triton_kernel.needs_wide_index(meta(0, 5, 5), meta(0, 5, 7))
