@@ -13,7 +13,9 @@ reports what the generated code shows:
   approach the memory bandwidth);
 - the shared memory per program, against the architecture's limit (a config over it fails
   only when the autotuner tries it on the GPU);
-- whether fp32 products were lowered to TF32 tensor-core instructions (they must not be).
+- whether fp32 products were lowered to TF32 tensor-core instructions (they must not be);
+- registers per thread and stack bytes (register spills) from the cubin (``cuobjdump``, shipped
+  with Triton too).
 
 Arguments are typed as the launcher types them for tensors from PyTorch's allocator: pointers
 16-byte aligned, sizes divisible by 16 where a transformer's are, unit strides as constants.
@@ -29,6 +31,8 @@ import argparse
 import json
 import os
 import re
+import subprocess
+import tempfile
 from dataclasses import asdict, dataclass
 
 # Shared memory one program may use, by compute capability (CUDA programming guide, "Technical
@@ -64,6 +68,10 @@ class CompiledVariant:
     """Whether any product was lowered to a TF32 instruction."""
     cubin_bytes: int
     """Size of the machine code ptxas produced (0 would mean no cubin)."""
+    registers: int
+    """Registers per thread (255 is the most a thread can have)."""
+    stack_bytes: int
+    """Per-thread stack frame: registers spilled to local memory (slow, off-chip)."""
 
 
 def _config_name(config) -> str:
@@ -71,8 +79,26 @@ def _config_name(config) -> str:
     return f"{blocks},warps={config.num_warps},stages={config.num_stages}"
 
 
+def _resource_usage(cubin: bytes) -> tuple[int, int]:
+    """Registers and stack bytes per thread of the one kernel in a cubin."""
+    import triton
+
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as file:
+        file.write(cubin)
+        file.flush()
+        tool = triton.knobs.nvidia.cuobjdump.path
+        report = subprocess.run(
+            [tool, "-res-usage", file.name], capture_output=True, text=True, check=True
+        ).stdout
+    usage = re.search(r"REG:(\d+) STACK:(\d+)", report)
+    if usage is None:
+        raise RuntimeError(f"cuobjdump printed no resource usage:\n{report}")
+    return int(usage.group(1)), int(usage.group(2))
+
+
 def _facts(compiled, **fields) -> CompiledVariant:
     ttir, ptx = compiled.asm["ttir"], compiled.asm["ptx"]
+    registers, stack_bytes = _resource_usage(compiled.asm["cubin"])
     widths = [int(w) for w in re.findall(r"arith\.muli [^\n]*?: (?:tensor<(?:\d+x)+)?i(\d+)", ttir)]
     return CompiledVariant(
         **fields,
@@ -83,6 +109,8 @@ def _facts(compiled, **fields) -> CompiledVariant:
         shared_limit=SHARED_MEMORY_LIMIT.get(fields["arch"], 48 * 1024),
         uses_tf32=bool(re.search(r"tf32", ptx)),
         cubin_bytes=len(compiled.asm["cubin"]),
+        registers=registers,
+        stack_bytes=stack_bytes,
     )
 
 

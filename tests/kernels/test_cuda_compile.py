@@ -66,3 +66,11 @@ def test_refuses_to_run_under_the_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     with pytest.raises(RuntimeError, match="unset TRITON_INTERPRET"):
         compile_check.compile_all(90)
+
+
+def test_rotated_adam_never_spills_registers(variants):
+    # a spill is a round trip to local (off-chip) memory per element: bandwidth lost; and at
+    # <= 128 registers a thread, 512 threads stay resident per SM (65536 registers) to hide latency
+    for v in variants:
+        if v["kernel"] == "rotated_adam":
+            assert v["stack_bytes"] == 0 and v["registers"] <= 128, v
