@@ -232,7 +232,11 @@ def pack_flagged(
     pieces = []
     for flag, (_, values, numel) in zip(flags, blocks):
         pieces.append(flag)
-        pieces.append(zero.expand(numel) if values is None else values.reshape(-1))
+        if values is None:
+            values = zero.expand(numel)
+        elif values.dim() != 1:  # a reshape of a 1-D tensor would still cost a dispatch
+            values = values.reshape(-1)
+        pieces.append(values)
     return torch.cat(pieces, out=out)
 
 

@@ -8,7 +8,9 @@ shards). Ranks in different *replica groups* hold the same pieces again (HSDP's 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 import torch.distributed as dist
@@ -30,31 +32,51 @@ class ShardLayout:
     """Per group rank, its replica group; ranks of one replica group hold the whole parameter
     between them, each piece once."""
 
+    @cached_property
+    def piece_numels(self) -> tuple[int, ...]:
+        """Per group rank, the number of elements of its piece."""
+        inner = math.prod(d for i, d in enumerate(self.split_shape) if i != self.dim)
+        return tuple((stop - start) * inner for start, stop in self.ranges)
+
     def numel(self, rank: int) -> int:
         """Elements of ``rank``'s piece."""
-        start, stop = self.ranges[rank]
-        inner = 1
-        for i, d in enumerate(self.split_shape):
-            if i != self.dim:
-                inner *= d
-        return (stop - start) * inner
+        return self.piece_numels[rank]
 
-    def sources(self, owner: int) -> list[int]:
+    @cached_property
+    def _sources_by_replica(self) -> dict[int, tuple[int, ...]]:
+        groups: dict[int, list[int]] = {}
+        for r, g in enumerate(self.replica):
+            groups.setdefault(g, []).append(r)
+        return {
+            g: tuple(sorted(ranks, key=lambda r: (self.ranges[r][0], r)))
+            for g, ranks in groups.items()
+        }
+
+    def sources(self, owner: int) -> tuple[int, ...]:
         """The ranks whose pieces make up the whole parameter for ``owner``.
 
         These are the ranks of the owner's replica group, in the order of their ranges.
         """
-        ranks = [r for r, g in enumerate(self.replica) if g == self.replica[owner]]
-        return sorted(ranks, key=lambda r: (self.ranges[r][0], r))
+        return self._sources_by_replica[self.replica[owner]]
 
-    @property
+    @cached_property
     def pieces_concatenate(self) -> bool:
         """Whether the whole parameter, flattened, is its flat pieces one after another.
 
         True when the split is along the first dim that is not 1 (FSDP2's ``Shard(0)``, FSDP1's
-        and DeepSpeed's flat ranges), so many parameters can be assembled by one concatenation.
+        and DeepSpeed's flat ranges), so many parameters can be assembled by one concatenation,
+        and each rank's piece is one range of the flattened parameter (:attr:`flat_ranges`).
         """
         return all(d == 1 for d in self.split_shape[: self.dim])
+
+    @cached_property
+    def flat_ranges(self) -> tuple[tuple[int, int], ...]:
+        """Per group rank, ``[start, stop)`` of its piece in the flattened parameter.
+
+        Meaningful only for layouts whose :attr:`pieces_concatenate` is True.
+        """
+        inner = math.prod(self.split_shape[self.dim + 1 :])
+        return tuple((start * inner, stop * inner) for start, stop in self.ranges)
 
     def assemble(self, pieces: list[torch.Tensor]) -> torch.Tensor:
         """The whole parameter from flat pieces given in ``sources`` order."""

@@ -63,6 +63,10 @@ class ExchangePlan:
     grad_recv_sizes: list[int]
     update_send_sizes: list[int]
     update_recv_sizes: list[int]
+    grad_from_splits: list[list[int]]
+    """Per source rank: ``[1, n, 1, n, ...]``, its payload cut into flags and pieces."""
+    update_from_splits: list[list[int]]
+    """Per owner: ``[1, n, 1, n, ...]``, its payload cut into flags and pieces."""
 
     @classmethod
     def build(
@@ -90,6 +94,9 @@ class ExchangePlan:
         def size(rank: int, chosen: list[int]) -> int:
             return sum(1 + layouts[i].numel(rank) for i in chosen)
 
+        def splits(rank: int, chosen: list[int]) -> list[int]:
+            return [n for i in chosen for n in (1, layouts[i].numel(rank))]
+
         return cls(
             mine=mine,
             grad_to=grad_to,
@@ -99,6 +106,8 @@ class ExchangePlan:
             grad_recv_sizes=[size(s, chosen) for s, chosen in enumerate(grad_from)],
             update_send_sizes=[size(d, mine) for d in range(world)],
             update_recv_sizes=[size(me, chosen) for chosen in update_from],
+            grad_from_splits=[splits(s, chosen) for s, chosen in enumerate(grad_from)],
+            update_from_splits=[splits(me, chosen) for chosen in update_from],
         )
 
 
@@ -263,24 +272,31 @@ class ShardedLossless:
         pieces: dict[int, dict[int, torch.Tensor]] = {i: {} for i in plan.mine}
         present: dict[int, bool] = {i: False for i in plan.mine}
         for source, (from_source, buffer) in enumerate(zip(plan.grad_from, received)):
-            offsets = self._offsets(from_source, source)
-            flags = buffer[offsets].tolist() if from_source else []
-            for i, offset, flag in zip(from_source, offsets, flags):
-                n = self.layouts[i].numel(source)
+            flags, values = _flags_and_pieces(buffer, plan.grad_from_splits[source])
+            for i, flag, piece in zip(from_source, flags, values):
                 present[i] = present[i] or flag != 0
-                pieces[i][source] = buffer[offset + 1 : offset + 1 + n]
+                pieces[i][source] = piece
         grads = self._assemble([i for i in plan.mine if present[i]], pieces)
         updates = self.optimizer.compute_updates(grads, defer_refresh=True)
         error = self.optimizer.faults.take_pending()
         # 3. update pieces back to every rank
         out_dtype = self.comm_dtype or self.exact
+        deltas = [updates.get(id(self.params[i]), (None, None))[1] for i in plan.mine]
+        flat = [
+            None if d is None or not self.layouts[i].pieces_concatenate else d.reshape(-1)
+            for i, d in zip(plan.mine, deltas)
+        ]
         blocks = []
         for destination in range(self.world):
-            for i in plan.mine:
-                delta = updates.get(id(self.params[i]), (None, None))[1]
-                piece = None if delta is None else self.layouts[i].extract(delta, destination)
+            for i, delta, whole in zip(plan.mine, deltas, flat):
+                layout = self.layouts[i]
+                if whole is not None:  # one view instead of a reshape, narrow and reshape
+                    start, stop = layout.flat_ranges[destination]
+                    piece = whole[start:stop]
+                else:
+                    piece = None if delta is None else layout.extract(delta, destination)
                 flag = update_flag(delta is not None, error is not None)
-                blocks.append((flag, piece, self.layouts[i].numel(destination)))
+                blocks.append((flag, piece, layout.numel(destination)))
         send = pack_flagged(blocks, out_dtype, device)
         received = self._exchange(  # the refreshes only prepare the next step: overlap them
             send,
@@ -293,20 +309,17 @@ class ShardedLossless:
         groups = self._groups_by_param()
         aborting: set[int] = set()
         for owner, (from_owner, buffer) in enumerate(zip(plan.update_from, received)):
-            offsets = self._offsets(from_owner, self.rank)
-            flags = buffer[offsets].tolist() if from_owner else []
-            for i, offset, flag in zip(from_owner, offsets, flags):
-                n = self.layouts[i].numel(self.rank)
+            flags, values = _flags_and_pieces(buffer, plan.update_from_splits[owner])
+            for i, flag, piece in zip(from_owner, flags, values):
                 has_update, abort = read_flag(flag)
                 if abort:
                     aborting.add(owner)
-                if has_update and n > 0:
+                if has_update and piece.numel() > 0:
                     target = self._local_target(i)
-                    delta = buffer[offset + 1 : offset + 1 + n].view(target.shape)
                     group = groups[id(self.params[i])]
                     entry = by_group.setdefault(id(group), (group, [], []))
                     entry[1].append(target)
-                    entry[2].append(delta)
+                    entry[2].append(piece.view(target.shape))
         for group, targets, deltas in by_group.values():
             apply_deltas(targets, deltas, group)
         self._end_step()
@@ -349,13 +362,13 @@ class ShardedLossless:
         """``id(param)`` -> its param group now (hyperparameters may change between steps)."""
         return groups_by_param(self.optimizer)
 
-    def _offsets(self, items: list[int], rank: int) -> list[int]:
-        """Where each item's flag sits in a payload of ``rank``-sized pieces."""
-        offsets, offset = [], 0
-        for i in items:
-            offsets.append(offset)
-            offset += 1 + self.layouts[i].numel(rank)
-        return offsets
+
+def _flags_and_pieces(buffer: torch.Tensor, splits: list[int]) -> tuple[list[float], list]:
+    """A ``[flag, piece...]`` payload cut by ``splits`` into its flags (read) and pieces (views)."""
+    if not splits:
+        return [], []
+    cut = buffer.split(splits)
+    return torch.cat(cut[0::2]).tolist(), cut[1::2]
 
 
 class LocalShards(SingleProcess):
