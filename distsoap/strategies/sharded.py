@@ -271,9 +271,9 @@ class ShardedLossless:
         # 2. whole gradients of owned blocks, SOAP on them
         pieces: dict[int, dict[int, torch.Tensor]] = {i: {} for i in plan.mine}
         present: dict[int, bool] = {i: False for i in plan.mine}
-        for source, (from_source, buffer) in enumerate(zip(plan.grad_from, received)):
-            flags, values = _flags_and_pieces(buffer, plan.grad_from_splits[source])
-            for i, flag, piece in zip(from_source, flags, values):
+        flags_from, pieces_from = _flags_and_pieces(received, plan.grad_from_splits)
+        for source, from_source in enumerate(plan.grad_from):
+            for i, flag, piece in zip(from_source, flags_from[source], pieces_from[source]):
                 present[i] = present[i] or flag != 0
                 pieces[i][source] = piece
         grads = self._assemble([i for i in plan.mine if present[i]], pieces)
@@ -308,9 +308,9 @@ class ShardedLossless:
         by_group: dict[int, tuple[dict[str, Any], list, list]] = {}
         groups = self._groups_by_param()
         aborting: set[int] = set()
-        for owner, (from_owner, buffer) in enumerate(zip(plan.update_from, received)):
-            flags, values = _flags_and_pieces(buffer, plan.update_from_splits[owner])
-            for i, flag, piece in zip(from_owner, flags, values):
+        flags_from, pieces_from = _flags_and_pieces(received, plan.update_from_splits)
+        for owner, from_owner in enumerate(plan.update_from):
+            for i, flag, piece in zip(from_owner, flags_from[owner], pieces_from[owner]):
                 has_update, abort = read_flag(flag)
                 if abort:
                     aborting.add(owner)
@@ -363,12 +363,22 @@ class ShardedLossless:
         return groups_by_param(self.optimizer)
 
 
-def _flags_and_pieces(buffer: torch.Tensor, splits: list[int]) -> tuple[list[float], list]:
-    """A ``[flag, piece...]`` payload cut by ``splits`` into its flags (read) and pieces (views)."""
-    if not splits:
-        return [], []
-    cut = buffer.split(splits)
-    return torch.cat(cut[0::2]).tolist(), cut[1::2]
+def _flags_and_pieces(
+    buffers: list[torch.Tensor], splits: list[list[int]]
+) -> tuple[list[list[float]], list[list[torch.Tensor]]]:
+    """Every peer's ``[flag, piece...]`` payload cut by its splits: flags and pieces per peer.
+
+    The flags of all peers are read with one concatenation and one copy to the host (one
+    device sync per exchange, not one per peer); the pieces are views.
+    """
+    cuts = [buffer.split(sizes) if sizes else () for buffer, sizes in zip(buffers, splits)]
+    flag_views = [flag for cut in cuts for flag in cut[0::2]]
+    values = torch.cat(flag_views).tolist() if flag_views else []
+    flags, start = [], 0
+    for cut in cuts:
+        flags.append(values[start : start + len(cut) // 2])
+        start += len(cut) // 2
+    return flags, [cut[1::2] for cut in cuts]
 
 
 class LocalShards(SingleProcess):

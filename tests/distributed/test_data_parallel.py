@@ -146,3 +146,11 @@ def test_kernel_ops_per_step_do_not_grow_with_the_number_of_parameters(strategy)
     few = run_ranks(ops_per_step, 2, strategy, 4)
     many = run_ranks(ops_per_step, 2, strategy, 12)
     assert few == many
+
+
+def test_fsdp2_ops_per_step_do_not_grow_with_the_world_size():
+    """Each exchange reads the flags of every peer with one concatenation and one host copy.
+
+    On a GPU that read is a device sync: one per exchange, not one per peer rank.
+    """
+    assert run_ranks(ops_per_step, 2, "fsdp2", 12)[0] == run_ranks(ops_per_step, 4, "fsdp2", 12)[0]
