@@ -212,8 +212,10 @@ def pack_flagged(
 ) -> torch.Tensor:
     """Lay out ``[flag, values...]`` per block in one new buffer, in the given order.
 
-    One host-to-device copy for every flag and one concatenation for the whole buffer, whatever
-    the number of blocks, so packing launches no kernel per block.
+    One concatenation for the whole buffer, whatever the number of blocks, so packing launches
+    no kernel per block. When every flag is the same (every step after the first, faults
+    aside) the flags are one ``torch.full`` on the device; otherwise they are copied from the
+    host once, which on a GPU waits for the device's queued work.
 
     Args:
         blocks: per block its flag, its values (any shape; None sends ``numel`` zeros) and
@@ -227,7 +229,11 @@ def pack_flagged(
     out = torch.empty(sum(1 + n for _, _, n in blocks), dtype=dtype, device=device)
     if not blocks:
         return out
-    flags = torch.tensor([flag for flag, _, _ in blocks], dtype=dtype, device=device).split(1)
+    values = [flag for flag, _, _ in blocks]
+    if all(value == values[0] for value in values):
+        flags = torch.full((len(values),), values[0], dtype=dtype, device=device).split(1)
+    else:
+        flags = torch.tensor(values, dtype=dtype, device=device).split(1)
     zero = torch.zeros((), dtype=dtype, device=device)
     pieces = []
     for flag, (_, values, numel) in zip(flags, blocks):

@@ -31,10 +31,15 @@ class CountOps(TorchDispatchMode):
         """Of ``count``, the reads of a tensor's value into Python by ``.item()`` (``.tolist()``
         does not dispatch, so it is not seen): a device sync for a GPU tensor, no kernel for a
         CPU one (torch's AdamW reads its CPU step counters this way, two per parameter)."""
+        self.host_tensors = 0
+        """Of ``count``, the tensors built from Python data (``torch.tensor(list)``, indexing
+        with a list). For a GPU tensor each is a host-to-device copy from pageable memory,
+        which torch makes synchronous: the host waits for the device's queued work."""
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.count += not func.is_view
         self.scalar_reads += func is torch.ops.aten._local_scalar_dense.default
+        self.host_tensors += func is torch.ops.aten.lift_fresh.default
         return func(*args, **(kwargs or {}))
 
 

@@ -132,10 +132,12 @@ class GradSync:
                 continue
             work = torch.float64 if bucket.dtype == torch.float64 else torch.float32
             summed = received.to(work).sum(dim=0)
-            flags = summed[[bucket.offsets[i] for i in mine]].tolist()
+            sizes = self._piece_sizes[bucket.index]  # flag, values, flag, values, ...
+            # gathered on the device, not indexed with a host list (a synchronous copy on a GPU)
+            flags = torch.cat(summed.split(sizes)[0::2]).tolist()
             # the whole part at once (flags included, already read): no kernel per parameter
             averaged = summed.div_(self.world).to(bucket.dtype)
-            pieces = averaged.split(self._piece_sizes[bucket.index])  # flag, values, ...
+            pieces = averaged.split(sizes)
             for k, (i, count) in enumerate(zip(mine, flags)):
                 grad = pieces[2 * k + 1].view(self.params[i].shape)
                 result[i] = None if count == 0 else grad

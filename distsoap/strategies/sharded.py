@@ -415,7 +415,7 @@ class LocalShards(SingleProcess):
         if dist.is_initialized():  # one rank stopping alone would hang FSDP's next collective
             rank = dist.get_rank()
             stop = torch.zeros(dist.get_world_size(), device=self._device())
-            stop[rank] = float(error is not None)
+            stop[rank].fill_(float(error is not None))  # a scalar fill, no host-to-device copy
             dist.all_reduce(stop)
             world = dist.get_world_size()
             self.stats.add("fault_check", stop.element_size() * 2 * (world - 1))  # ring volume

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from distsoap import SOAP
-from distsoap.op_count import count_ops
+from distsoap.op_count import CountOps
 
 SHAPES = [(6, 5), (7,), (3, 4, 2)]
 
@@ -27,7 +27,12 @@ class Blocks(nn.Module):
 
 
 def ops_per_step(rank: int, world: int, strategy: str, copies: int) -> dict[str, int]:
-    """The ops of ``optimizer.step()`` on a refresh step (update 3) and the step after it."""
+    """The ops of ``optimizer.step()`` on a refresh step (update 3) and the step after it.
+
+    Keys ``refresh`` and ``plain``: non-view ops; ``refresh_from_host`` and
+    ``plain_from_host``: of those, tensors built from host data (a synchronous host-to-device
+    copy on a GPU).
+    """
     model = Blocks(copies)
     forward = model
     if strategy == "ddp":
@@ -47,7 +52,10 @@ def ops_per_step(rank: int, world: int, strategy: str, copies: int) -> dict[str,
         else:
             forward(step, rank).backward()
         if step >= 3:
-            counts["refresh" if step == 3 else "plain"] = count_ops(opt.step)
+            name = "refresh" if step == 3 else "plain"
+            with CountOps() as counter:
+                opt.step()
+            counts[name], counts[f"{name}_from_host"] = counter.count, counter.host_tensors
         else:
             opt.step()
     return counts

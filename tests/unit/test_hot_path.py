@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from distsoap import SOAP
-from distsoap.op_count import count_ops
+from distsoap.op_count import CountOps
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
@@ -17,7 +17,7 @@ def test_kernel_ops_per_step_do_not_grow_with_the_number_of_parameters(dtype):
     on a GPU each is a kernel launch, which is what a per-parameter loop would multiply.
     """
 
-    def ops_in_one_step(copies: int, refresh: bool) -> int:
+    def ops_in_one_step(copies: int, refresh: bool) -> tuple[int, int]:
         torch.manual_seed(0)
         shapes = [(6, 5), (7,), (3, 4, 2)] * copies
         params = [torch.nn.Parameter(torch.randn(s).to(dtype)) for s in shapes]
@@ -27,13 +27,17 @@ def test_kernel_ops_per_step_do_not_grow_with_the_number_of_parameters(dtype):
             for p in params:
                 p.grad = torch.randn_like(p)
             if call == measured:
-                return count_ops(opt.step)
+                with CountOps() as counter:
+                    opt.step()
+                return counter.count, counter.host_tensors
             opt.step()
         raise AssertionError("unreachable")
 
     for refresh in (False, True):
         few, many = ops_in_one_step(2, refresh), ops_in_one_step(12, refresh)
         assert few == many, (refresh, few, many)
+        # no tensor built from host data: on a GPU each would be a synchronous copy
+        assert few[1] == 0, (refresh, few)
 
 
 def test_parameter_names_are_built_once_not_per_block(monkeypatch):
