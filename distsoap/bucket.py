@@ -10,6 +10,10 @@ from __future__ import annotations
 
 import torch
 
+MAX_ROW_INDICES = 32
+"""Row-index tensors a bucket keeps (a staggered schedule cycles through at most
+``precondition_frequency`` subsets of rows; other subsets come from missing gradients)."""
+
 
 def block_tensor_keys(factored: tuple[bool, ...]) -> list[str]:
     """State keys holding tensors for a block with the given factored dims."""
@@ -38,6 +42,7 @@ class Bucket:
         for i, state in enumerate(states):
             for k in keys:
                 state[k] = self.storage[k][i]
+        self._indices: dict[tuple[int, ...], torch.Tensor] = {}
 
     def __len__(self) -> int:
         return len(self.params)
@@ -54,8 +59,24 @@ class Bucket:
         """
         if rows == list(range(len(self))):
             return dict(self.storage)
-        index = torch.tensor(rows, device=next(iter(self.storage.values())).device)
+        index = self.row_index(rows)
         return {k: v.index_select(0, index) for k, v in self.storage.items()}
+
+    def row_index(self, rows: list[int]) -> torch.Tensor:
+        """``rows`` as an index tensor on the storage's device, kept for the next time.
+
+        Built from a host list only the first time a subset is seen: on a GPU that copy waits
+        for the device's queued work, and a staggered schedule asks for the same few subsets
+        every cycle.
+        """
+        key = tuple(rows)
+        index = self._indices.get(key)
+        if index is None:
+            if len(self._indices) >= MAX_ROW_INDICES:  # drop the oldest
+                del self._indices[next(iter(self._indices))]
+            device = next(iter(self.storage.values())).device
+            index = self._indices[key] = torch.tensor(rows, device=device)
+        return index
 
     def write_back(self, rows: list[int], tensors: dict[str, torch.Tensor]) -> None:
         """Store tensors obtained from :meth:`select` (a no-op when they are the storage)."""
@@ -66,4 +87,4 @@ class Bucket:
             if v.shape == target.shape and rows == list(range(len(self))):
                 target.copy_(v)
             else:
-                target.index_copy_(0, torch.tensor(rows, device=target.device), v)
+                target.index_copy_(0, self.row_index(rows), v)

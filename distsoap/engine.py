@@ -89,8 +89,10 @@ def soap_update(
     if group["normalize_grads"]:
         flat = delta.reshape(delta.shape[0], -1)
         rms = flat.square().mean(dim=1).sqrt().add_(1e-30)
-        scales = torch.tensor(sizes, dtype=delta.dtype, device=delta.device) / rms
-        delta = delta * scales.view(-1, *[1] * rank)
+        per_block = _per_block(sizes, delta)  # shared: a fill, no host-to-device copy
+        if not isinstance(per_block, torch.Tensor):
+            per_block = torch.full_like(rms, per_block)
+        delta = delta * (per_block / rms).view(-1, *[1] * rank)
 
     update_factors(factors, grads, shampoo_beta)
     if not any(b is not None for b in bases):
