@@ -144,6 +144,25 @@ def _real_configs(module) -> list:
             os.environ["TRITON_INTERPRET"] = interpret
 
 
+def _every_config(
+    jit_kernel, module, signature, constexprs, arch, **fields
+) -> list[CompiledVariant]:
+    """One kernel variant compiled with each autotune config of ``module``.
+
+    ``fields``: the :class:`CompiledVariant` fields that name the variant (kernel, dtype).
+    """
+    return [
+        _facts(
+            _compile(jit_kernel.fn, signature, constexprs, config, arch),
+            **fields,
+            wide_index=constexprs["WIDE_INDEX"],
+            config=_config_name(config),
+            arch=arch,
+        )
+        for config in _real_configs(module)
+    ]
+
+
 def rotated_adam_variants(arch: int) -> list[CompiledVariant]:
     """Compile the rotated-Adam kernel: fp32 / bf16 moments, int32 / int64 offsets, every config."""
     from . import rotated_adam_triton as module
@@ -165,20 +184,15 @@ def rotated_adam_variants(arch: int) -> list[CompiledVariant]:
                 "WIDE_INDEX": "constexpr",
                 "BLOCK": "constexpr",
             }
-            for config in _real_configs(module):
-                compiled = _compile(
-                    module._rotated_adam_kernel.fn, signature, {"WIDE_INDEX": wide}, config, arch
-                )
-                variants.append(
-                    _facts(
-                        compiled,
-                        kernel="rotated_adam",
-                        dtype=moments,
-                        wide_index=wide,
-                        config=_config_name(config),
-                        arch=arch,
-                    )
-                )
+            variants += _every_config(
+                module._rotated_adam_kernel,
+                module,
+                signature,
+                {"WIDE_INDEX": wide},
+                arch,
+                kernel="rotated_adam",
+                dtype=moments,
+            )
     return variants
 
 
@@ -206,20 +220,15 @@ def symmetric_factor_variants(arch: int) -> list[CompiledVariant]:
                 "BLOCK_K": "constexpr",
             }
             constexprs = {"stride_fc": 1, "stride_gc": 1, "WIDE_INDEX": wide}
-            for config in _real_configs(module):
-                compiled = _compile(
-                    module._symmetric_factor_kernel.fn, signature, constexprs, config, arch
-                )
-                variants.append(
-                    _facts(
-                        compiled,
-                        kernel="symmetric_factor",
-                        dtype=grads,
-                        wide_index=wide,
-                        config=_config_name(config),
-                        arch=arch,
-                    )
-                )
+            variants += _every_config(
+                module._symmetric_factor_kernel,
+                module,
+                signature,
+                constexprs,
+                arch,
+                kernel="symmetric_factor",
+                dtype=grads,
+            )
     return variants
 
 
