@@ -229,11 +229,11 @@ def pack_flagged(
     out = torch.empty(sum(1 + n for _, _, n in blocks), dtype=dtype, device=device)
     if not blocks:
         return out
-    values = [flag for flag, _, _ in blocks]
-    if all(value == values[0] for value in values):
-        flags = torch.full((len(values),), values[0], dtype=dtype, device=device).split(1)
+    flag_values = [flag for flag, _, _ in blocks]
+    if all(value == flag_values[0] for value in flag_values):
+        flags = torch.full((len(blocks),), flag_values[0], dtype=dtype, device=device).split(1)
     else:
-        flags = torch.tensor(values, dtype=dtype, device=device).split(1)
+        flags = torch.tensor(flag_values, dtype=dtype, device=device).split(1)
     zero = torch.zeros((), dtype=dtype, device=device)
     pieces = []
     for flag, (_, values, numel) in zip(flags, blocks):
