@@ -41,17 +41,9 @@ class CommBucket:
     """Elements of each parameter in the bucket."""
     sizes: list[int] = field(default_factory=list)
     """Per rank, the elements of its part (one flag per parameter plus the values)."""
-    offsets: dict[int, int] = field(default_factory=dict)
-    """Offset of each parameter's flag inside its owner's part."""
 
     def __post_init__(self) -> None:
-        self.sizes = []
-        for part in self.owned:
-            offset = 0
-            for index in part:
-                self.offsets[index] = offset
-                offset += 1 + self.numels[index]
-            self.sizes.append(offset)
+        self.sizes = [sum(1 + self.numels[index] for index in part) for part in self.owned]
 
     @property
     def params(self) -> list[int]:
@@ -244,6 +236,30 @@ def pack_flagged(
             values = values.reshape(-1)
         pieces.append(values)
     return torch.cat(pieces, out=out)
+
+
+def unpack_flagged(
+    buffers: list[torch.Tensor], splits: list[list[int]]
+) -> tuple[list[list[float]], list[tuple[torch.Tensor, ...]]]:
+    """Read received :func:`pack_flagged` payloads back: per buffer its flags and its values.
+
+    Args:
+        buffers: the payloads (one per peer rank, or a single one).
+        splits: per buffer, ``[1, numel, 1, numel, ...]`` of its blocks in order.
+
+    Returns:
+        Per buffer, its blocks' flags as floats and their values as flat views. The flags of
+        all buffers are read with one concatenation and one copy to the host: on a GPU, one
+        device sync however many buffers and blocks.
+    """
+    cuts = [buffer.split(sizes) if sizes else () for buffer, sizes in zip(buffers, splits)]
+    flag_views = [flag for cut in cuts for flag in cut[0::2]]
+    values = torch.cat(flag_views).tolist() if flag_views else []
+    flags, start = [], 0
+    for cut in cuts:
+        flags.append(values[start : start + len(cut) // 2])
+        start += len(cut) // 2
+    return flags, [cut[1::2] for cut in cuts]
 
 
 def update_flag(has_update: bool, abort: bool) -> float:

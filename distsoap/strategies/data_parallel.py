@@ -25,6 +25,7 @@ from distsoap.comm import (
     pack_flagged,
     raise_if_aborted,
     read_flag,
+    unpack_flagged,
     update_flag,
 )
 from distsoap.engine import apply_deltas
@@ -94,22 +95,10 @@ class DataParallel:
             self.world,
             max(1, int(self.bucket_cap_mb * 2**20 / element)),
         )
-        self._flag_positions = [self._flags(b) for b in self.buckets]
-        self._positions: dict[int, torch.Tensor] = {}  # the same, as index tensors by bucket
         if self.sync_gradients:
             if getattr(self, "grad_sync", None) is not None:
                 self.grad_sync.remove()
             self.grad_sync = GradSync(self.params, self.buckets, self.rank, self.group, self.stats)
-
-    @staticmethod
-    def _flags(bucket) -> list[tuple[int, int]]:
-        """(position in the gathered payload, parameter index) of every flag element."""
-        positions = []
-        base = 0
-        for part, size in zip(bucket.owned, bucket.sizes):
-            positions += [(base + bucket.offsets[i], i) for i in part]
-            base += size
-        return positions
 
     def owned_params(self) -> list[torch.Tensor]:
         """The parameters whose SOAP state lives on this rank."""
@@ -191,9 +180,9 @@ class DataParallel:
         self.optimizer.finish_refreshes()
         aborting: set[int] = set()
         groups = groups_by_param(self.optimizer)
-        for bucket, exchange, flags in zip(self.buckets, pending, self._flag_positions):
+        for bucket, exchange in zip(self.buckets, pending):
             payload = exchange.wait()
-            stopping = self._apply_bucket(bucket, payload, flags, groups)
+            stopping = self._apply_bucket(bucket, payload, groups)
             aborting |= {self.owners[i] for i in stopping}
         self.stats.end_step()
         raise_if_aborted(error, aborting, self.rank)
@@ -217,23 +206,16 @@ class DataParallel:
     def _device(self) -> torch.device:
         return self.params[0].device if self.params else torch.device("cpu")
 
-    def _apply_bucket(self, bucket, payload: torch.Tensor, flags, groups) -> list[int]:
+    def _apply_bucket(self, bucket, payload: torch.Tensor, groups) -> list[int]:
         """Apply every block update of a gathered bucket whose flag says it was computed.
 
         ``groups`` maps ``id(param)`` to its param group. Returns the blocks whose owners
         flagged that training must stop.
         """
-        if not flags:
-            return []
-        positions = self._positions.get(bucket.index)
-        if positions is None or positions.device != payload.device:
-            positions = torch.tensor([pos for pos, _ in flags], device=payload.device)
-            self._positions[bucket.index] = positions
-        computed = payload.index_select(0, positions).tolist()
-        pieces = payload.split(bucket.piece_sizes)  # flag, values, flag, values, ... (views)
+        (flags,), (pieces,) = unpack_flagged([payload], [bucket.piece_sizes])
         by_group: dict[int, tuple[dict[str, Any], list, list]] = {}
         stopping = []
-        for k, ((_, i), flag) in enumerate(zip(flags, computed)):
+        for i, flag, piece in zip(bucket.params, flags, pieces):
             has_update, abort = read_flag(flag)
             if abort:
                 stopping.append(i)
@@ -243,7 +225,7 @@ class DataParallel:
             group = groups[id(param)]
             entry = by_group.setdefault(id(group), (group, [], []))
             entry[1].append(param)
-            entry[2].append(pieces[2 * k + 1].view(param.shape))
+            entry[2].append(piece.view(param.shape))
         for group, params, deltas in by_group.values():
             apply_deltas(params, deltas, group)
         return stopping

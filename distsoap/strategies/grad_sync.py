@@ -16,7 +16,14 @@ from contextlib import contextmanager
 import torch
 import torch.distributed as dist
 
-from distsoap.comm import CommBucket, CommStats, PendingExchange, launch_reduce, pack_flagged
+from distsoap.comm import (
+    CommBucket,
+    CommStats,
+    PendingExchange,
+    launch_reduce,
+    pack_flagged,
+    unpack_flagged,
+)
 
 
 class GradSync:
@@ -133,14 +140,12 @@ class GradSync:
             work = torch.float64 if bucket.dtype == torch.float64 else torch.float32
             summed = received.to(work).sum(dim=0)
             sizes = self._piece_sizes[bucket.index]  # flag, values, flag, values, ...
-            # gathered on the device, not indexed with a host list (a synchronous copy on a GPU)
-            flags = torch.cat(summed.split(sizes)[0::2]).tolist()
+            (flags,), _ = unpack_flagged([summed], [sizes])  # how many ranks had a gradient
             # the whole part at once (flags included, already read): no kernel per parameter
             averaged = summed.div_(self.world).to(bucket.dtype)
-            pieces = averaged.split(sizes)
-            for k, (i, count) in enumerate(zip(mine, flags)):
-                grad = pieces[2 * k + 1].view(self.params[i].shape)
-                result[i] = None if count == 0 else grad
+            pieces = averaged.split(sizes)[1::2]  # views, the flags already read
+            for i, count, piece in zip(mine, flags, pieces):
+                result[i] = None if count == 0 else piece.view(self.params[i].shape)
         if keep:
             self._reduced = result
         else:

@@ -29,7 +29,14 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed as dist
 
-from distsoap.comm import CommStats, pack_flagged, raise_if_aborted, read_flag, update_flag
+from distsoap.comm import (
+    CommStats,
+    pack_flagged,
+    raise_if_aborted,
+    read_flag,
+    unpack_flagged,
+    update_flag,
+)
 from distsoap.engine import apply_deltas
 from distsoap.placement import assign_owners, block_cost
 from distsoap.sharding import ShardLayout
@@ -271,7 +278,7 @@ class ShardedLossless:
         # 2. whole gradients of owned blocks, SOAP on them
         pieces: dict[int, dict[int, torch.Tensor]] = {i: {} for i in plan.mine}
         present: dict[int, bool] = {i: False for i in plan.mine}
-        flags_from, pieces_from = _flags_and_pieces(received, plan.grad_from_splits)
+        flags_from, pieces_from = unpack_flagged(received, plan.grad_from_splits)
         for source, from_source in enumerate(plan.grad_from):
             for i, flag, piece in zip(from_source, flags_from[source], pieces_from[source]):
                 present[i] = present[i] or flag != 0
@@ -308,7 +315,7 @@ class ShardedLossless:
         by_group: dict[int, tuple[dict[str, Any], list, list]] = {}
         groups = self._groups_by_param()
         aborting: set[int] = set()
-        flags_from, pieces_from = _flags_and_pieces(received, plan.update_from_splits)
+        flags_from, pieces_from = unpack_flagged(received, plan.update_from_splits)
         for owner, from_owner in enumerate(plan.update_from):
             for i, flag, piece in zip(from_owner, flags_from[owner], pieces_from[owner]):
                 has_update, abort = read_flag(flag)
@@ -361,24 +368,6 @@ class ShardedLossless:
     def _groups_by_param(self) -> dict[int, dict[str, Any]]:
         """``id(param)`` -> its param group now (hyperparameters may change between steps)."""
         return groups_by_param(self.optimizer)
-
-
-def _flags_and_pieces(
-    buffers: list[torch.Tensor], splits: list[list[int]]
-) -> tuple[list[list[float]], list[list[torch.Tensor]]]:
-    """Every peer's ``[flag, piece...]`` payload cut by its splits: flags and pieces per peer.
-
-    The flags of all peers are read with one concatenation and one copy to the host (one
-    device sync per exchange, not one per peer); the pieces are views.
-    """
-    cuts = [buffer.split(sizes) if sizes else () for buffer, sizes in zip(buffers, splits)]
-    flag_views = [flag for cut in cuts for flag in cut[0::2]]
-    values = torch.cat(flag_views).tolist() if flag_views else []
-    flags, start = [], 0
-    for cut in cuts:
-        flags.append(values[start : start + len(cut) // 2])
-        start += len(cut) // 2
-    return flags, [cut[1::2] for cut in cuts]
 
 
 class LocalShards(SingleProcess):

@@ -1,9 +1,10 @@
-"""comm.pack_flagged against the layout it promises: per block its flag, then its values."""
+"""comm.pack_flagged against the layout it promises (per block its flag, then its values), and
+unpack_flagged reading it back."""
 
 import pytest
 import torch
 
-from distsoap.comm import pack_flagged
+from distsoap.comm import pack_flagged, unpack_flagged
 from distsoap.op_count import CountOps
 
 
@@ -46,3 +47,23 @@ def test_same_flags_are_filled_on_the_device_not_copied_from_the_host():
 
 def test_no_blocks_is_an_empty_buffer():
     assert pack_flagged([], torch.float32, torch.device("cpu")).numel() == 0
+
+
+def test_unpack_reads_back_what_pack_laid_out_for_every_peer():
+    gen = torch.Generator().manual_seed(1)
+    peers = [
+        [(1.0, torch.randn(2, 3, generator=gen), 6), (0.0, None, 4)],
+        [],  # a peer that sends nothing
+        [(3.0, torch.randn(5, generator=gen), 5)],
+    ]
+    buffers = [pack_flagged(blocks, torch.float32, torch.device("cpu")) for blocks in peers]
+    splits = [[n for _, _, numel in blocks for n in (1, numel)] for blocks in peers]
+    with CountOps() as counter:
+        flags, pieces = unpack_flagged(buffers, splits)
+    assert counter.count == 1  # one concatenation of every peer's flags (splits are views)
+    assert flags == [[1.0, 0.0], [], [3.0]]
+    for blocks, got in zip(peers, pieces):
+        assert len(got) == len(blocks)
+        for (_, values, numel), piece in zip(blocks, got):
+            want = torch.zeros(numel) if values is None else values.reshape(-1)
+            assert torch.equal(piece, want)
