@@ -4,10 +4,11 @@ The distributed companion of ``bench_host.py``: the same tiny GPT-shaped tensor 
 is negligible, so what is left is Python, operation launches and the collectives' latency), on
 ``--world`` local gloo ranks. For each strategy the model is wrapped as a user would wrap it
 (``DistributedDataParallel``, or ``fully_shard`` for FSDP2) and both optimizers step the same
-wrapped model in one run: distsoap with that strategy (it exchanges gradient and update pieces)
-and torch's foreach AdamW (local math only: DDP already averaged the gradients, FSDP2 already
-reduce-scattered them). Time of ``optimizer.step()`` alone, mean over ``--cycles`` refresh
-cycles after one warm-up cycle, the slowest rank's; best of ``--repeats``.
+wrapped model in one run: distsoap with that strategy (ddp gathers the owners' updates; fsdp2
+sends gradient pieces to owners and update pieces back) and torch's foreach AdamW (local math
+only: DDP already averaged the gradients, FSDP2 already reduce-scattered them). Time of
+``optimizer.step()`` alone, mean over ``--cycles`` refresh cycles after one warm-up cycle, the
+slowest rank's; best of ``--repeats``.
 
     python benchmarks/bench_host_strategies.py     # CPU, 2 gloo ranks (a few minutes here)
 """
