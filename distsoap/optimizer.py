@@ -294,22 +294,32 @@ class SOAP(torch.optim.Optimizer):
             moment_dtype=self.moment_dtype,
             faults=self.faults,
             refresh_schedule=self.refresh_schedule,
+            strategy_options=self.strategy_options,
+            compile_elementwise=self._elementwise is compiled_rotated_adam_direction,
+            # by position: a copy's groups are new dicts, so ids would not match there
+            built_params=[self.built_params.get(id(g), g["params"]) for g in self.param_groups],
         )
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        # Called when unpickling, and by torch's load_state_dict on a live optimizer, whose
-        # strategy (placement, hooks) must stay as it is.
+        # Called when unpickling (pickle, copy.deepcopy), and by torch's load_state_dict on a
+        # live optimizer, whose strategy (placement, hooks) must stay as it is.
         unpickling = not hasattr(self, "_strategy")
         if unpickling:
+            built = state.pop("built_params", None) or [g["params"] for g in state["param_groups"]]
+            compiled = state.pop("compile_elementwise", False)
             state.setdefault("faults", FaultPolicy("skip", 3))
             state.setdefault("refresh_schedule", "aligned")
-            state.update(_elementwise=rotated_adam_direction, _offsets={}, _due_refreshes=[])
+            state.setdefault("strategy_options", dict(comm_dtype=None, bucket_cap_mb=25.0))
+            elementwise = compiled_rotated_adam_direction if compiled else rotated_adam_direction
+            state.update(_elementwise=elementwise, _offsets={}, _due_refreshes=[])
         super().__setstate__(state)
         self._reset_buckets()
         self._layouts = {id(p): (p.shape, p.device) for g in self.param_groups for p in g["params"]}
         if unpickling:  # an unpickled optimizer is a local copy: it steps on this process only
+            self.built_params = {id(g): list(b) for g, b in zip(self.param_groups, built)}
             self._strategy = SingleProcess(self)
+            self.register_state_dict_post_hook(complete_state_dict)  # hooks are not pickled
 
     def block_spec(
         self, param: torch.Tensor, group: dict[str, Any], shape: tuple[int, ...] | None = None
