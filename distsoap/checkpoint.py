@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from distsoap.blocks import BlockSpec, layout_signature
+from distsoap.consolidate import merge_consolidated
 from distsoap.engine import new_block_tensors
 from distsoap.hyperparams import resolved_shampoo_beta
 
@@ -60,7 +61,7 @@ def initial_state(optimizer: SOAP, param: torch.Tensor, group: dict[str, Any]) -
     return state
 
 
-def _numbered_params(optimizer: SOAP):
+def numbered_params(optimizer: SOAP):
     """(index in the packed state dict, param, group), as torch's state_dict numbers them."""
     index = 0
     for group in optimizer.param_groups:
@@ -72,7 +73,7 @@ def _numbered_params(optimizer: SOAP):
 def complete_state_dict(optimizer: SOAP, state_dict: dict[str, Any]) -> dict[str, Any]:
     """State-dict post-hook: owned blocks complete, local-shard keys tagged with the rank."""
     packed = dict(state_dict["state"])
-    for index, param, group in _numbered_params(optimizer):
+    for index, param, group in numbered_params(optimizer):
         if not param.requires_grad or not optimizer.strategy.owns(param):
             continue
         if "step" not in packed.get(index, {}):
@@ -80,6 +81,9 @@ def complete_state_dict(optimizer: SOAP, state_dict: dict[str, Any]) -> dict[str
     suffix = optimizer.strategy.state_key_suffix()
     if suffix:
         packed = {i: {f"{k}{suffix}": v for k, v in entry.items()} for i, entry in packed.items()}
+    consolidated = getattr(optimizer, "_consolidated", None)
+    if consolidated:
+        packed = merge_consolidated(packed, consolidated)
     return {**state_dict, "state": packed}
 
 
@@ -96,22 +100,38 @@ def check_layout_hyperparameters(groups: list[dict], saved_groups: list[dict]) -
 
 
 def load_state(optimizer: SOAP, state_dict: dict[str, Any]) -> None:
-    """Put saved per-block state into ``optimizer.state`` (after torch loaded the groups)."""
+    """Put saved per-block state into ``optimizer.state`` (after torch loaded the groups).
+
+    The state dict has passed :func:`distsoap.state_dict_checks.find_problem`. Tensors are
+    copied to the parameter's device in the dtypes SOAP computes in for it now (fp32 state of a
+    parameter that became fp64 and back, moments saved with another ``moment_dtype``), and
+    counters that older checkpoints lack get their starting values.
+    """
+    from distsoap.state_dtypes import convert_block_state
+
     saved_state = state_dict["state"]
     suffix = optimizer.strategy.state_key_suffix()
     # state keys are the saved groups' parameter ids (ints from state_dict(), names from
     # torch.distributed.checkpoint), matched to this optimizer's parameters by position
     saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
-    for (_, param, group), saved_id in zip(_numbered_params(optimizer), saved_ids, strict=True):
+    for (_, param, group), saved_id in zip(numbered_params(optimizer), saved_ids, strict=True):
         if saved_id not in saved_state or not optimizer.strategy.owns(param):
             continue  # a block owned elsewhere keeps its state there only
         saved = saved_state[saved_id]
         if suffix:
             saved = {k[: -len(suffix)]: v for k, v in saved.items() if k.endswith(suffix)}
+        if not saved:
+            continue
         _check_block_layout(optimizer, param, group, saved)
+        spec = optimizer.block_spec(param, group, optimizer.strategy.state_shape(param))
+        header = new_state_header(group, spec, optimizer._refresh_offset(param, group))
+        converted = convert_block_state(optimizer, param, saved)
         optimizer.state[param] = {
-            k: v.to(param.device, copy=True) if isinstance(v, torch.Tensor) else v
-            for k, v in saved.items()
+            **header,
+            **{
+                k: v.to(param.device, copy=True) if isinstance(v, torch.Tensor) else v
+                for k, v in converted.items()
+            },
         }
 
 
@@ -158,7 +178,7 @@ def optimizer_state_dict(model: torch.nn.Module, optimizer: SOAP) -> dict[str, A
     """
     names = _parameter_names(model)
     packed = optimizer.state_dict()
-    order = [names[id(p)] for _, p, _ in _numbered_params(optimizer)]
+    order = [names[id(p)] for _, p, _ in numbered_params(optimizer)]
     groups = [{**g, "params": [order[i] for i in g["params"]]} for g in packed["param_groups"]]
     return {"state": {order[i]: v for i, v in packed["state"].items()}, "param_groups": groups}
 
@@ -168,7 +188,7 @@ def load_optimizer_state_dict(
 ) -> None:
     """Load a state dict made by :func:`optimizer_state_dict` (after ``dcp.load`` filled it)."""
     names = _parameter_names(model)
-    index = {names[id(p)]: i for i, p, _ in _numbered_params(optimizer)}
+    index = {names[id(p)]: i for i, p, _ in numbered_params(optimizer)}
     groups = [
         {**g, "params": [index[name] for name in g["params"]]} for g in state_dict["param_groups"]
     ]

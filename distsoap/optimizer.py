@@ -9,9 +9,9 @@ updates travel; :meth:`SOAP.compute_updates` is the engine every strategy calls.
 
 from __future__ import annotations
 
-from collections import defaultdict
-from collections.abc import Callable, Iterable
-from contextlib import AbstractContextManager, nullcontext
+from collections import OrderedDict, defaultdict
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from contextvars import ContextVar
 from functools import lru_cache
 from typing import Any
@@ -19,14 +19,15 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from distsoap import state_dict_checks
 from distsoap.blocks import BlockSpec, layout_signature, make_block_spec
 from distsoap.bucket import Bucket, block_tensor_keys
 from distsoap.checkpoint import (
-    check_layout_hyperparameters,
     complete_state_dict,
     load_state,
     new_state_header,
 )
+from distsoap.consolidate import gather_block_states
 from distsoap.engine import first_call, refresh_rows, soap_update
 from distsoap.faults import FaultPolicy, parameter_names
 from distsoap.hyperparams import (
@@ -54,6 +55,20 @@ WRAPPER_BUILDING: ContextVar[bool] = ContextVar("distsoap_wrapper_building", def
 """True while a framework wraps the optimizer (DeepSpeed's ``_configure_optimizer``): DeepSpeed's
 fp16 wrapper calls ``step()`` once with all-zero gradients to allocate optimizer state, which for
 SOAP would initialise the eigenbases from a zero gradient. Such a step does nothing."""
+
+
+@contextmanager
+def _load_hooks_suspended(optimizer: torch.optim.Optimizer) -> Iterator[None]:
+    """Keep torch's ``load_state_dict`` from running the load hooks a second time."""
+    pre = optimizer._optimizer_load_state_dict_pre_hooks
+    post = optimizer._optimizer_load_state_dict_post_hooks
+    optimizer._optimizer_load_state_dict_pre_hooks = OrderedDict()
+    optimizer._optimizer_load_state_dict_post_hooks = OrderedDict()
+    try:
+        yield
+    finally:
+        optimizer._optimizer_load_state_dict_pre_hooks = pre
+        optimizer._optimizer_load_state_dict_post_hooks = post
 
 
 def compute_dtype(param: torch.Tensor) -> torch.dtype:
@@ -175,6 +190,8 @@ class SOAP(torch.optim.Optimizer):
         )
         self._offsets: dict[int, int] = {}
         self._due_refreshes: list = []
+        self._consolidated: dict[int, dict[str, Any]] | None = None
+        """Every rank's block states, on the rank that :meth:`consolidate_state_dict` gave them."""
         self._buckets: dict[tuple, Bucket] = {}
         self._plans: dict[tuple, list[BucketStep]] = {}
         self._layouts: dict[int, tuple[torch.Size, torch.device]] = {}
@@ -357,6 +374,7 @@ class SOAP(torch.optim.Optimizer):
                 loss = closure()
         if WRAPPER_BUILDING.get():
             return loss
+        self._consolidated = None  # a consolidated copy describes the state before this step
         with self.model_view():
             self._step()
         return loss
@@ -423,7 +441,8 @@ class SOAP(torch.optim.Optimizer):
             grads: ``id(param)`` -> the gradient SOAP preconditions for that parameter: its full
                 gradient (parameter shape), or, for sharded parameters, the assembled full
                 gradient or (local mode) the local shard's. Only these parameters are stepped;
-                their state lives on this rank, laid out for that gradient's shape.
+                their state lives on this rank, laid out for that gradient's shape. Zero-size
+                gradients are no-ops: no state, no update (as torch's Adam).
             defer_refresh: leave the due eigenbasis refreshes to :meth:`finish_refreshes`
                 (strategies run them while the updates travel).
 
@@ -485,7 +504,7 @@ class SOAP(torch.optim.Optimizer):
             ready: dict[tuple, list[torch.Tensor]] = defaultdict(list)
             for param in group["params"]:
                 grad = grads.get(id(param))
-                if grad is None:
+                if grad is None or grad.numel() == 0:  # zero-size: nothing to precondition
                     continue
                 state = self.state[param]
                 if not finite[id(param)]:
@@ -641,8 +660,44 @@ class SOAP(torch.optim.Optimizer):
         state laid out differently (other layout hyperparameters or parameter shapes) is a
         ValueError. See :mod:`distsoap.checkpoint`.
         """
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            returned = pre_hook(self, state_dict)
+            if returned is not None:
+                state_dict = returned
         with self.model_view():
-            check_layout_hyperparameters(self.param_groups, state_dict["param_groups"])
-            super().load_state_dict({**state_dict, "state": {}})
+            problem = state_dict_checks.find_problem(self, state_dict)
+            problem = state_dict_checks.agree(self, problem)
+            if problem:
+                raise ValueError(problem)
+            with _load_hooks_suspended(self):  # they run here, around the whole load
+                super().load_state_dict({**state_dict, "state": {}})
             load_state(self, state_dict)
             self._reset_buckets()
+            self._consolidated = None
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
+
+    def consolidate_state_dict(self, to: int = 0) -> None:
+        """Gather every rank's SOAP state onto rank ``to`` (collective: call it on every rank).
+
+        Afterwards, until the next ``step()`` or load, ``state_dict()`` on rank ``to`` holds
+        every block's state, like a single-process optimizer's, and can be saved alone and
+        loaded on every rank of a run of the same world size (each rank keeps the blocks it
+        owns). This is what frameworks need that write rank 0's ``state_dict()`` only: Lightning
+        calls it by itself (as for torch's ``ZeroRedundancyOptimizer``); HF Trainer through
+        :class:`distsoap.integrations.hf.SOAPCheckpointCallback`. For any world size use
+        torch.distributed.checkpoint instead (README, Checkpointing).
+
+        Args:
+            to: the rank (in the optimizer's process group) that receives the state.
+        """
+        self._consolidated = None
+        group = getattr(self._strategy, "group", None)
+        if self._strategy.name == "single" or not dist.is_initialized():
+            return
+        if not 0 <= to < dist.get_world_size(group):
+            raise ValueError(
+                f"to must be a rank in [0, {dist.get_world_size(group) - 1}], got {to!r}"
+            )
+        packed = self.state_dict()["state"]
+        self._consolidated = gather_block_states(packed, group, to)

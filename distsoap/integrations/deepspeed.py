@@ -36,6 +36,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from distsoap.consolidate import gather_block_states
 from distsoap.optimizer import SOAP, WRAPPER_BUILDING
 from distsoap.strategies import make_strategy
 from distsoap.strategies.deepspeed_zero import DeepSpeedPartitions
@@ -133,17 +134,7 @@ def _replicate_state(
 
     Loading keeps only the blocks each rank owns (:func:`distsoap.checkpoint.load_state`).
     """
-    mine = {
-        index: {k: v.cpu() if torch.is_tensor(v) else v for k, v in entry.items()}
-        for index, entry in state_dict["state"].items()
-        if entry
-    }
-    gathered: list = [None] * dist.get_world_size(group)
-    dist.all_gather_object(gathered, mine, group=group)
-    merged: dict = {}
-    for part in gathered:
-        merged.update(part)
-    return {**state_dict, "state": merged}
+    return {**state_dict, "state": gather_block_states(state_dict["state"], group, to=None)}
 
 
 def _holds_master_copies(wrapper: Any) -> bool:
