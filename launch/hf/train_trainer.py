@@ -13,12 +13,19 @@ state over the ranks (built before, every rank would hold everything). DeepSpeed
 ``distsoap.integrations.deepspeed`` before the Trainer calls ``deepspeed.initialize``; its
 ``"lr"`` and ``"betas"`` are ``"auto"``: the Trainer fills them from ``learning_rate`` and
 ``adam_beta1`` / ``adam_beta2`` (and refuses a JSON that disagrees with them).
-Writes ``report.json`` (losses, SOAP's strategy) into ``--out`` from rank 0.
+Checkpoints: ``--save-steps N`` saves every N steps through the Trainer's own mechanism, and
+``--resume-from DIR`` resumes from one. Under DDP the Trainer writes ``optimizer.pt`` from rank 0
+only, so the script adds :class:`distsoap.integrations.hf.SOAPCheckpointCallback`, which gathers
+every rank's SOAP state onto rank 0 before each save (``--no-soap-callback`` leaves it out, to
+show that resuming then fails loudly instead of losing state).
+Writes ``report.json`` (losses, SOAP's strategy, a hash of the final weights) into ``--out``
+from rank 0.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 from pathlib import Path
 
@@ -28,6 +35,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
 
 from distsoap import SOAP
 from distsoap.demo.corpus import load_corpus
+from distsoap.integrations.hf import SOAPCheckpointCallback
 
 
 class ByteWindows(torch.utils.data.Dataset):
@@ -45,12 +53,24 @@ class ByteWindows(torch.utils.data.Dataset):
         return {"input_ids": window, "labels": window}
 
 
+def weights_hash(model: torch.nn.Module) -> str:
+    """A hash of every parameter's bytes: equal only for bit-identical weights."""
+    digest = hashlib.sha256()
+    for name, param in sorted(model.named_parameters()):
+        digest.update(name.encode())
+        digest.update(param.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
 def main() -> None:
     """Parse the arguments, train, report."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--deepspeed", default=None, help="a DeepSpeed JSON config")
     parser.add_argument("--out", type=Path, default=Path("runs/hf_trainer"))
+    parser.add_argument("--save-steps", type=int, default=0, help="checkpoint every N steps")
+    parser.add_argument("--resume-from", default=None, help="a checkpoint-N folder to resume")
+    parser.add_argument("--no-soap-callback", action="store_true")
     parser.add_argument("--local_rank", type=int, default=-1)
     args = parser.parse_args()
     if args.deepspeed:
@@ -61,7 +81,8 @@ def main() -> None:
         max_steps=args.steps,
         per_device_train_batch_size=4,
         logging_steps=1,
-        save_strategy="no",
+        save_strategy="steps" if args.save_steps else "no",
+        save_steps=args.save_steps or 500,
         report_to=[],
         use_cpu=not torch.cuda.is_available(),
         deepspeed=args.deepspeed,
@@ -87,8 +108,15 @@ def main() -> None:
         )
         warmup = LambdaLR(soap, lambda step: min(1.0, (step + 1) / 5))
         optimizers = (soap, warmup)
-    trainer = Trainer(model=model, args=training_args, train_dataset=dataset, optimizers=optimizers)
-    trainer.train()
+    callbacks = [] if args.no_soap_callback else [SOAPCheckpointCallback()]
+    trainer = Trainer(
+        model=model,
+        args=training_args,
+        train_dataset=dataset,
+        optimizers=optimizers,
+        callbacks=callbacks,
+    )
+    trainer.train(resume_from_checkpoint=args.resume_from)
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     soap = trainer.optimizer
     soap = getattr(soap, "optimizer", soap)  # accelerate's wrapper
@@ -101,6 +129,7 @@ def main() -> None:
         "first_loss": losses[0],
         "last_loss": losses[-1],
         "steps": trainer.state.global_step,
+        "weights_sha256": weights_hash(model),
     }
     if trainer.is_world_process_zero():
         args.out.mkdir(parents=True, exist_ok=True)

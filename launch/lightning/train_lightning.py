@@ -9,11 +9,18 @@ the extra processes itself; CPU: gloo).
 Lightning sets up torch.distributed before it calls ``configure_optimizers``, so SOAP sees the
 process group and shards its state over the ranks (strategy "ddp", Lightning's DDP averaging the
 gradients). Writes ``report.json`` (losses, SOAP's strategy, a parameter checksum) per rank.
+
+Checkpoints use Lightning's own mechanism: ``--checkpoint-dir DIR`` saves one at the end of
+every epoch (``--epoch-steps`` batches; each epoch sees the same batches), ``--resume-from
+FILE`` resumes from one. Lightning calls ``consolidate_state_dict()`` on every rank before it
+saves an optimizer that has one, so rank 0's file holds every rank's SOAP state; nothing needs
+adding for distsoap.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 from pathlib import Path
 
@@ -65,13 +72,37 @@ class SOAPLanguageModel(L.LightningModule):
         return {"optimizer": soap, "lr_scheduler": {"scheduler": warmup, "interval": "step"}}
 
 
+def weights_hash(model: torch.nn.Module) -> str:
+    """A hash of every parameter's bytes: equal only for bit-identical weights."""
+    digest = hashlib.sha256()
+    for name, param in sorted(model.named_parameters()):
+        digest.update(name.encode())
+        digest.update(param.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
 def main() -> None:
     """Parse the arguments, train, report."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--devices", type=int, default=1)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--out", type=Path, default=Path("runs/lightning"))
+    parser.add_argument("--epoch-steps", type=int, default=0, help="batches per epoch")
+    parser.add_argument("--checkpoint-dir", type=Path, default=None)
+    parser.add_argument("--resume-from", default=None, help="a Lightning .ckpt to resume from")
     args = parser.parse_args()
+    epoch_steps = args.epoch_steps or args.steps
+    callbacks = []
+    if args.checkpoint_dir:
+        callbacks.append(
+            L.pytorch.callbacks.ModelCheckpoint(
+                dirpath=args.checkpoint_dir,
+                filename="{epoch}",
+                every_n_epochs=1,
+                save_top_k=-1,
+                save_on_train_epoch_end=True,
+            )
+        )
     module = SOAPLanguageModel()
     trainer = L.Trainer(
         accelerator="gpu" if torch.cuda.is_available() else "cpu",
@@ -80,12 +111,13 @@ def main() -> None:
         max_steps=args.steps,
         gradient_clip_val=1.0,
         logger=False,
-        enable_checkpointing=False,
+        enable_checkpointing=bool(callbacks),
+        callbacks=callbacks,
         enable_progress_bar=False,
         enable_model_summary=False,
     )
-    loader = torch.utils.data.DataLoader(ByteBatchDataset(args.steps, 8), batch_size=None)
-    trainer.fit(module, loader)
+    loader = torch.utils.data.DataLoader(ByteBatchDataset(epoch_steps, 8), batch_size=None)
+    trainer.fit(module, loader, ckpt_path=args.resume_from)
     soap = trainer.optimizers[0]
     report = {
         "rank": trainer.global_rank,
@@ -95,6 +127,7 @@ def main() -> None:
         "last_loss": module.losses[-1],
         "steps": trainer.global_step,
         "checksum": float(sum(p.detach().double().sum() for p in module.parameters())),
+        "weights_sha256": weights_hash(module),
         "state_bytes": soap.state_bytes(),
     }
     args.out.mkdir(parents=True, exist_ok=True)
