@@ -2,8 +2,10 @@
 
 ``F <- beta F + (1 - beta) G G^T`` for a stack of factors ``F (B, d, d)`` and unfolded
 gradients ``G (B, d, r)``. F stays symmetric, so only the output tiles on and below the diagonal
-are computed (about half of the multiply-adds of ``baddbmm``) and each off-diagonal tile is
-stored twice, as itself and transposed; the result is exactly symmetric.
+are computed (about half of the multiply-adds of ``baddbmm``) and each entry below the diagonal
+is stored twice, at its place and at its mirror; the result is exactly symmetric by construction
+(on any BLAS under the interpreter, any GPU): a diagonal tile keeps its lower triangle and
+mirrors it. The result depends only on the old factor's lower triangle.
 
 The torch definition of correct is ``F.baddbmm_(G, G.mT, beta=beta, alpha=1 - beta)``
 (:func:`distsoap.math.rotations.update_factors`); the two differ by the order of the fp32
@@ -106,8 +108,16 @@ def _symmetric_factor_kernel(
     inside = (rows[:, None] < d) & (cols[None, :] < d)
     lower = f + rows[:, None] * stride_fr + cols[None, :] * stride_fc
     new = beta * tl.load(lower, mask=inside, other=0.0) + (1.0 - beta) * acc
-    tl.store(lower, new, mask=inside)
-    if tile_row != tile_col:  # the mirror tile: F[cols, rows] = new^T
+    # Symmetric by construction, whatever the order of the sums in tl.dot (numpy's BLAS under
+    # the interpreter, the tensor cores on a GPU): a diagonal tile's product need not be bitwise
+    # symmetric, so only its lower triangle is kept and mirrored into its upper one; an
+    # off-diagonal tile is stored twice, the same values as itself and transposed. The factor's
+    # upper triangle is read with the tile but never kept.
+    if tile_row == tile_col:
+        mirrored = tl.where(rows[:, None] >= cols[None, :], new, tl.trans(new))
+        tl.store(lower, mirrored, mask=inside)
+    else:  # the mirror tile: F[cols, rows] = new^T
+        tl.store(lower, new, mask=inside)
         tl.store(f + cols[None, :] * stride_fr + rows[:, None] * stride_fc, new, mask=inside)
 
 

@@ -1,5 +1,6 @@
 """The one-triangle Triton factor update against torch's baddbmm (interpreter on CPU in CI)."""
 
+import numpy as np
 import pytest
 import torch
 from distsoap.kernels import symmetric_factor_triton as triton_kernel  # dev extra: triton
@@ -33,6 +34,48 @@ def test_matches_baddbmm(batch, d, r, grad_dtype):
     # differs (r terms of magnitude ~1): a few ulps of the entries
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert torch.equal(got, got.mT)  # exactly symmetric: the upper triangle is the mirror
+
+
+def test_depends_only_on_the_lower_triangle():
+    # the upper triangle of the old factor is never kept (NaN there would spread): the result is
+    # the update of the symmetric factor its lower triangle stands for
+    factor, g = _inputs(2, 70, 20, torch.float32, seed=2)  # 3x3 tiles: diagonal and off
+    want = factor.clone()
+    update_factors([want], g, 0.9)
+    upper = torch.ones(70, 70, dtype=torch.bool, device=DEVICE).triu(1)
+    got = factor.masked_fill(upper, float("nan"))
+    triton_kernel.symmetric_factor_update_triton(got, g, 0.9)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)  # as test_matches_baddbmm
+    assert torch.equal(got, got.mT)
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="replaces the interpreter's tl.dot")
+def test_symmetric_whatever_the_product_rounding(monkeypatch):
+    # A product G_i G_i^T whose computed tile is not bitwise symmetric, as a BLAS kernel or a
+    # tensor core may sum in a different order for (i, j) and (j, i): here each tile product is
+    # nudged by one part in 1e6 above its diagonal. The stored factor must still be exactly
+    # symmetric: symmetric by construction, not by the luck of the sum order.
+    from triton.runtime import interpreter
+
+    exact_dot = interpreter.InterpreterBuilder.create_dot
+    skewed = []
+
+    def skewed_dot(self, a, b, d, *args):
+        skewed.append(1)
+        out = exact_dot(self, a, b, d, *args)
+        out.data = out.data + np.triu(np.abs(out.data), 1).astype(out.data.dtype) * 1e-6
+        return out
+
+    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_dot", skewed_dot)
+    factor, g = _inputs(2, 70, 20, torch.float32, seed=4)
+    want = factor.clone()
+    update_factors([want], g, 0.9)
+    got = factor.clone()
+    triton_kernel.symmetric_factor_update_triton(got, g, 0.9)
+    assert skewed  # the kernel's products did go through the skewed tl.dot
+    # the nudge is 1e-6 relative, under the sum-order tolerance of test_matches_baddbmm
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert torch.equal(got, got.mT)
 
 
 def test_non_contiguous_factor_is_updated_in_place():
