@@ -312,6 +312,7 @@ class SOAP(torch.optim.Optimizer):
             faults=self.faults,
             refresh_schedule=self.refresh_schedule,
             strategy_options=self.strategy_options,
+            _consolidated=self._consolidated,  # so a copy's state_dict() is the original's
             compile_elementwise=self._elementwise is compiled_rotated_adam_direction,
             # by position: a copy's groups are new dicts, so ids would not match there
             built_params=[self.built_params.get(id(g), g["params"]) for g in self.param_groups],
@@ -328,6 +329,7 @@ class SOAP(torch.optim.Optimizer):
             state.setdefault("faults", FaultPolicy("skip", 3))
             state.setdefault("refresh_schedule", "aligned")
             state.setdefault("strategy_options", dict(comm_dtype=None, bucket_cap_mb=25.0))
+            state.setdefault("_consolidated", None)
             elementwise = compiled_rotated_adam_direction if compiled else rotated_adam_direction
             state.update(_elementwise=elementwise, _offsets={}, _due_refreshes=[])
         super().__setstate__(state)
