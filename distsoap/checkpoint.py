@@ -122,7 +122,7 @@ def load_state(optimizer: SOAP, state_dict: dict[str, Any]) -> None:
             saved = {k[: -len(suffix)]: v for k, v in saved.items() if k.endswith(suffix)}
         if not saved:
             continue
-        _check_block_layout(optimizer, param, group, saved)
+        check_block_layout(optimizer, param, group, saved)
         spec = optimizer.block_spec(param, group, optimizer.strategy.state_shape(param))
         header = new_state_header(group, spec, optimizer._refresh_offset(param, group))
         converted = convert_block_state(optimizer, param, saved)
@@ -135,9 +135,10 @@ def load_state(optimizer: SOAP, state_dict: dict[str, Any]) -> None:
         }
 
 
-def _check_block_layout(
+def check_block_layout(
     optimizer: SOAP, param: torch.Tensor, group: dict[str, Any], saved: dict[str, Any]
 ) -> None:
+    """Raise ValueError if a saved block's layout is not the one SOAP gives ``param`` now."""
     if "block_layout" not in saved:
         return
     shape = optimizer.strategy.state_shape(param)

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed as dist
 
-from distsoap.checkpoint import check_layout_hyperparameters, numbered_params
+from distsoap.checkpoint import check_block_layout, check_layout_hyperparameters, numbered_params
 from distsoap.engine import new_block_tensors
 from distsoap.hyperparams import DEFAULTS, validate_group
 
@@ -70,7 +70,7 @@ def find_problem(optimizer: SOAP, state_dict: Any) -> str | None:
             continue
         problem = _block_problem(optimizer, param, group, entry)
         if problem:
-            return f"parameter {optimizer.param_name(param)}: {problem}"
+            return problem
     if missing:
         return (
             f"the state dict holds SOAP state, but none for {len(missing)} block(s) this rank "
@@ -111,24 +111,28 @@ def _group_problem(optimizer: SOAP, index: int, group: dict, saved: Any) -> str 
 def _block_problem(
     optimizer: SOAP, param: torch.Tensor, group: dict, entry: dict[str, Any]
 ) -> str | None:
-    shape = optimizer.strategy.state_shape(param)
-    spec = optimizer.block_spec(param, group, shape)
+    try:
+        check_block_layout(optimizer, param, group, entry)
+    except ValueError as error:
+        return str(error)
+    name = f"parameter {optimizer.param_name(param)}"
+    spec = optimizer.block_spec(param, group, optimizer.strategy.state_shape(param))
     expected = new_block_tensors(spec, torch.float32, torch.float32, torch.device("meta"))
     absent = [k for k in (*REQUIRED_STATE_KEYS, *expected) if k not in entry]
     if absent:
         return (
-            f"its saved state lacks {absent} (holds {sorted(entry)}): not a distsoap.SOAP "
-            "state, or a partial one"
+            f"{name}: its saved state lacks {absent} (holds {sorted(entry)}): not a "
+            "distsoap.SOAP state, or a partial one"
         )
-    if isinstance(entry["step"], torch.Tensor) or not isinstance(entry["step"], int):
-        return f"its saved 'step' must be an int, got {type(entry['step']).__name__}"
+    if isinstance(entry["step"], bool) or not isinstance(entry["step"], int):
+        return f"{name}: its saved 'step' must be an int, got {type(entry['step']).__name__}"
     for key, like in expected.items():
         value = entry[key]
         if not isinstance(value, torch.Tensor) or value.shape != like.shape:
             got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
-            return f"its saved {key!r} should have shape {tuple(like.shape)}, got {got}"
+            return f"{name}: its saved {key!r} should have shape {tuple(like.shape)}, got {got}"
         if not value.is_floating_point():
-            return f"its saved {key!r} has dtype {value.dtype}, not a floating-point dtype"
+            return f"{name}: its saved {key!r} has dtype {value.dtype}, not a floating-point one"
     return None
 
 
