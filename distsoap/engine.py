@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from distsoap.blocks import BlockSpec
+from distsoap.hyperparams import group_lr
 from distsoap.kernels import rotated_adam_direction
 from distsoap.math.bases import initial_basis, refresh_bases
 from distsoap.math.rotations import rotate_in, rotate_out, update_factors
@@ -20,7 +21,7 @@ from distsoap.math.rotations import rotate_in, rotate_out, update_factors
 
 def step_size(group: dict[str, Any], step: int) -> float:
     """``lr * sqrt(1 - beta2^t) / (1 - beta1^t)`` with bias correction, else ``lr``."""
-    lr = group["lr"]
+    lr = group_lr(group)
     if not group["correct_bias"]:
         return lr
     beta1, beta2 = group["betas"]
@@ -223,7 +224,7 @@ def apply_deltas(
     rounded to the parameter's dtype once, a chunk of parameters at a time
     (:func:`_apply_widened`).
     """
-    decay = -group["lr"] * group["weight_decay"]
+    decay = -group_lr(group) * group["weight_decay"]
     fast, slow = [], []
     for p, d in zip(params, deltas, strict=True):
         work = torch.float64 if p.dtype == torch.float64 else torch.float32

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import numbers
 from typing import Any
 
@@ -32,6 +33,23 @@ def _is_real(value: Any) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
+def _is_finite_nonnegative(value: Any) -> bool:
+    return _is_real(value) and 0 <= value < math.inf  # NaN fails both comparisons
+
+
+def _is_valid_lr(lr: Any) -> bool:
+    """A finite real >= 0, or a 1-element floating-point tensor holding one (as torch's Adam)."""
+    if isinstance(lr, torch.Tensor):
+        usable = lr.numel() == 1 and lr.is_floating_point() and not lr.is_meta
+        return usable and _is_finite_nonnegative(float(lr))
+    return _is_finite_nonnegative(lr)
+
+
+def group_lr(group: dict[str, Any]) -> float:
+    """The group's learning rate as a float (``lr`` may be a 1-element tensor)."""
+    return float(group["lr"])
+
+
 def _is_int(value: Any) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
@@ -52,8 +70,11 @@ def validate_group(group: dict[str, Any], data_format: str = "channels_first") -
     """
     validate_data_format(data_format)
     lr = group["lr"]
-    if not _is_real(lr) or not lr >= 0:
-        raise ValueError(f"lr must be a real number >= 0, got {lr!r}")
+    if not _is_valid_lr(lr):
+        raise ValueError(
+            "lr must be a real number >= 0 and finite (or a 1-element floating-point tensor "
+            f"holding one), got {lr!r}"
+        )
     betas = group["betas"]
     if not isinstance(betas, (tuple, list)) or len(betas) != 2:
         raise ValueError(f"betas must be a pair (beta1, beta2), each in [0, 1), got {betas!r}")
@@ -66,11 +87,13 @@ def validate_group(group: dict[str, Any], data_format: str = "channels_first") -
             f"shampoo_beta must be in [0, 1), or negative to use beta2, got {shampoo_beta!r}"
         )
     eps = group["eps"]
-    if not _is_real(eps) or not eps >= 0:
-        raise ValueError(f"eps must be a real number >= 0, got {eps!r}")
+    if not _is_finite_nonnegative(eps):
+        raise ValueError(f"eps must be a real number >= 0 and finite, got {eps!r}")
     weight_decay = group["weight_decay"]
-    if not _is_real(weight_decay) or not weight_decay >= 0:
-        raise ValueError(f"weight_decay must be a real number >= 0, got {weight_decay!r}")
+    if not _is_finite_nonnegative(weight_decay):
+        raise ValueError(
+            f"weight_decay must be a real number >= 0 and finite, got {weight_decay!r}"
+        )
     frequency = group["precondition_frequency"]
     if not _is_int(frequency) or frequency < 1:
         raise ValueError(f"precondition_frequency must be an integer >= 1, got {frequency!r}")
@@ -80,6 +103,9 @@ def validate_group(group: dict[str, Any], data_format: str = "channels_first") -
     for key in _BOOLEAN_KEYS:
         if not isinstance(group[key], bool):
             raise ValueError(f"{key} must be True or False, got {group[key]!r}")
+    maximize = group.get("maximize", False)  # torch's name; the reference has no such option
+    if not isinstance(maximize, bool):
+        raise ValueError(f"maximize must be True or False, got {maximize!r}")
 
 
 def resolved_shampoo_beta(group: dict[str, Any]) -> float:

@@ -93,7 +93,9 @@ class SOAP(torch.optim.Optimizer):
 
     Args:
         params: parameters or param groups.
-        lr: learning rate.
+        lr: learning rate: a float, or a 1-element floating-point tensor (as torch's Adam; an
+            LR scheduler then updates it in place). Keep such a tensor on the CPU: it is read
+            once per bucket each step.
         betas: Adam's (beta1, beta2).
         shampoo_beta: EMA coefficient of the Kronecker factors; negative means beta2.
         eps: added to the square root of the (uncorrected) second moment.
@@ -106,6 +108,8 @@ class SOAP(torch.optim.Optimizer):
         data_format: ``"channels_first"`` or ``"channels_last"`` (4-D tensors are permuted
             NHWC -> NCHW before merging).
         correct_bias: fold Adam's bias correction into the step size.
+        maximize: keyword-only; maximise the objective (torch's name): the gradient is negated
+            before everything else (moments, Kronecker factors). A param-group option.
         moment_dtype: keyword-only; dtype of ``exp_avg`` and ``exp_avg_sq`` (fp32 default;
             bf16 halves their memory at some accuracy cost; fp64 parameters always use fp64).
             Dtypes may also be given by name (``"bf16"``, ``"float32"``), as JSON configs do.
@@ -157,6 +161,7 @@ class SOAP(torch.optim.Optimizer):
         data_format: str = "channels_first",
         correct_bias: bool = DEFAULTS["correct_bias"],
         *,
+        maximize: bool = False,
         moment_dtype: torch.dtype | str = torch.float32,
         strategy: str = "auto",
         process_group: dist.ProcessGroup | None = None,
@@ -210,6 +215,7 @@ class SOAP(torch.optim.Optimizer):
             precondition_1d=precondition_1d,
             normalize_grads=normalize_grads,
             correct_bias=correct_bias,
+            maximize=maximize,
         )
         super().__init__(params, defaults)
         self.register_state_dict_post_hook(complete_state_dict)
@@ -333,6 +339,8 @@ class SOAP(torch.optim.Optimizer):
             elementwise = compiled_rotated_adam_direction if compiled else rotated_adam_direction
             state.update(_elementwise=elementwise, _offsets={}, _due_refreshes=[])
         super().__setstate__(state)
+        for group in self.param_groups:  # pickles and state dicts from before maximize existed
+            group.setdefault("maximize", False)
         self._reset_buckets()
         self._layouts = {id(p): (p.shape, p.device) for g in self.param_groups for p in g["params"]}
         if unpickling:  # an unpickled optimizer is a local copy: it steps on this process only
@@ -570,7 +578,10 @@ class SOAP(torch.optim.Optimizer):
                 state.setdefault(key, value)  # keeps a non-finite skip counted before
         dtype = compute_dtype(param)
         moments = torch.float64 if dtype == torch.float64 else self.moment_dtype
-        decomposed = first_call(state, spec.factored, spec.to_block(grad).to(dtype), moments)
+        block = spec.to_block(grad).to(dtype)
+        if group.get("maximize", False):
+            block = block.neg()  # not in place: it may be the caller's gradient
+        decomposed = first_call(state, spec.factored, block, moments)
         if not decomposed or state["bases_ready"]:
             self.faults.basis(self.param_name(param), state, failed=not decomposed)
 
@@ -609,7 +620,9 @@ class SOAP(torch.optim.Optimizer):
         self, bucket_step: BucketStep, grads: dict[int, torch.Tensor]
     ) -> list[torch.Tensor]:
         _, block_shape, _, dtype, _, frequency, shampoo_beta = bucket_step.key
-        stacked = bucket_step.stack_grads(grads, dtype)
+        stacked = bucket_step.stack_grads(grads, dtype)  # a new tensor
+        if bucket_step.group.get("maximize", False):
+            stacked.neg_()
         steps = []
         for state in bucket_step.states:
             state["step"] += 1

@@ -25,6 +25,14 @@ def _params():
         (dict(merge_dims="yes"), r"merge_dims must be True or False"),
         (dict(moment_dtype=torch.int8), r"moment_dtype must be one of"),
         (dict(lr=float("nan")), r"lr must be a real number >= 0"),
+        (dict(lr=float("inf")), r"lr must be a real number >= 0 and finite"),
+        (dict(eps=float("inf")), r"eps must be a real number >= 0 and finite"),
+        (dict(weight_decay=float("inf")), r"weight_decay must be a real number >= 0 and finite"),
+        (dict(lr=torch.tensor(float("inf"))), r"lr must be a real number >= 0 and finite"),
+        (dict(lr=torch.tensor(-1e-3)), r"lr must be a real number >= 0 and finite"),
+        (dict(lr=torch.tensor([1e-3, 1e-3])), r"or a 1-element floating-point tensor"),
+        (dict(lr=torch.tensor(1)), r"or a 1-element floating-point tensor"),
+        (dict(maximize=1), r"maximize must be True or False"),
     ],
 )
 def test_bad_hyperparameters_raise_value_error(kwargs, message):
@@ -35,6 +43,8 @@ def test_bad_hyperparameters_raise_value_error(kwargs, message):
 def test_bad_group_hyperparameter_raises():
     with pytest.raises(ValueError, match="beta1"):
         SOAP([{"params": _params(), "betas": (1.5, 0.9)}])
+    with pytest.raises(ValueError, match="maximize must be True or False"):
+        SOAP(_params()).add_param_group({"params": _params(), "maximize": "yes"})
 
 
 def test_sparse_gradient_is_rejected():
