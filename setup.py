@@ -1,12 +1,20 @@
 """Packaging for distsoap.
 
 The Triton kernels live in the top-level ``kernels/`` folder of the repository but are installed
-as ``distsoap.kernels``: a top-level module named ``kernels`` already exists on PyPI.
+as ``distsoap.kernels``: a top-level module named ``kernels`` already exists on PyPI. Packages are
+found, not listed, so a new subpackage (a folder with an ``__init__.py``) is never left out of
+the wheel (``tests/integration/test_wheel.py`` installs the wheel and imports every module).
 """
 
 from pathlib import Path
 
-from setuptools import setup
+from setuptools import find_packages, setup
+
+ROOT = Path(__file__).parent
+# distsoap and every subpackage; then kernels/ and its subpackages, as distsoap.kernels[.*]
+PACKAGES = find_packages(where=ROOT, include=["distsoap", "distsoap.*"])
+PACKAGES += ["distsoap.kernels"]
+PACKAGES += [f"distsoap.kernels.{name}" for name in find_packages(where=ROOT / "kernels")]
 
 EXTRAS = {
     "demo": ["matplotlib>=3.7", "tqdm>=4.60"],
@@ -41,11 +49,11 @@ setup(
     name="distsoap",
     version="0.1.0",
     description="SOAP (Shampoo with Adam in the preconditioner's eigenbasis), distributed",
-    long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
+    long_description=(ROOT / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["distsoap", "distsoap.math", "distsoap.demo", "distsoap.kernels"],
-    package_dir={"distsoap.kernels": "kernels"},
+    packages=PACKAGES,
+    package_dir={"distsoap.kernels": "kernels"},  # never a top-level "kernels"
     install_requires=["torch>=2.6", "numpy"],
     extras_require=EXTRAS,
     entry_points={"console_scripts": ["distsoap-demo=distsoap.demo.__main__:main"]},
