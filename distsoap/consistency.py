@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING
 import torch
 import torch.distributed as dist
 
+from distsoap.hyperparams import hyperparameter_text
+
 if TYPE_CHECKING:
     from distsoap.optimizer import SOAP
 
@@ -32,7 +34,7 @@ def optimizer_fingerprint(
         str(optimizer.moment_dtype),
     ]
     for group in optimizer.param_groups:
-        hyper = sorted((k, repr(v)) for k, v in group.items() if k != "params")
+        hyper = sorted((k, hyperparameter_text(v)) for k, v in group.items() if k != "params")
         parts.append(repr(hyper))
         parts.extend(
             f"{'' if local_pieces else tuple(p.shape)}:{p.dtype}:{p.requires_grad}"

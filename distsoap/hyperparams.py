@@ -45,6 +45,17 @@ def _is_valid_lr(lr: Any) -> bool:
     return _is_finite_nonnegative(lr)
 
 
+def hyperparameter_text(value: Any) -> str:
+    """A hyperparameter as text that ranks compare: ``repr``, tensors by their values.
+
+    A tensor's repr rounds (``tensor(0.0100)`` for 0.01 and 0.0100001) and names its device
+    (each rank's own ``cuda:N``); its values in full and its dtype are what must agree.
+    """
+    if isinstance(value, torch.Tensor):
+        return f"tensor({value.detach().cpu().tolist()!r}, {value.dtype})"
+    return repr(value)
+
+
 def group_lr(group: dict[str, Any]) -> float:
     """The group's learning rate as a float (``lr`` may be a 1-element tensor)."""
     return float(group["lr"])

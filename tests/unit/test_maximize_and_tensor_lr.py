@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from distsoap import SOAP
+from distsoap.consistency import optimizer_fingerprint
 from tests.problems import RegressionProblem
 
 SHAPES = [(16, 16), (16, 16), (12, 40), (8, 6, 3, 3), (32,), ()]
@@ -109,3 +110,13 @@ def test_schedulers_drive_a_tensor_lr(name):
     assert float(lr) == reference.param_groups[0]["lr"] != 1e-2
     for p, q in zip(with_tensor, with_float):
         assert torch.equal(p.detach(), q.detach())
+
+
+def test_fingerprint_compares_tensor_lrs_by_value_not_by_printout():
+    def fingerprint(lr):
+        return optimizer_fingerprint(SOAP([torch.nn.Parameter(torch.ones(2))], lr=lr), "ddp", None)
+
+    base = fingerprint(torch.tensor(1e-2))
+    assert fingerprint(torch.tensor(1e-2)) == base
+    assert fingerprint(torch.tensor(1.00001e-2)) != base  # both print as tensor(0.0100)
+    assert fingerprint(torch.tensor(1e-2, dtype=torch.float64)) != base  # another value
