@@ -119,6 +119,35 @@ def validate_group(group: dict[str, Any], data_format: str = "channels_first") -
         raise ValueError(f"maximize must be True or False, got {maximize!r}")
 
 
+def validate_params(group: dict[str, Any], group_index: int) -> None:
+    """Refuse parameters SOAP cannot optimise: integer or bool dtypes, and the meta device.
+
+    Complex parameters are refused at the first step (see ``check_gradient``).
+
+    Raises:
+        ValueError: naming the parameter (group and position, name when given, shape) and
+            what is wrong with it.
+    """
+    names = group.get("param_names") or []
+    for index, param in enumerate(group["params"]):
+        where = f"param_groups[{group_index}]['params'][{index}]"
+        if index < len(names):
+            where += f" ({names[index]!r})"
+        where += f" of shape {tuple(param.shape)}"
+        if not (param.is_floating_point() or param.is_complex()):
+            raise ValueError(
+                f"{where} has dtype {param.dtype}: SOAP optimises floating-point parameters "
+                "(float32, bfloat16, float16, float64); leave integer and bool tensors out "
+                "of the optimizer"
+            )
+        if param.is_meta:
+            raise ValueError(
+                f"{where} is on the meta device (no data, dtype {param.dtype}): create the "
+                "optimizer after materialising the model (to_empty() and initialisation), "
+                "where SOAP's state can live"
+            )
+
+
 def resolved_shampoo_beta(group: dict[str, Any]) -> float:
     """The factor EMA coefficient: ``shampoo_beta``, or beta2 when it is negative."""
     shampoo_beta = group["shampoo_beta"]

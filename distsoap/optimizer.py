@@ -35,6 +35,7 @@ from distsoap.hyperparams import (
     parse_dtype,
     validate_data_format,
     validate_group,
+    validate_params,
 )
 from distsoap.kernels import compiled_rotated_adam_direction, rotated_adam_direction
 from distsoap.schedule import SCHEDULES, staggered_offsets
@@ -296,10 +297,14 @@ class SOAP(torch.optim.Optimizer):
         return self._strategy.clip_grad_norm_(float(max_norm))
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Add a param group after checking its hyperparameters (ValueError if out of range)."""
+        """Add a param group after checking its hyperparameters (ValueError if out of range).
+
+        Integer, bool and meta-device parameters are a ValueError too.
+        """
         super().add_param_group(param_group)
         try:
             validate_group(self.param_groups[-1], self.data_format)
+            validate_params(self.param_groups[-1], len(self.param_groups) - 1)
         except ValueError:
             self.param_groups.pop()
             raise

@@ -133,3 +133,24 @@ def test_parameter_changing_device_raises():
 def test_clip_grad_norm_needs_a_positive_bound():
     with pytest.raises(ValueError, match="max_norm must be > 0"):
         SOAP(_params()).clip_grad_norm_(0.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.uint8, torch.bool])
+def test_integer_and_bool_parameters_are_refused_at_construction(dtype):
+    params = _params() + [torch.zeros(3, 2, dtype=dtype)]
+    message = rf"param_groups\[0\]\['params'\]\[1\] of shape \(3, 2\) has dtype {dtype}"
+    with pytest.raises(ValueError, match=message):
+        SOAP(params)
+
+
+def test_refused_parameter_is_named_and_its_group_not_kept():
+    opt = SOAP([("weight", torch.nn.Parameter(torch.randn(4, 4)))])
+    with pytest.raises(ValueError, match=r"\['params'\]\[0\] \('steps'\) of shape \(\) has dtype"):
+        opt.add_param_group({"params": [("steps", torch.tensor(3))]})
+    assert len(opt.param_groups) == 1
+
+
+def test_meta_parameters_are_refused_at_construction():
+    meta = torch.nn.Parameter(torch.empty(4, 4, device="meta"))
+    with pytest.raises(ValueError, match=r"of shape \(4, 4\) is on the meta device"):
+        SOAP([meta])
