@@ -13,6 +13,8 @@ from distsoap.hyperparams import hyperparameter_text
 if TYPE_CHECKING:
     from distsoap.optimizer import SOAP
 
+_NOT_HYPER = ("params", "param_names")
+
 
 def optimizer_fingerprint(
     optimizer: SOAP, strategy: str, comm_dtype: torch.dtype | None, bucket_cap_mb: float = 25.0
@@ -23,7 +25,9 @@ def optimizer_fingerprint(
     parameter's shape, dtype and requires_grad,
     and every param group's hyperparameters. Under FSDP1 the optimizer sees each rank's local
     1-D piece, whose shape differs between ranks by design, so shapes are left out there (the
-    full shapes are compared when FSDP's metadata is gathered).
+    full shapes are compared when FSDP's metadata is gathered). Parameter names
+    (``param_names``, recorded by torch when the optimizer is given ``named_parameters()``) are
+    left to :func:`names_fingerprint`.
     """
     local_pieces = strategy == "fsdp1"
     parts: list[str] = [
@@ -34,12 +38,29 @@ def optimizer_fingerprint(
         str(optimizer.moment_dtype),
     ]
     for group in optimizer.param_groups:
-        hyper = sorted((k, hyperparameter_text(v)) for k, v in group.items() if k != "params")
+        hyper = sorted((k, hyperparameter_text(v)) for k, v in group.items() if k not in _NOT_HYPER)
         parts.append(repr(hyper))
         parts.extend(
             f"{'' if local_pieces else tuple(p.shape)}:{p.dtype}:{p.requires_grad}"
             for p in group["params"]
         )
+    return _hash(parts)
+
+
+def names_fingerprint(optimizer: SOAP) -> int:
+    """A 63-bit hash of every param group's ``param_names`` in order (0 when none were given).
+
+    Names are the only rank-independent identity of a parameter the optimizer sees: the same
+    names in another order mean the ranks list parameters differently, which shapes alone miss
+    when the parameters swapped have the same shape (param groups built from a ``set``).
+    """
+    names = [repr(group.get("param_names")) for group in optimizer.param_groups]
+    if all(group.get("param_names") is None for group in optimizer.param_groups):
+        return 0
+    return _hash(names)
+
+
+def _hash(parts: list[str]) -> int:
     digest = hashlib.sha256("|".join(parts).encode()).digest()
     return int.from_bytes(digest[:8], "little") >> 1
 
@@ -53,21 +74,32 @@ def check_same_on_all_ranks(
 ) -> None:
     """Raise the same ValueError on every rank unless all ranks built the same optimizer.
 
-    One all-gather of one integer per rank: it completes whatever the ranks disagree on.
+    One all-gather of two integers per rank: it completes whatever the ranks disagree on.
     """
-    mine = optimizer_fingerprint(optimizer, strategy, comm_dtype, bucket_cap_mb)
+    mine = [
+        optimizer_fingerprint(optimizer, strategy, comm_dtype, bucket_cap_mb),
+        names_fingerprint(optimizer),
+    ]
     backend = dist.get_backend(group)
     device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else "cpu"
     gathered = [
-        torch.zeros(1, dtype=torch.int64, device=device) for _ in range(dist.get_world_size(group))
+        torch.zeros(2, dtype=torch.int64, device=device) for _ in range(dist.get_world_size(group))
     ]
-    dist.all_gather(gathered, torch.tensor([mine], dtype=torch.int64, device=device), group=group)
-    values = [int(t.item()) for t in gathered]
-    if len(set(values)) > 1:
-        differing = [r for r, v in enumerate(values) if v != values[0]]
+    dist.all_gather(gathered, torch.tensor(mine, dtype=torch.int64, device=device), group=group)
+    values = [tuple(t.tolist()) for t in gathered]
+    if len({v[0] for v in values}) > 1:
+        differing = [r for r, v in enumerate(values) if v[0] != values[0][0]]
         raise ValueError(
             "SOAP was built differently on different ranks (parameter lists, shapes, dtypes, "
             "param-group hyperparameters, strategy, comm_dtype or bucket_cap_mb differ): ranks "
             f"{differing} disagree with rank 0. Build the model and optimizer identically on "
             "every rank."
+        )
+    if len({v[1] for v in values}) > 1:
+        differing = [r for r, v in enumerate(values) if v[1] != values[0][1]]
+        raise ValueError(
+            "SOAP was built differently on different ranks: the parameter names (param_names) "
+            f"differ, so ranks {differing} list the parameters in another order (or under other "
+            "names) than rank 0. Build the param groups in one order on every rank, e.g. from "
+            "model.named_parameters() (a set has no fixed order)."
         )
