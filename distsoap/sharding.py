@@ -187,14 +187,26 @@ def fsdp1_layouts(
         raise ValueError(f"parameters {missing} are not managed by the given FSDP model")
     mine = {index[k]: v for k, v in local.items() if k in index}
     full_shapes = [shapes.get(id(p)) for p in params]
+    # the model's parameter names: a rank-independent identity of every position
+    by_id = {id(p): name for name, p in model.named_parameters()}
+    names = [by_id.get(id(p)) for p in params]
     gathered: list = [None] * dist.get_world_size(group)
-    dist.all_gather_object(gathered, (full_shapes, mine), group=group)
-    if any(shapes_seen != gathered[0][0] for shapes_seen, _ in gathered):
+    dist.all_gather_object(gathered, (full_shapes, names, mine), group=group)
+    if any(shapes_seen != gathered[0][0] for shapes_seen, _, _ in gathered):
         raise ValueError(
             "SOAP was built differently on different ranks: FSDP reports different full "
             "parameter shapes. Build the model and optimizer identically on every rank."
         )
-    gathered = [pieces for _, pieces in gathered]
+    for position, name in enumerate(gathered[0][1]):
+        seen = [names_seen[position] for _, names_seen, _ in gathered]
+        if any(other != name for other in seen):
+            raise ValueError(
+                "SOAP was built differently on different ranks: the optimizer's parameter "
+                f"{position} is {seen} on ranks 0..{len(seen) - 1}, so the ranks list the "
+                "parameters in different orders. Build the param groups in one order on every "
+                "rank, e.g. from model.named_parameters() (a set has no fixed order)."
+            )
+    gathered = [pieces for _, _, pieces in gathered]
     layouts = {}
     for i, p in enumerate(params):
         if id(p) not in shapes:
