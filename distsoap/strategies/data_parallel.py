@@ -30,6 +30,8 @@ from distsoap.comm import (
 )
 from distsoap.engine import apply_deltas
 from distsoap.placement import assign_owners, block_cost
+from distsoap.replicas import check_copies
+from distsoap.strategies.frozen import check_still_frozen, frozen_params
 from distsoap.strategies.grad_sync import GradSync
 from distsoap.strategies.single import groups_by_param
 
@@ -75,6 +77,7 @@ class DataParallel:
         """Owners and buckets from the trainable parameters; identical on every rank."""
         opt = self.optimizer
         self.params: list[torch.Tensor] = []
+        self.frozen = frozen_params([p for g in opt.param_groups for p in g["params"]])
         costs = []
         for group in opt.param_groups:
             for p in group["params"]:
@@ -130,42 +133,50 @@ class DataParallel:
         return self.grad_sync.no_sync() if self.sync_gradients else nullcontext()
 
     def _owned_grads(self) -> dict[int, torch.Tensor]:
-        """Full (averaged) gradients of this rank's blocks; absent where no rank had one."""
-        if self.sync_gradients:
-            reduced = self.grad_sync.reduced_grads()
-            return {id(self.params[i]): g for i, g in reduced.items() if g is not None}
+        """Full (averaged) gradients of this rank's blocks; absent where no rank had one.
+
+        Checks first (same error on every rank, before the update exchange) that no frozen
+        parameter became trainable and, until a step with real gradients has been checked, that
+        every rank holds the same parameters in the same order (:mod:`distsoap.replicas`).
+        Under mode B the gradient exchange backward started is finished before either check,
+        so every rank has run the same collectives when they raise.
+        """
+        reduced = self.grad_sync.reduced_grads() if self.sync_gradients else None
+        check_still_frozen(self.optimizer, self.frozen, self.name)
         if not self._checked_replicas:
-            self._check_gradients_replicated()
+            self._checked_replicas = self._check_replicas()
+        if reduced is not None:
+            return {id(self.params[i]): g for i, g in reduced.items() if g is not None}
         return {
             id(p): p.grad
             for p, owner in zip(self.params, self.owners)
             if owner == self.rank and p.grad is not None
         }
 
-    def _check_gradients_replicated(self) -> None:
-        """Mode A needs the same gradients on every rank; check once, on the first step."""
-        present = [p.grad for p in self.params if p.grad is not None]
-        local = torch.zeros(3, dtype=torch.float64)
-        if present:
-            local[0] = len(present)
-            local[1] = sum(float(g.double().sum()) for g in present)
-            local[2] = sum(float(g.double().square().sum()) for g in present)
-        gathered = [torch.zeros_like(local) for _ in range(self.world)]
-        dist.all_gather(gathered, self._to_comm_device(local), group=self.group)
-        gathered = [g.cpu() for g in gathered]
-        scale = float(gathered[0].abs().max()) or 1.0
-        if any(float((g - gathered[0]).abs().max()) > 1e-6 * scale for g in gathered):
-            raise RuntimeError(
-                "gradients differ across ranks, but strategy='ddp' expects them averaged by "
-                "DistributedDataParallel: wrap the model in DDP, or pass strategy='zero2' to let "
-                "distsoap synchronise the gradients itself"
-            )
-        self._checked_replicas = True
+    def _check_replicas(self) -> bool:
+        """Every rank's copy of every parameter (and, in mode A, its gradient) is the same.
 
-    def _to_comm_device(self, tensor: torch.Tensor) -> torch.Tensor:
+        Returns:
+            Whether the check counted (False when every gradient was zero or absent).
+        """
+        if not self.params:
+            return True
+        return check_copies(
+            self.name,
+            [self.optimizer.param_name(p) for p in self.params],
+            [p.detach() for p in self.params],
+            [p.grad for p in self.params],
+            [0] * len(self.params),
+            1,
+            self.group,
+            self._comm_device(),
+            compare_grads=not self.sync_gradients,
+        )
+
+    def _comm_device(self) -> torch.device:
         if dist.get_backend(self.group) == "nccl":
-            return tensor.to(torch.device("cuda", torch.cuda.current_device()))
-        return tensor
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
 
     def step(self) -> None:
         """Owners compute their blocks, then every rank applies every update."""

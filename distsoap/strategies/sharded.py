@@ -39,7 +39,9 @@ from distsoap.comm import (
 )
 from distsoap.engine import apply_deltas
 from distsoap.placement import assign_owners, block_cost
+from distsoap.replicas import check_copies
 from distsoap.sharding import ShardLayout
+from distsoap.strategies.frozen import check_still_frozen, frozen_params
 from distsoap.strategies.single import SingleProcess, apply_updates, groups_by_param
 
 if TYPE_CHECKING:
@@ -137,6 +139,27 @@ def local_grad(param: torch.Tensor) -> torch.Tensor | None:
     return None if grad is None else local_view(grad)
 
 
+def replica_slots(layouts: list[ShardLayout], rank: int) -> tuple[list[int], int]:
+    """Which copy of each parameter's piece ``rank`` holds, for :mod:`distsoap.replicas`.
+
+    Ranks holding the same non-empty range of a parameter (HSDP replicas, or every rank for a
+    replicated DTensor) share a slot; every other rank gets one of its own.
+
+    Returns:
+        Per parameter, ``rank``'s slot; and the number of slots, 0 when no non-empty piece is
+        held by two ranks (plain FSDP: nothing to compare).
+    """
+    slots, n_slots, shared = [], 1, False
+    for layout in layouts:
+        # an empty piece is nobody's copy: its own slot
+        pieces = [r if a == b else (a, b) for r, (a, b) in enumerate(layout.ranges)]
+        distinct = list(dict.fromkeys(pieces))
+        shared = shared or len(distinct) < len(pieces)
+        slots.append(distinct.index(pieces[rank]))
+        n_slots = max(n_slots, len(distinct))
+    return slots, n_slots if shared else 0
+
+
 class ShardedLossless:
     """Whole-matrix SOAP on sharded parameters (see the module docstring).
 
@@ -171,6 +194,7 @@ class ShardedLossless:
         self.layouts: list[ShardLayout] = []
         self.costs = []
         pairs = param_lists if param_lists is not None else param_lists_of(optimizer)
+        self.frozen = frozen_params([p for _, params in pairs for p in params])
         for group_, params in pairs:
             for p in params:
                 if not p.requires_grad:
@@ -188,6 +212,8 @@ class ShardedLossless:
         )
         self.mine = [i for i in range(len(self.params)) if self.owners[i] == self.rank]
         self._plans: dict[tuple[int, ...], ExchangePlan] = {}
+        self._slots, self._n_slots = replica_slots(self.layouts, self.rank)
+        self._checked_replicas = self._n_slots == 0  # no piece is held twice: nothing to compare
 
     def _plan(self, items: tuple[int, ...]) -> ExchangePlan:
         """Who sends what to whom for the parameters ``items`` (cached; same on every rank)."""
@@ -260,8 +286,32 @@ class ShardedLossless:
 
     @torch.no_grad()
     def step(self) -> None:
-        """Gather gradients to owners, step the owned blocks, scatter the updates back."""
+        """Gather gradients to owners, step the owned blocks, scatter the updates back.
+
+        First (same error on every rank, before any exchange): no parameter frozen at
+        construction may have become trainable, and, until a step with real gradients has been
+        checked, ranks holding the same piece (HSDP replicas) must hold equal values and
+        gradients (:mod:`distsoap.replicas`).
+        """
+        check_still_frozen(self.optimizer, self.frozen, self.name)
+        if not self._checked_replicas:
+            self._checked_replicas = check_copies(
+                self.name,
+                [self.optimizer.param_name(p) for p in self.params],
+                [local_view(p) for p in self.params],
+                [local_grad(p) for p in self.params],
+                self._slots,
+                self._n_slots,
+                self.group,
+                self._comm_device(),
+                compare_grads=True,
+            )
         self.step_items(tuple(range(len(self.params))))
+
+    def _comm_device(self) -> torch.device:
+        if dist.get_backend(self.group) == "nccl":
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
 
     def step_items(self, items: tuple[int, ...]) -> None:
         """One step of the parameters ``items`` (every rank passes the same ones)."""

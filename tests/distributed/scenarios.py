@@ -194,7 +194,8 @@ def state_balance(rank: int, world: int) -> dict:
     """A GPT-shaped model with many blocks: per-rank SOAP state after two steps."""
     d = 32
     shapes = [(128, d)] + [(3 * d, d), (d, d), (4 * d, d), (d, 4 * d), (d,), (d,)] * 6
-    params = [torch.nn.Parameter(torch.randn(s) * 0.1) for s in shapes]
+    gen = torch.Generator().manual_seed(0)  # zero2 replicas must start equal
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen) * 0.1) for s in shapes]
     opt = SOAP(params, strategy="zero2")
     for _ in range(2):
         opt.zero_grad()
