@@ -5,6 +5,7 @@ the extra processes itself; CPU: gloo).
 
     python launch/lightning/train_lightning.py                   # one process
     python launch/lightning/train_lightning.py --devices 2       # DDP, 2 processes
+    python launch/lightning/train_lightning.py --devices 2 --fsdp2   # FSDP2 (ModelParallelStrategy)
 
 Lightning sets up torch.distributed before it calls ``configure_optimizers``, so SOAP sees the
 process group and shards its state over the ranks (strategy "ddp", Lightning's DDP averaging the
@@ -26,6 +27,8 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.strategies import ModelParallelStrategy
+from torch.distributed.fsdp import fully_shard
 
 from distsoap import SOAP
 from distsoap.demo.corpus import ByteBatches, load_corpus
@@ -58,6 +61,15 @@ class SOAPLanguageModel(L.LightningModule):
         self.model = GPT(GPTConfig(context=32, n_layers=1, d_model=32, n_heads=2))
         self.losses: list[float] = []
 
+    def configure_model(self):
+        """Under ModelParallelStrategy: FSDP2 over its data-parallel mesh (SOAP: "fsdp2")."""
+        mesh = getattr(self, "device_mesh", None)
+        if mesh is None:
+            return
+        for block in self.model.blocks:
+            fully_shard(block, mesh=mesh["data_parallel"])
+        fully_shard(self.model, mesh=mesh["data_parallel"])
+
     def training_step(self, batch, batch_idx):
         """Next-byte loss of one batch."""
         x, y = batch
@@ -77,8 +89,13 @@ def weights_hash(model: torch.nn.Module) -> str:
     digest = hashlib.sha256()
     for name, param in sorted(model.named_parameters()):
         digest.update(name.encode())
-        digest.update(param.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        digest.update(full(param).cpu().contiguous().view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
+
+
+def full(param: torch.Tensor) -> torch.Tensor:
+    """The whole parameter (gathered from its shards under FSDP2), detached."""
+    return (param.full_tensor() if hasattr(param, "full_tensor") else param).detach()
 
 
 def main() -> None:
@@ -87,6 +104,7 @@ def main() -> None:
     parser.add_argument("--devices", type=int, default=1)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--out", type=Path, default=Path("runs/lightning"))
+    parser.add_argument("--fsdp2", action="store_true", help="ModelParallelStrategy, FSDP2")
     parser.add_argument("--epoch-steps", type=int, default=0, help="batches per epoch")
     parser.add_argument("--checkpoint-dir", type=Path, default=None)
     parser.add_argument("--resume-from", default=None, help="a Lightning .ckpt to resume from")
@@ -104,10 +122,13 @@ def main() -> None:
             )
         )
     module = SOAPLanguageModel()
+    strategy = "ddp" if args.devices > 1 else "auto"
+    if args.fsdp2:  # FSDP2 without tensor parallelism; saves through DCP, sharded
+        strategy = ModelParallelStrategy(data_parallel_size=args.devices, tensor_parallel_size=1)
     trainer = L.Trainer(
         accelerator="gpu" if torch.cuda.is_available() else "cpu",
         devices=args.devices,
-        strategy="ddp" if args.devices > 1 else "auto",
+        strategy=strategy,
         max_steps=args.steps,
         gradient_clip_val=1.0,
         logger=False,
@@ -126,7 +147,7 @@ def main() -> None:
         "first_loss": module.losses[0],
         "last_loss": module.losses[-1],
         "steps": trainer.global_step,
-        "checksum": float(sum(p.detach().double().sum() for p in module.parameters())),
+        "checksum": float(sum(full(p).double().sum() for p in module.parameters())),
         "weights_sha256": weights_hash(module),
         "state_bytes": soap.state_bytes(),
     }

@@ -106,16 +106,22 @@ def test_hf_trainer_resume_without_the_callback_fails_loudly(tmp_path):
     assert resumed.stderr.count("none for 15 block(s) this rank owns") >= 2, resumed.stderr[-4000:]
 
 
-def test_lightning_ddp_resume_is_bit_identical(tmp_path):
-    """Lightning saves rank 0's optimizer state after calling consolidate_state_dict()."""
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_lightning_resume_is_bit_identical(strategy, tmp_path):
+    """DDP: Lightning saves rank 0's optimizer state after calling consolidate_state_dict().
+
+    FSDP2 (ModelParallelStrategy): Lightning saves through DCP's get_optimizer_state_dict.
+    """
     pytest.importorskip("lightning")
     script = str(ROOT / "launch" / "lightning" / "train_lightning.py")
     common = [sys.executable, script, "--devices", "2", "--steps", "12", "--epoch-steps", "6"]
+    common += ["--fsdp2"] if strategy == "fsdp2" else []
     _run([*common, "--out", str(tmp_path / "whole"), "--checkpoint-dir", "ckpt"], tmp_path)
     checkpoint = str(tmp_path / "ckpt" / "epoch=0.ckpt")
     _run([*common, "--out", str(tmp_path / "resumed"), "--resume-from", checkpoint], tmp_path)
     for rank in range(2):
         whole = json.loads((tmp_path / "whole" / f"rank{rank}.json").read_text())
         resumed = json.loads((tmp_path / "resumed" / f"rank{rank}.json").read_text())
+        assert resumed["strategy"] == whole["strategy"] == strategy
         assert resumed["weights_sha256"] == whole["weights_sha256"]
         assert resumed["state_bytes"] == whole["state_bytes"]  # each rank kept its own blocks
