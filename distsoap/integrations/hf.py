@@ -44,7 +44,9 @@ class SOAPCheckpointCallback(TrainerCallback):
     evaluation, so the state is gathered at every evaluation then.
     """
 
-    def _consolidate(self, optimizer: Any) -> None:
+    def _consolidate(self, args: TrainingArguments, optimizer: Any) -> None:
+        if getattr(args, "deepspeed", None):  # DeepSpeed saves every rank's partition itself
+            return
         soap = find_soap(optimizer)
         if soap is not None:
             soap.consolidate_state_dict(to=0)
@@ -56,20 +58,11 @@ class SOAPCheckpointCallback(TrainerCallback):
         control: TrainerControl,
         **kwargs: Any,
     ) -> None:
-        """Gather when this step's checkpoint is due."""
+        """Gather when the checkpoint about to be written (this step's, or this epoch's) is due."""
         if control.should_save:
-            self._consolidate(kwargs.get("optimizer"))
+            self._consolidate(args, kwargs.get("optimizer"))
 
-    def on_epoch_end(
-        self,
-        args: TrainingArguments,
-        state: TrainerState,
-        control: TrainerControl,
-        **kwargs: Any,
-    ) -> None:
-        """Gather when the epoch's checkpoint is due."""
-        if control.should_save:
-            self._consolidate(kwargs.get("optimizer"))
+    on_epoch_end = on_step_end  # an epoch-end save is decided the same way, just before it
 
     def on_evaluate(
         self,
@@ -80,4 +73,4 @@ class SOAPCheckpointCallback(TrainerCallback):
     ) -> None:
         """``save_strategy="best"`` decides after evaluating: gather in case it saves."""
         if str(getattr(args.save_strategy, "value", args.save_strategy)) == "best":
-            self._consolidate(kwargs.get("optimizer"))
+            self._consolidate(args, kwargs.get("optimizer"))
