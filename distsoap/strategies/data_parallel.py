@@ -101,7 +101,14 @@ class DataParallel:
         if self.sync_gradients:
             if getattr(self, "grad_sync", None) is not None:
                 self.grad_sync.remove()
-            self.grad_sync = GradSync(self.params, self.buckets, self.rank, self.group, self.stats)
+            self.grad_sync = GradSync(
+                self.params,
+                self.buckets,
+                self.rank,
+                self.group,
+                self.stats,
+                check_before_exchange=self._check_replicas,
+            )
 
     def owned_params(self) -> list[torch.Tensor]:
         """The parameters whose SOAP state lives on this rank."""
@@ -138,12 +145,13 @@ class DataParallel:
         Checks first (same error on every rank, before the update exchange) that no frozen
         parameter became trainable and, until a step with real gradients has been checked, that
         every rank holds the same parameters in the same order (:mod:`distsoap.replicas`).
-        Under mode B the gradient exchange backward started is finished before either check,
-        so every rank has run the same collectives when they raise.
+        Under mode B the replica check runs in :class:`GradSync`, before the first gradient
+        leaves (in backward); the frozen check after the exchange backward started is
+        finished, so every rank has run the same collectives when it raises.
         """
         reduced = self.grad_sync.reduced_grads() if self.sync_gradients else None
         check_still_frozen(self.optimizer, self.frozen, self.name)
-        if not self._checked_replicas:
+        if not self._checked_replicas and not self.sync_gradients:
             self._checked_replicas = self._check_replicas()
         if reduced is not None:
             return {id(self.params[i]): g for i, g in reduced.items() if g is not None}

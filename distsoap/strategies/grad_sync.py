@@ -7,10 +7,16 @@ index order on every rank, so the collectives always match. Parameters that got 
 this rank (unused in its forward) hold back their bucket until ``step()``, which sends them as
 zeros with a flag saying so; a parameter no rank produced a gradient for is skipped, as in
 single-process SOAP. Owners average what they receive the way DDP does (sum / world).
+
+Before the first exchange a check may run (``check_before_exchange``: the data-parallel
+strategy's replica check, :mod:`distsoap.replicas`), on every rank at the same point, so
+parameters listed in another order on some rank are caught before any gradient travels to the
+wrong owner. It runs again before the next first exchange until it says it counted.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import contextmanager
 
 import torch
@@ -35,6 +41,8 @@ class GradSync:
         rank: this rank in ``group``.
         group: the process group.
         stats: where to count the bytes sent.
+        check_before_exchange: called (on every rank) before the first bucket is sent; returns
+            whether the check counted (else it is called again before the next exchange).
 
     """
 
@@ -45,6 +53,7 @@ class GradSync:
         rank: int,
         group: dist.ProcessGroup | None,
         stats: CommStats,
+        check_before_exchange: Callable[[], bool] | None = None,
     ):
         self.params = params
         self.buckets = buckets
@@ -55,6 +64,8 @@ class GradSync:
         self.bucket_of = {i: b.index for b in buckets for i in b.params}
         self._piece_sizes = [b.part_piece_sizes(rank) for b in buckets]
         self.enabled = True
+        self.check_before_exchange = check_before_exchange
+        self.checked = check_before_exchange is None
         self._reset()
         self._hooks = [
             p.register_post_accumulate_grad_hook(self._make_hook(i)) for i, p in enumerate(params)
@@ -102,6 +113,8 @@ class GradSync:
         while self.next_bucket < len(self.buckets) and (
             force or self.waiting[self.next_bucket] == 0
         ):
+            if not self.checked:  # every rank reaches this once per exchange, before bucket 0
+                self.checked = self.check_before_exchange()
             self._launch(self.buckets[self.next_bucket])
             self.next_bucket += 1
 

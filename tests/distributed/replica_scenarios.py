@@ -54,7 +54,10 @@ def misordered(rank: int, world: int, strategy: str, dcp_init_first: bool = Fals
     opt = SOAP(groups, strategy=strategy, **OPTIONS)
     if dcp_init_first:  # DCP's all-zero-gradient step, as before loading a checkpoint
         get_state_dict(model, opt)
-    return _train(forward, opt, rank, world, steps=2)
+    sent_before = opt.comm_stats["total_bytes"].get("grad_sync", 0)
+    message = _train(forward, opt, rank, world, steps=2)
+    sent = opt.comm_stats["total_bytes"].get("grad_sync", 0) - sent_before
+    return f"{message} [gradient bytes sent by distsoap in training: {sent}]"
 
 
 def unwrapped_ddp_after_dcp_init(rank: int, world: int) -> str:

@@ -30,6 +30,8 @@ def test_parameters_in_another_order_raise_the_same_error_everywhere(strategy, d
     message = _same_everywhere(run_ranks(misordered, 2, strategy, dcp_init_first, timeout=120))
     assert message.startswith("ValueError: parameter param_groups[0]['params'][0]"), message
     assert "different orders" in message
+    # zero2 sends gradients during backward: caught before the first one leaves
+    assert message.endswith("[gradient bytes sent by distsoap in training: 0]"), message
 
 
 def test_ddp_strategy_unwrapped_after_dcp_init_step_raises_on_the_first_real_step():
