@@ -57,7 +57,7 @@ def _run(command: list, env: dict, cwd: Path, timeout: int = 300) -> str:
 
 
 @pytest.fixture(scope="module")
-def installed(tmp_path_factory) -> dict:
+def installed(tmp_path_factory):
     """Build the wheel, install it into a fresh venv; the venv's python and a clean env."""
     tmp = tmp_path_factory.mktemp("wheel")
     source, wheels, venv, outside = tmp / "src", tmp / "wheels", tmp / "venv", tmp / "outside"
@@ -79,7 +79,8 @@ def installed(tmp_path_factory) -> dict:
         version = os.environ.get("DISTSOAP_TORCH_VERSION", torch.__version__.split("+")[0])
         _run([python, "-m", "pip", "install", "-q", f"torch=={version}"], env, outside, 600)
     _run([python, "-m", "pip", "install", "-q", f"{wheel}[triton,demo]"], env, outside)
-    return dict(wheel=wheel, venv=venv, python=python, env=env, outside=outside)
+    yield dict(wheel=wheel, venv=venv, python=python, env=env, outside=outside)
+    shutil.rmtree(tmp, ignore_errors=True)  # ~2 GB of venv; pytest keeps its last 3 tmp dirs
 
 
 def test_wheel_holds_distsoap_and_no_top_level_kernels(installed):
