@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.distributed as dist
 
+from distsoap.fsdp2_names import fsdp2_parameter_names
 from distsoap.hyperparams import hyperparameter_text
 
 if TYPE_CHECKING:
@@ -47,17 +48,31 @@ def optimizer_fingerprint(
     return _hash(parts)
 
 
-def names_fingerprint(optimizer: SOAP) -> int:
-    """A 63-bit hash of every param group's ``param_names`` in order (0 when none were given).
+def parameter_names(optimizer: SOAP) -> list[str] | None:
+    """Every parameter's rank-independent name, in order, or None where none is known.
 
-    Names are the only rank-independent identity of a parameter the optimizer sees: the same
-    names in another order mean the ranks list parameters differently, which shapes alone miss
-    when the parameters swapped have the same shape (param groups built from a ``set``).
+    ``param_names`` when the optimizer was given ``named_parameters()``; for FSDP2 parameters
+    (DTensors) otherwise, the names their modules give them (:mod:`distsoap.fsdp2_names`).
     """
-    names = [repr(group.get("param_names")) for group in optimizer.param_groups]
-    if all(group.get("param_names") is None for group in optimizer.param_groups):
-        return 0
-    return _hash(names)
+    groups = optimizer.param_groups
+    if any(group.get("param_names") is not None for group in groups):
+        return [repr(group.get("param_names")) for group in groups]
+    params = [p for group in groups for p in group["params"]]
+    if not any(hasattr(p, "device_mesh") for p in params):
+        return None
+    found = fsdp2_parameter_names(params)
+    return [found.get(id(p), "?") for p in params] if found else None
+
+
+def names_fingerprint(optimizer: SOAP) -> int:
+    """A 63-bit hash of :func:`parameter_names` (0 when none are known).
+
+    Names are the only rank-independent identity of a parameter the optimizer can find: the
+    same names in another order mean the ranks list parameters differently, which shapes alone
+    miss when the parameters swapped have the same shape (param groups built from a ``set``).
+    """
+    names = parameter_names(optimizer)
+    return 0 if names is None else _hash(names)
 
 
 def _hash(parts: list[str]) -> int:
@@ -99,7 +114,8 @@ def check_same_on_all_ranks(
         differing = [r for r, v in enumerate(values) if v[1] != values[0][1]]
         raise ValueError(
             "SOAP was built differently on different ranks: the parameter names (param_names) "
-            f"differ, so ranks {differing} list the parameters in another order (or under other "
+            "differ (given to SOAP, or under FSDP2 those of the sharded modules), so ranks"
+            f" {differing} list the parameters in another order (or under other "
             "names) than rank 0. Build the param groups in one order on every rank, e.g. from "
             "model.named_parameters() (a set has no fixed order)."
         )

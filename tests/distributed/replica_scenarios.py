@@ -90,8 +90,10 @@ def unfrozen_after_construction(rank: int, world: int, strategy: str) -> dict:
 def misordered_fsdp(rank: int, world: int, variant: str) -> str:
     """Rank 1 lists same-shape parameters in reverse under FSDP2, HSDP or FSDP1.
 
-    ``variant``: ``"fsdp2_named"`` (named_parameters() given to SOAP), ``"hsdp"`` (a 2 x 2
-    mesh, no names), ``"fsdp1"`` (no names; FSDP1's model gives them).
+    ``variant``: ``"fsdp2_named"`` (named_parameters() given to SOAP), ``"fsdp2"`` (no names:
+    the sharded modules give them), ``"hsdp"`` (a 2 x 2 mesh, no names), ``"fsdp1"`` (no
+    names; FSDP1's model gives them), ``"hsdp_unseeded"`` (the same order, but the second
+    replica group initialised differently).
     """
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import FullyShardedDataParallel, fully_shard
@@ -104,8 +106,11 @@ def misordered_fsdp(rank: int, world: int, variant: str) -> str:
         )
         extra = {"fsdp_model": forward, "strategy": "fsdp1"}
     else:
-        if variant == "hsdp":
+        if variant.startswith("hsdp"):
             mesh = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("replicate", "shard"))
+            if variant == "hsdp_unseeded" and rank >= world // 2:  # second replica group
+                with torch.no_grad():
+                    model.blocks[0].add_(1e-3)
         else:
             mesh = init_device_mesh("cpu", (world,))
         fully_shard(model, mesh=mesh)
@@ -114,6 +119,8 @@ def misordered_fsdp(rank: int, world: int, variant: str) -> str:
         if rank == 1:
             named[:SAME_SHAPE] = named[:SAME_SHAPE][::-1]
         groups = [dict(params=named)]
+    elif variant == "hsdp_unseeded":
+        groups = [dict(params=list(model.blocks))]
     else:
         groups = _reversed_on_rank1([dict(params=list(model.blocks))], rank)
     try:

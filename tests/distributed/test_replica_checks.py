@@ -52,8 +52,12 @@ def test_parameter_unfrozen_after_construction_raises_everywhere(strategy):
     "variant, world, expected",
     [
         ("fsdp2_named", 2, "the parameter names (param_names) differ"),
+        # no names given: FSDP2's sharded modules name the parameters, at construction
+        ("fsdp2", 2, "the parameter names (param_names) differ"),
+        ("hsdp", 4, "the parameter names (param_names) differ"),
         ("fsdp1", 2, "the ranks list the parameters in different orders"),
-        ("hsdp", 4, "holds different values on different ranks"),
+        # HSDP replicas are compared by value at the first step
+        ("hsdp_unseeded", 4, "holds different values on different ranks"),
     ],
 )
 def test_sharded_parameters_in_another_order_raise_everywhere(variant, world, expected):
