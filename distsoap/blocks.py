@@ -3,7 +3,7 @@
 A *block* is a parameter tensor as the preconditioner sees it: optionally permuted (channels_last
 4-D tensors become NCHW) and with adjacent small dims merged (``merge_dims``). Each block dim of
 size <= ``max_precond_dim`` is *factored*: it gets a Kronecker factor and an eigenbasis; larger
-dims are left unrotated. The rules follow shared/SOAP.md ("Shapes").
+dims are left unrotated. The rules follow docs/algorithm.md ("Shapes").
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The SOAP step on a stack of same-shape blocks (shared/SOAP.md, "Every later call").
+"""The SOAP step on a stack of same-shape blocks (docs/algorithm.md, "Every later call").
 
 Pure computation: given a block's stacked state and gradients, produce the parameter deltas and
 advance the state. Placement and communication (who computes which block) live elsewhere; every
@@ -51,7 +51,7 @@ def soap_update(
 ) -> tuple[torch.Tensor, list[int]]:
     """One SOAP update for a stack of blocks whose bases are initialised.
 
-    Steps 1-10b of shared/SOAP.md; the refresh (10c-d) of the rows that are due is left to
+    Steps 1-10b of docs/algorithm.md; the refresh (10c-d) of the rows that are due is left to
     :func:`refresh_rows`, so that a caller can run it while this step's communication is in
     flight: it changes only the state the *next* step uses.
 
@@ -61,7 +61,7 @@ def soap_update(
             replaced by new tensors (refreshed bases, permuted second moments); the caller
             stores the dict's final contents.
         grads: gradients ``(B, *block)`` in the factors' dtype.
-        steps: each block's update count *after* this update (t in shared/SOAP.md).
+        steps: each block's update count *after* this update (t in docs/algorithm.md).
         group: the param group (lr, betas, eps, correct_bias, normalize_grads).
         shampoo_beta: the blocks' factor EMA coefficient.
         precondition_frequency: refresh a block's bases when ``t + offset`` is a multiple of

@@ -10,7 +10,7 @@ import torch
 
 from distsoap.blocks import DATA_FORMATS
 
-# Names and defaults of the public reference implementation (shared/SOAP.md), so that replacing
+# Names and defaults of the public reference implementation (docs/algorithm.md), so that replacing
 # its import with distsoap's is enough.
 DEFAULTS: dict[str, Any] = {
     "lr": 3e-3,

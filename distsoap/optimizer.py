@@ -89,7 +89,7 @@ class SOAP(torch.optim.Optimizer):
     """SOAP: Shampoo with Adam in the preconditioner's eigenbasis (Vyas et al., 2024).
 
     A drop-in replacement for the public reference implementation (same arguments, defaults and
-    step-for-step behaviour; see shared/SOAP.md and the README's hyperparameter table), with the
+    step-for-step behaviour; see docs/algorithm.md and the README's hyperparameter table), with the
     work batched over same-shape blocks.
 
     Args:

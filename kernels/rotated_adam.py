@@ -1,4 +1,4 @@
-"""The rotated Adam update: SOAP's elementwise part (shared/SOAP.md steps 3-5 and the step size).
+"""The rotated Adam update: SOAP's elementwise part (docs/algorithm.md steps 3-5 and the step size).
 
 Works on a whole bucket at once: moments and rotated gradients are stacks ``(B, ...)`` of
 same-shape blocks, and each block may carry its own step size (blocks of one bucket can have

@@ -1,4 +1,4 @@
-"""Test problems whose SOAP factors are full rank from the first step (shared/SOAP.md).
+"""Test problems whose SOAP factors are full rank from the first step (docs/algorithm.md).
 
 Every parameter is scored directly in the loss as a linear map on its own i.i.d. inputs: the
 parameter, flattened to (rows, rest), maps a fresh batch X (batch x rest) to X W^T, compared with
@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-BATCH_PER_DIM = 16  # batch >= 16x the largest dim, as shared/SOAP.md recommends
+BATCH_PER_DIM = 16  # batch >= 16x the largest dim, as docs/algorithm.md recommends
 
 
 class RegressionProblem:

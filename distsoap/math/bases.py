@@ -120,7 +120,7 @@ def refresh_bases(
     bases: Sequence[torch.Tensor | None],
     exp_avg_sq: torch.Tensor,
 ) -> tuple[list[torch.Tensor | None], torch.Tensor, set[int]]:
-    """One power-iteration step with QR for every factored dim (shared/SOAP.md, "Refresh").
+    """One power-iteration step with QR for every factored dim (docs/algorithm.md, "Refresh").
 
     For each factored dim i, in order: estimate eigenvalues ``e = diag(Q^T GG Q)``, sort them in
     descending order, permute the second moment along dim i and the columns of Q by that order,

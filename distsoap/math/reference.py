@@ -1,4 +1,4 @@
-"""The readable SOAP: one parameter at a time, written line by line from shared/SOAP.md.
+"""The readable SOAP: one parameter at a time, written line by line from docs/algorithm.md.
 
 This is the definition of correct that :class:`distsoap.SOAP` is tested against. It makes no
 attempt at speed: plain ``tensordot`` rotations, one parameter per loop iteration, and the

@@ -1,6 +1,6 @@
 """Data-parallel SOAP (strategies "ddp" and "zero2") against single-process SOAP, gloo on CPU.
 
-Tolerances (shared/SOAP.md): after 20 steps on the full-rank problem, 1e-4 relative in fp32 (the
+Tolerances (docs/algorithm.md): after 20 steps on the full-rank problem, 1e-4 relative in fp32 (the
 ranks' gradient averaging rounds differently from the single-process sum) and 1e-10 in fp64.
 """
 

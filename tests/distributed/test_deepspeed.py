@@ -3,7 +3,7 @@
 DeepSpeed 0.19.8 on CPU runs fp32 and bf16; fp16 too once the tests lift its CPU accelerator's
 oneDNN gate (``allow_cpu_fp16`` in tests/distributed/deepspeed_scenarios.py). fp32 runs must
 match single-process SOAP on the full batch within 1e-4 relative after 20 steps (the issue's and
-shared/SOAP.md's fp32 tolerance: same math, different reduction order). bf16 and fp16 runs
+docs/algorithm.md's fp32 tolerance: same math, different reduction order). bf16 and fp16 runs
 (low-precision model, fp32 master weights and SOAP state) are compared with the fp32 reference at
 a measured bound.
 """
@@ -27,7 +27,7 @@ from tests.distributed.scenarios import single_process_reference  # noqa: E402
 from tests.problems import relative_difference  # noqa: E402
 
 STEPS = 20
-FP32 = 1e-4  # same math, fp32 sums in another order (shared/SOAP.md "Tolerances")
+FP32 = 1e-4  # same math, fp32 sums in another order (docs/algorithm.md "Tolerances")
 # bf16 / fp16 model weights and forward/backward against the fp32 run: measured 1.9e-2 (bf16)
 # and 1.5e-2 (fp16) relative at 20 steps for every stage and wrapper (the parameters move 0.7
 # relative meanwhile)

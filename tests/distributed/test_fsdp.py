@@ -1,6 +1,6 @@
 """FSDP2, HSDP and FSDP1 against single-process SOAP (gloo on CPU).
 
-Lossless strategies: 1e-10 relative after 20 steps in fp64 (shared/SOAP.md), every rank's full
+Lossless strategies: 1e-10 relative after 20 steps in fp64 (docs/algorithm.md), every rank's full
 parameters equal. bf16 compute is compared with the fp32 run at a measured tolerance.
 """
 
@@ -39,7 +39,7 @@ def test_fsdp2_lossless_matches_single_process(world):
 
 def test_fsdp2_fp32_and_no_reshard_after_forward():
     results = run_ranks(train_fsdp2, 2, "fsdp2", torch.float32, STEPS, None, False)
-    _check(results, _reference(2, torch.float32), 1e-4)  # fp32 tolerance of shared/SOAP.md
+    _check(results, _reference(2, torch.float32), 1e-4)  # fp32 tolerance of docs/algorithm.md
 
 
 def test_fsdp2_gradient_accumulation():

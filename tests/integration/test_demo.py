@@ -108,7 +108,7 @@ def test_demo_under_torchrun_matches_single_process(tmp_path, strategy, single_p
     # AdamW: the same arithmetic up to gradient averaging order (measured: equal)
     assert runs["adamw"]["val_loss"] == pytest.approx(reference["adamw"]["val_loss"], rel=1e-5)
     # SOAP: the demo's non-square layers start with rank-deficient factors whose null-space
-    # eigenvectors are arbitrary (shared/SOAP.md), so equal-math runs part at rounding level
+    # eigenvectors are arbitrary (docs/algorithm.md), so equal-math runs part at rounding level
     # (measured 3e-4 after 6 steps); exact equivalence is tests/distributed's job.
     assert runs["soap"]["val_loss"] == pytest.approx(reference["soap"]["val_loss"], rel=1e-2)
     sent = dist_summary["runs"]["soap"]["comm_bytes_per_step"]

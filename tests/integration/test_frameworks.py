@@ -62,7 +62,7 @@ def test_lightning_single_process_and_ddp(tmp_path):
     assert ranks[0]["state_bytes"] + ranks[1]["state_bytes"] == single["state_bytes"]
     assert all(0 < r["state_bytes"] < single["state_bytes"] for r in ranks)
     # the same global batches: the ranks' mean loss follows the single process's. Not equal:
-    # the GPT's non-square layers start with rank-deficient factors (shared/SOAP.md), so
+    # the GPT's non-square layers start with rank-deficient factors (docs/algorithm.md), so
     # equal-math runs part at rounding level; measured 4e-4 relative after 10 steps
     mean_last = (ranks[0]["last_loss"] + ranks[1]["last_loss"]) / 2
     assert mean_last == pytest.approx(single["last_loss"], rel=1e-2)

@@ -1,4 +1,4 @@
-"""The rotated-Adam elementwise kernel against the literal formula of shared/SOAP.md (3-5)."""
+"""The rotated-Adam elementwise kernel against the literal formula of docs/algorithm.md (3-5)."""
 
 import pytest
 import torch

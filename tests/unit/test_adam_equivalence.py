@@ -1,4 +1,4 @@
-"""Unrotated blocks are exactly the Adam recurrence of shared/SOAP.md ("Tolerances").
+"""Unrotated blocks are exactly the Adam recurrence of docs/algorithm.md ("Tolerances").
 
 That recurrence is not torch.optim.AdamW: the first call makes no update, eps is added to the
 uncorrected sqrt(V), and decay is applied after the update, to the updated weight.
@@ -30,7 +30,7 @@ def _soap_run(shape, grads, **kwargs):
 
 
 def _recurrence(w, grads, lr, betas, eps, weight_decay):
-    """shared/SOAP.md steps 3-9 with every Q = identity, first call skipped."""
+    """docs/algorithm.md steps 3-9 with every Q = identity, first call skipped."""
     beta1, beta2 = betas
     m = torch.zeros_like(w)
     v = torch.zeros_like(w)

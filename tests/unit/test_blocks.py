@@ -4,7 +4,7 @@ import torch
 from distsoap.blocks import make_block_spec, merge_shape
 
 
-# Expected shapes worked out by hand from the rule in shared/SOAP.md ("Shapes").
+# Expected shapes worked out by hand from the rule in docs/algorithm.md ("Shapes").
 @pytest.mark.parametrize(
     "shape, max_dim, expected",
     [

@@ -1,7 +1,7 @@
 """Rank-deficient factors (1-D with precondition_1d, non-square matrices).
 
 Their eigenbases are arbitrary inside the factors' null space, so two correct implementations
-part ways over a trajectory (shared/SOAP.md). They are held to the reference one step at a time:
+part ways over a trajectory (docs/algorithm.md). They are held to the reference one step at a time:
 before every step SOAP's state is copied into the reference, both take the same gradient, and
 everything that does not depend on that arbitrary choice must agree.
 """

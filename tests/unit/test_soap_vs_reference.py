@@ -2,7 +2,7 @@
 
 Problems are full rank from the first step (tests/problems.py), where a one-ulp perturbation of
 every gradient moves parameters by <= 4e-6 after 50 steps (measured). Tolerances:
-- fp32: 1e-4 relative after 50 steps (shared/SOAP.md; >= 20x the one-ulp sensitivity here);
+- fp32: 1e-4 relative after 50 steps (docs/algorithm.md; >= 20x the one-ulp sensitivity here);
 - fp64: 1e-10 relative (the same sensitivity at fp64's ulp is ~1e-14).
 """
 
@@ -12,7 +12,7 @@ import torch
 from distsoap import SOAP, ReferenceSOAP
 from tests.problems import RegressionProblem, relative_difference, train
 
-FP32_TOL = 1e-4  # shared/SOAP.md: rounding differences amplified by early eigh, see module doc
+FP32_TOL = 1e-4  # docs/algorithm.md: rounding differences amplified by early eigh, see module doc
 FP64_TOL = 1e-10  # same amplification at fp64 rounding
 STEPS = 50
 
