@@ -56,6 +56,8 @@ def find_problem(optimizer: SOAP, state_dict: Any) -> str | None:
         check_layout_hyperparameters(optimizer.param_groups, saved_groups)
     except ValueError as error:
         return str(error)
+    if not all(isinstance(entry, dict) for entry in saved_state.values()):
+        return "every entry of 'state' must be a dict (one parameter's state)"
     saved_ids = [i for g in saved_groups for i in g["params"]]
     suffix = optimizer.strategy.state_key_suffix()
     holds_state = any(_strip(entry, suffix) for entry in saved_state.values())

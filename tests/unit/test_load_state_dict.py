@@ -79,6 +79,7 @@ def _foreign_and_broken(opt, params, problem):
         "one block missing": (partial, "none for 1 block"),
         "fewer params": (fewer, "has 1 parameters"),
         "not a state dict": ({"state": {}}, "'state' and 'param_groups'"),
+        "entry not a dict": ({**good, "state": {0: [1, 2]}}, "must be a dict"),
     }
 
 
