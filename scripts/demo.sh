@@ -6,6 +6,11 @@
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 py="$("$root/scripts/setup_env.sh" demo)"
+# check the arguments (and --help) once, in one process, before torchrun starts any rank
+for arg in "$@"; do
+  case "$arg" in -h | --help) exec "$py" -m distsoap.demo --help ;; esac
+done
+"$py" -m distsoap.demo --check-args "$@"
 nproc="${DISTSOAP_NPROC:-$("$py" -c 'import torch; print(torch.cuda.device_count() or 2)')}"
 if [ "$nproc" = "1" ]; then
   exec "$py" -m distsoap.demo "$@"

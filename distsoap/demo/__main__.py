@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import importlib.util
 import json
 import os
 import sys
@@ -31,9 +32,55 @@ from distsoap.process_group import release_process_groups
 DEFAULT_LR = {"soap": 1.2e-2, "adamw": 3e-3}
 
 
+EPILOG = """\
+scripts/demo.sh runs this under torchrun with one process per GPU (2 on a CPU); set
+DISTSOAP_NPROC to choose the number of processes (DISTSOAP_NPROC=1: one plain process).
+Arguments are checked once, before any process starts."""
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults shown after every option; the description and epilog kept as written."""
+
+
+def positive_float(text: str) -> float:
+    """An argparse type: a finite real number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text!r}") from None
+    if not (value > 0 and value != float("inf")):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text!r}")
+    return value
+
+
+def missing_dependencies(args: argparse.Namespace) -> list[str]:
+    """What the run will import that is not installed, each with the extra that installs it.
+
+    Checked before the first step, so a missing package fails in a second, not after training.
+    """
+    needs = {"matplotlib": "demo"}  # the plot, written at the end
+    if args.strategy == "deepspeed":
+        needs["deepspeed"] = "deepspeed"
+    return [
+        f"{module} (pip install -e '.[{extra}]', or: pip install 'distsoap[{extra}]')"
+        for module, extra in needs.items()
+        if importlib.util.find_spec(module) is None
+    ]
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """Command-line options."""
-    p = argparse.ArgumentParser(prog="python -m distsoap.demo", description=__doc__)
+    """Command-line options, checked (ranges, installed dependencies)."""
+    p = argparse.ArgumentParser(
+        prog="python -m distsoap.demo",
+        description=__doc__,
+        epilog=EPILOG,
+        formatter_class=_HelpFormatter,
+    )
+    p.add_argument(
+        "--check-args",
+        action="store_true",
+        help=argparse.SUPPRESS,  # scripts/demo.sh: check once, before torchrun starts ranks
+    )
     p.add_argument("--steps", type=int, default=400, help="optimizer steps per run")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--context", type=int, default=128)
@@ -41,8 +88,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--d-model", type=int, default=128)
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--corpus-bytes", type=int, default=4 * 2**20)
-    p.add_argument("--soap-lr", type=float, default=DEFAULT_LR["soap"])
-    p.add_argument("--adamw-lr", type=float, default=DEFAULT_LR["adamw"])
+    p.add_argument("--soap-lr", type=positive_float, default=DEFAULT_LR["soap"])
+    p.add_argument("--adamw-lr", type=positive_float, default=DEFAULT_LR["adamw"])
     p.add_argument("--optimizers", default="soap,adamw", help="comma-separated: soap, adamw")
     p.add_argument("--eval-every", type=int, default=20)
     p.add_argument("--seed", type=int, default=0)
@@ -91,6 +138,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     unknown = set(args.optimizers) - set(DEFAULT_LR)
     if unknown or not args.optimizers:
         p.error(f"--optimizers takes soap and/or adamw, got {args.optimizers}")
+    missing = missing_dependencies(args)
+    if missing:
+        p.error("not installed: " + "; ".join(missing))
+    if args.check_args:
+        raise SystemExit(0)
     return args
 
 
