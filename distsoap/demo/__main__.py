@@ -214,8 +214,11 @@ def main(argv: list[str] | None = None) -> dict:
     }
     summary = summarize(results, settings)
     (args.out / "summary.json").write_text(json.dumps(summary, indent=2))
-    plot_losses(results, args.out / "loss_curves.png")
+    setup = f"strategy {strategy}, {world} rank{'s' if world > 1 else ''}, {device.type}"
+    plot_losses(results, args.out / "loss_curves.png", setup)
     print(json.dumps(summary["headline"], indent=2))
+    if "verdict" in summary["headline"]:
+        print(summary["headline"]["verdict"])
     print(f"wrote {args.out / 'loss_curves.png'} and {args.out / 'summary.json'}")
     release_process_groups()
     return summary
