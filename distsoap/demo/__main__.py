@@ -171,6 +171,12 @@ def main(argv: list[str] | None = None) -> dict:
     except ImportError:  # the progress bar is optional; the demo extra installs it
         tqdm = None
     rank, world, device = init_distributed(args.device)
+    if rank == 0:
+        print(
+            f"demo: {world} process(es), {torch.get_num_threads()} CPU thread(s) each "
+            f"(OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')})",
+            file=sys.stderr,
+        )
     strategy = args.strategy
     if strategy == "auto":
         strategy = "ddp" if dist.is_initialized() else "single"
