@@ -19,4 +19,6 @@ nproc="${DISTSOAP_NPROC:-$("$py" -c 'import torch; print(torch.cuda.device_count
 if [ "$nproc" = "1" ]; then
   exec "$py" -m distsoap.demo "$@"
 fi
+# one thread per rank, what torchrun sets by itself (set here, it skips its warning banner)
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 exec "$py" -m torch.distributed.run --standalone --nproc_per_node="$nproc" -m distsoap.demo "$@"
