@@ -80,6 +80,18 @@ def _hash(parts: list[str]) -> int:
     return int.from_bytes(digest[:8], "little") >> 1
 
 
+_DISAGREEMENTS = (
+    "SOAP was built differently on different ranks (parameter lists, shapes, dtypes, "
+    "param-group hyperparameters, strategy, comm_dtype or bucket_cap_mb differ): ranks "
+    "{ranks} disagree with rank 0. Build the model and optimizer identically on every rank.",
+    "SOAP was built differently on different ranks: the parameter names (param_names) differ "
+    "(given to SOAP, or under FSDP2 those of the sharded modules), so ranks {ranks} list the "
+    "parameters in another order (or under other names) than rank 0. Build the param groups in "
+    "one order on every rank, e.g. from model.named_parameters() (a set has no fixed order).",
+)
+"""What a mismatch of each fingerprint (everything but names; names) means, in that order."""
+
+
 def check_same_on_all_ranks(
     optimizer: SOAP,
     strategy: str,
@@ -102,20 +114,7 @@ def check_same_on_all_ranks(
     ]
     dist.all_gather(gathered, torch.tensor(mine, dtype=torch.int64, device=device), group=group)
     values = [tuple(t.tolist()) for t in gathered]
-    if len({v[0] for v in values}) > 1:
-        differing = [r for r, v in enumerate(values) if v[0] != values[0][0]]
-        raise ValueError(
-            "SOAP was built differently on different ranks (parameter lists, shapes, dtypes, "
-            "param-group hyperparameters, strategy, comm_dtype or bucket_cap_mb differ): ranks "
-            f"{differing} disagree with rank 0. Build the model and optimizer identically on "
-            "every rank."
-        )
-    if len({v[1] for v in values}) > 1:
-        differing = [r for r, v in enumerate(values) if v[1] != values[0][1]]
-        raise ValueError(
-            "SOAP was built differently on different ranks: the parameter names (param_names) "
-            "differ (given to SOAP, or under FSDP2 those of the sharded modules), so ranks"
-            f" {differing} list the parameters in another order (or under other "
-            "names) than rank 0. Build the param groups in one order on every rank, e.g. from "
-            "model.named_parameters() (a set has no fixed order)."
-        )
+    for index, explain in enumerate(_DISAGREEMENTS):  # the same text on every rank
+        differing = [r for r, v in enumerate(values) if v[index] != values[0][index]]
+        if differing:
+            raise ValueError(explain.format(ranks=differing))
