@@ -7,6 +7,7 @@ from torch import nn
 
 from distsoap import SOAP
 from distsoap.faults import NumericalFaultError
+from tests.distributed.scenarios import wrap_for
 
 SHAPES = [(16, 16), (12, 12), (24,), (8, 8)]
 BAD_STEP, BAD_BLOCK = 5, 1
@@ -36,14 +37,7 @@ def train(rank: int, world: int, strategy: str, policy: str, steps: int = 10):
     synchronisation (a tensor hook for ddp / zero2; FSDP2's sharded gradient afterwards, which
     still reaches the block's owner through distsoap's own exchange)."""
     model = Blocks()
-    forward = model
-    if strategy == "ddp":
-        forward = nn.parallel.DistributedDataParallel(model)
-    elif strategy == "fsdp2":
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
-
-        fully_shard(model, mesh=init_device_mesh("cpu", (world,)))
+    forward = wrap_for(model, strategy, world)
     opt = SOAP(
         model.parameters(),
         lr=1e-2,

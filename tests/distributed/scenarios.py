@@ -204,3 +204,16 @@ def state_balance(rank: int, world: int) -> dict:
     held = {i for i, p in enumerate(params) if len(opt.state[p]) > 0}
     nbytes = opt.state_bytes()
     return {"held": held, "bytes": nbytes, "owners": opt.strategy.owners}
+
+
+def wrap_for(model: nn.Module, strategy: str, world: int) -> nn.Module:
+    """What the model runs forward as: DDP-wrapped for ``ddp``, FSDP2-sharded (in place) for
+    ``fsdp2`` on a 1-D mesh of ``world`` ranks, else as it is."""
+    if strategy == "ddp":
+        return nn.parallel.DistributedDataParallel(model)
+    if strategy == "fsdp2":
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        fully_shard(model, mesh=init_device_mesh("cpu", (world,)))
+    return model

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from distsoap import SOAP
+from tests.distributed.scenarios import wrap_for
 
 SHAPES = [(16, 16), (12, 12), (24,), (8, 8)]
 EMPTY_SHAPES = [(0, 3), (0,), (0, 3), (3, 0)]
@@ -43,15 +44,8 @@ class Blocks(nn.Module):
 def train(rank: int, world: int, strategy: str) -> dict:
     """Train with zero-size parameters; return the full parameters and who holds state."""
     model = Blocks()
-    forward = model
-    if strategy == "ddp":
-        forward = nn.parallel.DistributedDataParallel(model)
-    elif strategy == "fsdp2":
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
-
-        fully_shard(model, mesh=init_device_mesh("cpu", (world,)))
-        model.sharded = True
+    forward = wrap_for(model, strategy, world)
+    model.sharded = strategy == "fsdp2"
     opt = SOAP(model.parameters(), lr=1e-2, precondition_frequency=3, strategy=strategy)
     for step in range(STEPS):
         opt.zero_grad()
