@@ -27,7 +27,7 @@ from torch.nn.parallel import DistributedDataParallel
 from distsoap import SOAP
 from distsoap.demo.model import GPT, GPTConfig
 from distsoap.demo.parallel import wrap_model
-from distsoap.local_ranks import run_ranks
+from distsoap.testing.local_ranks import run_ranks
 
 STEPS = 3
 

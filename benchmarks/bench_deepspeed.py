@@ -22,7 +22,7 @@ import torch
 
 from distsoap.demo.corpus import ByteBatches, load_corpus
 from distsoap.demo.model import GPT, GPTConfig
-from distsoap.local_ranks import run_ranks
+from distsoap.testing.local_ranks import run_ranks
 
 WARMUP = 3
 MICRO_BATCH = 8

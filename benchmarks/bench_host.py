@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from bench_step import gpt_shapes, optimizers, time_optimizer, timing_parser, write_results
 
-from distsoap.op_count import CountOps
+from distsoap.testing.op_count import CountOps
 
 LAYERS = (4, 16, 64)  # 8 tensors per layer, plus the embedding and the final norm
 WIDTH = 8  # d_model: every tensor is tiny (at most 32 x 8)

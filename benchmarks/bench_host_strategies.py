@@ -24,7 +24,7 @@ from bench_host import LAYERS, WIDTH
 from bench_step import gpt_shapes, write_results
 
 from distsoap import SOAP
-from distsoap.local_ranks import run_ranks
+from distsoap.testing.local_ranks import run_ranks
 
 STRATEGIES = ("ddp", "fsdp2")
 OPTIMIZERS = ("distsoap", "torch AdamW (foreach)")

@@ -26,8 +26,8 @@ import torch
 from bench_step import PRESETS, gpt_shapes  # noqa: I001  (sibling script)
 
 from distsoap import SOAP
-from distsoap.local_ranks import run_ranks
 from distsoap.placement import load_balance
+from distsoap.testing.local_ranks import run_ranks
 
 
 def measure(rank: int, world: int, strategy: str, steps: int) -> dict:

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from distsoap.blocks import DATA_FORMATS
+from distsoap.engine.blocks import DATA_FORMATS
 
 # Names and defaults of the public reference implementation (docs/algorithm.md), so that replacing
 # its import with distsoap's is enough.

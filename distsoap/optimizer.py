@@ -1,10 +1,11 @@
 """``distsoap.SOAP``: the drop-in optimizer.
 
 Same constructor as the public reference implementation. Parameters are turned into blocks
-(:mod:`distsoap.blocks`), blocks of one shape are stacked into buckets (:mod:`distsoap.bucket`)
-and each bucket is stepped with batched matmuls (:mod:`distsoap.engine`). A strategy
-(:mod:`distsoap.strategies`) decides which blocks this rank computes and how gradients and
-updates travel; :meth:`SOAP.compute_updates` is the engine every strategy calls.
+(:mod:`distsoap.engine.blocks`), blocks of one shape are stacked into buckets
+(:mod:`distsoap.engine.bucket`) and each bucket is stepped with batched matmuls
+(:mod:`distsoap.engine.update`). A strategy (:mod:`distsoap.strategies`) decides which blocks this
+rank computes and how gradients and updates travel; :meth:`SOAP.compute_updates` is the engine every
+strategy calls.
 """
 
 from __future__ import annotations
@@ -19,16 +20,18 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from distsoap import state_dict_checks
-from distsoap.blocks import BlockSpec, layout_signature, make_block_spec
-from distsoap.bucket import Bucket, block_tensor_keys
-from distsoap.checkpoint import (
+from distsoap.checkpointing import load_checks as state_dict_checks
+from distsoap.checkpointing.consolidate import gather_block_states
+from distsoap.checkpointing.state_dict import (
     complete_state_dict,
     load_state,
     new_state_header,
 )
-from distsoap.consolidate import gather_block_states
-from distsoap.engine import first_call, refresh_rows, soap_update
+from distsoap.engine.blocks import BlockSpec, layout_signature, make_block_spec
+from distsoap.engine.bucket import Bucket, block_tensor_keys
+from distsoap.engine.schedule import SCHEDULES, staggered_offsets
+from distsoap.engine.step_plan import BucketStep
+from distsoap.engine.update import first_call, refresh_rows, soap_update
 from distsoap.faults import FaultPolicy, parameter_names
 from distsoap.hyperparams import (
     DEFAULTS,
@@ -38,8 +41,6 @@ from distsoap.hyperparams import (
     validate_params,
 )
 from distsoap.kernels import compiled_rotated_adam_direction, rotated_adam_direction
-from distsoap.schedule import SCHEDULES, staggered_offsets
-from distsoap.step_plan import BucketStep
 from distsoap.strategies import Strategy, make_strategy
 from distsoap.strategies.single import SingleProcess
 
@@ -140,7 +141,7 @@ class SOAP(torch.optim.Optimizer):
         refresh_schedule: keyword-only; ``"aligned"`` (default, the reference: every block
             refreshes on the same step) or ``"staggered"`` (each block still every
             ``precondition_frequency`` updates, but phases spread so each step carries about
-            1/f of the refresh work; see :mod:`distsoap.schedule`).
+            1/f of the refresh work; see :mod:`distsoap.engine.schedule`).
         compile_elementwise: keyword-only; run the elementwise rotated-Adam update through
             ``torch.compile`` (one graph, no recompiles when betas or step sizes change).
 
@@ -487,7 +488,7 @@ class SOAP(torch.optim.Optimizer):
         return result
 
     def _groups_signature(self) -> tuple:
-        """What a step plan depends on besides the stepped parameters (see distsoap.step_plan)."""
+        """What a step plan depends on besides the stepped parameters (see engine.step_plan)."""
         return tuple(
             (
                 id(g),
@@ -678,7 +679,7 @@ class SOAP(torch.optim.Optimizer):
         Unlike ``torch.optim.Optimizer.load_state_dict``, fp32 factors and bases of bf16
         parameters stay fp32 (tensors are only moved to the parameter's device, and copied), and
         state laid out differently (other layout hyperparameters or parameter shapes) is a
-        ValueError. See :mod:`distsoap.checkpoint`.
+        ValueError. See :mod:`distsoap.checkpointing.state_dict`.
         """
         for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
             returned = pre_hook(self, state_dict)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from distsoap.blocks import BlockSpec
+from distsoap.engine.blocks import BlockSpec
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,7 @@
 
 Writes ``loss_curves.png`` and ``summary.json`` into the output folder. Under torchrun
 (``torchrun --standalone --nproc_per_node=2 -m distsoap.demo``) or mpirun (``mpirun -n 2 python
--m distsoap.demo``, see :mod:`distsoap.mpi`) it trains data-parallel: gloo on
+-m distsoap.demo``, see :mod:`distsoap.cluster.mpi`) it trains data-parallel: gloo on
 CPU, NCCL on GPUs, each rank on its slice of every global batch; ``--strategy`` picks how SOAP is
 distributed.
 """
@@ -20,13 +20,13 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from distsoap.cluster.mpi import init_from_mpi, mpi_identity
+from distsoap.cluster.process_group import init_distributed as join_process_group
+from distsoap.cluster.process_group import release_process_groups
 from distsoap.demo.corpus import ByteBatches, load_corpus
 from distsoap.demo.model import GPT, GPTConfig
 from distsoap.demo.report import plot_losses, summarize
 from distsoap.demo.train import RunConfig, train_run
-from distsoap.mpi import init_from_mpi, mpi_identity
-from distsoap.process_group import init_distributed as join_process_group
-from distsoap.process_group import release_process_groups
 
 # Peak learning rates picked by benchmarks/sweep_lr.py (see BENCHMARKS.md).
 DEFAULT_LR = {"soap": 1.2e-2, "adamw": 3e-3}

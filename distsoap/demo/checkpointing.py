@@ -4,7 +4,7 @@ Each run (``soap``, ``adamw``) keeps its own folder under ``--checkpoint-dir``. 
 holds the model and optimizer (torch.distributed.checkpoint's ``get_state_dict``, so it works
 for every strategy and reshards), the data generator's state, the scheduler and the losses so
 far; a finished run leaves ``result.json`` and is not trained again. Writes go through
-:mod:`distsoap.resume`, so a run killed mid-save resumes from the previous checkpoint.
+:mod:`distsoap.checkpointing.resume`, so a run killed mid-save resumes from the previous checkpoint.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pathlib import Path
 import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-from distsoap import resume
+from distsoap.checkpointing import resume
 
 
 class RunCheckpoints:

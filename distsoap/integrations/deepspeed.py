@@ -36,7 +36,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from distsoap.consolidate import gather_block_states
+from distsoap.checkpointing.consolidate import gather_block_states
 from distsoap.optimizer import SOAP, WRAPPER_BUILDING
 from distsoap.strategies import make_strategy
 from distsoap.strategies.deepspeed_zero import DeepSpeedPartitions
@@ -132,7 +132,8 @@ def _replicate_state(
 ) -> dict[str, Any]:
     """State-dict post-hook (stage 0): every owner's blocks, on every rank (collective).
 
-    Loading keeps only the blocks each rank owns (:func:`distsoap.checkpoint.load_state`).
+    Loading keeps only the blocks each rank owns
+    (:func:`distsoap.checkpointing.state_dict.load_state`).
     """
     return {**state_dict, "state": gather_block_states(state_dict["state"], group, to=None)}
 

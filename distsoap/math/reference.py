@@ -17,7 +17,7 @@ from itertools import chain
 
 import torch
 
-from distsoap.blocks import BlockSpec, make_block_spec
+from distsoap.engine.blocks import BlockSpec, make_block_spec
 from distsoap.hyperparams import DEFAULTS, validate_group
 
 

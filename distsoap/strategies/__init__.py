@@ -99,7 +99,7 @@ def make_strategy(
     fsdp_model: torch.nn.Module | None = None,
 ) -> Strategy:
     """Build the strategy ``name`` for ``optimizer`` (see the module docstring)."""
-    from distsoap.consistency import check_same_on_all_ranks
+    from distsoap.checks.consistency import check_same_on_all_ranks
     from distsoap.sharding import dtensor_layout, fsdp1_layouts
     from distsoap.strategies.data_parallel import DataParallel
     from distsoap.strategies.sharded import LocalShards, ShardedLossless

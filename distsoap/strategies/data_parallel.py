@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed as dist
 
+from distsoap.checks.replicas import check_copies
 from distsoap.comm import (
     CommStats,
     PendingExchange,
@@ -28,9 +29,8 @@ from distsoap.comm import (
     unpack_flagged,
     update_flag,
 )
-from distsoap.engine import apply_deltas
+from distsoap.engine.update import apply_deltas
 from distsoap.placement import assign_owners, block_cost
-from distsoap.replicas import check_copies
 from distsoap.strategies.frozen import check_still_frozen, frozen_params
 from distsoap.strategies.grad_sync import GradSync
 from distsoap.strategies.single import groups_by_param
@@ -144,7 +144,7 @@ class DataParallel:
 
         Checks first (same error on every rank, before the update exchange) that no frozen
         parameter became trainable and, until a step with real gradients has been checked, that
-        every rank holds the same parameters in the same order (:mod:`distsoap.replicas`).
+        every rank holds the same parameters in the same order (:mod:`distsoap.checks.replicas`).
         Under mode B the replica check runs in :class:`GradSync`, before the first gradient
         leaves (in backward); the frozen check after the exchange backward started is
         finished, so every rank has run the same collectives when it raises.

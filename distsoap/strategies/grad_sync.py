@@ -9,7 +9,7 @@ zeros with a flag saying so; a parameter no rank produced a gradient for is skip
 single-process SOAP. Owners average what they receive the way DDP does (sum / world).
 
 Before the first exchange a check may run (``check_before_exchange``: the data-parallel
-strategy's replica check, :mod:`distsoap.replicas`), on every rank at the same point, so
+strategy's replica check, :mod:`distsoap.checks.replicas`), on every rank at the same point, so
 parameters listed in another order on some rank are caught before any gradient travels to the
 wrong owner. It runs again before the next first exchange until it says it counted.
 """

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed as dist
 
+from distsoap.checks.replicas import check_copies
 from distsoap.comm import (
     CommStats,
     pack_flagged,
@@ -37,9 +38,8 @@ from distsoap.comm import (
     unpack_flagged,
     update_flag,
 )
-from distsoap.engine import apply_deltas
+from distsoap.engine.update import apply_deltas
 from distsoap.placement import assign_owners, block_cost
-from distsoap.replicas import check_copies
 from distsoap.sharding import ShardLayout
 from distsoap.strategies.frozen import check_still_frozen, frozen_params
 from distsoap.strategies.single import SingleProcess, apply_updates, groups_by_param
@@ -140,7 +140,7 @@ def local_grad(param: torch.Tensor) -> torch.Tensor | None:
 
 
 def replica_slots(layouts: list[ShardLayout], rank: int) -> tuple[list[int], int]:
-    """Which copy of each parameter's piece ``rank`` holds, for :mod:`distsoap.replicas`.
+    """Which copy of each parameter's piece ``rank`` holds, for :mod:`distsoap.checks.replicas`.
 
     Ranks holding the same non-empty range of a parameter (HSDP replicas, or every rank for a
     replicated DTensor) share a slot; every other rank gets one of its own.
@@ -291,7 +291,7 @@ class ShardedLossless:
         First (same error on every rank, before any exchange): no parameter frozen at
         construction may have become trainable, and, until a step with real gradients has been
         checked, ranks holding the same piece (HSDP replicas) must hold equal values and
-        gradients (:mod:`distsoap.replicas`).
+        gradients (:mod:`distsoap.checks.replicas`).
         """
         check_still_frozen(self.optimizer, self.frozen, self.name)
         if not self._checked_replicas:

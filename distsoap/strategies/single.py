@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from distsoap.comm import CommStats, raise_if_aborted
-from distsoap.engine import apply_deltas
+from distsoap.engine.update import apply_deltas
 
 if TYPE_CHECKING:
     from distsoap.optimizer import SOAP

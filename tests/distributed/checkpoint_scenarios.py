@@ -19,7 +19,7 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.fsdp import FullyShardedDataParallel
 
 from distsoap import SOAP
-from distsoap.checkpoint import load_optimizer_state_dict, optimizer_state_dict
+from distsoap.checkpointing.state_dict import load_optimizer_state_dict, optimizer_state_dict
 from tests.distributed.scenarios import OPTIONS, ProblemModel
 
 # every max dim a multiple of 12, so 16 x max rows split evenly over 1, 2, 3 and 4 ranks

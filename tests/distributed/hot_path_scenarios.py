@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from distsoap import SOAP
-from distsoap.op_count import CountOps
+from distsoap.testing.op_count import CountOps
 
 SHAPES = [(6, 5), (7,), (3, 4, 2)]
 

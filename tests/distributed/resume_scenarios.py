@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from distsoap import resume
+from distsoap.checkpointing import resume
 
 NUMEL = 4096
 

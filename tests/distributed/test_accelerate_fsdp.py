@@ -7,7 +7,7 @@ training straight to 12, bit for bit (same world size, same strategy, same reduc
 import pytest
 import torch
 
-from distsoap.local_ranks import run_ranks
+from distsoap.testing.local_ranks import run_ranks
 from tests.distributed.accelerate_scenarios import run
 
 SAVE_AT, STOP = 6, 12

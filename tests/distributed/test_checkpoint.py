@@ -8,7 +8,7 @@ size and strategy.
 import pytest
 import torch
 
-from distsoap.local_ranks import run_ranks
+from distsoap.testing.local_ranks import run_ranks
 from tests.distributed.checkpoint_scenarios import CKPT_SHAPES, run
 from tests.distributed.scenarios import single_process_reference
 from tests.problems import relative_difference

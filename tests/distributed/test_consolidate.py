@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from distsoap.local_ranks import run_ranks
+from distsoap.testing.local_ranks import run_ranks
 from tests.distributed.consolidate_scenarios import run
 
 SAVE_AT, STOP = 5, 10  # a refresh (precondition_frequency 5) on each side of the save

@@ -7,7 +7,7 @@ ranks' gradient averaging rounds differently from the single-process sum) and 1e
 import pytest
 import torch
 
-from distsoap.local_ranks import run_ranks
+from distsoap.testing.local_ranks import run_ranks
 from tests.distributed.hot_path_scenarios import ops_per_step
 from tests.distributed.scenarios import (
     SHAPES,
@@ -141,7 +141,8 @@ def test_kernel_ops_per_step_do_not_grow_with_the_number_of_parameters(strategy)
     """Packing, exchanging, assembling, stepping and applying are per bucket, not per block.
 
     Each rank's step is counted with 4 and with 12 copies of every shape (both ranks own some
-    of every shape either way), on a refresh step and on a plain one; see distsoap/op_count.py.
+    of every shape either way), on a refresh step and on a plain one; see
+    distsoap/testing/op_count.py.
     """
     few = run_ranks(ops_per_step, 2, strategy, 4)
     many = run_ranks(ops_per_step, 2, strategy, 12)

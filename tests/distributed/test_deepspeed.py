@@ -13,7 +13,7 @@ import torch
 
 pytest.importorskip("deepspeed")
 
-from distsoap.local_ranks import run_ranks  # noqa: E402
+from distsoap.testing.local_ranks import run_ranks  # noqa: E402
 from tests.distributed.deepspeed_scenarios import (  # noqa: E402
     DS_SHAPES,
     clipped_reference,

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from distsoap.local_ranks import run_ranks
+from distsoap.testing.local_ranks import run_ranks
 from tests.distributed.fault_scenarios import single_process_skip, train
 from tests.problems import relative_difference
 

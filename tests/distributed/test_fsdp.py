@@ -7,7 +7,7 @@ parameters equal. bf16 compute is compared with the fp32 run at a measured toler
 import pytest
 import torch
 
-from distsoap.local_ranks import run_ranks
+from distsoap.testing.local_ranks import run_ranks
 from tests.distributed.fsdp_scenarios import FSDP_SHAPES, train_fsdp1, train_fsdp2
 from tests.distributed.scenarios import single_process_reference
 from tests.problems import relative_difference

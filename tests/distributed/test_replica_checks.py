@@ -10,7 +10,7 @@
 
 import pytest
 
-from distsoap.local_ranks import run_ranks
+from distsoap.testing.local_ranks import run_ranks
 from tests.distributed.replica_scenarios import (
     misordered,
     misordered_fsdp,

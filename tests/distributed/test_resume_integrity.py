@@ -1,6 +1,7 @@
-"""distsoap.resume at 2 gloo ranks: a damaged checkpoint is skipped and refused on every rank."""
+"""distsoap.checkpointing.resume at 2 gloo ranks: a damaged checkpoint is skipped and refused
+everywhere."""
 
-from distsoap.local_ranks import run_ranks
+from distsoap.testing.local_ranks import run_ranks
 from tests.distributed.resume_scenarios import damaged_newest
 
 

@@ -1,6 +1,6 @@
 """The start-up check that every rank built the same optimizer, with a tensor lr."""
 
-from distsoap.local_ranks import run_ranks
+from distsoap.testing.local_ranks import run_ranks
 from tests.distributed.tensor_lr_scenarios import build_and_step
 
 

@@ -17,7 +17,7 @@ import pytest
 
 pytest.importorskip("deepspeed")
 
-from distsoap.local_ranks import free_port  # noqa: E402
+from distsoap.testing.local_ranks import free_port  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "launch" / "deepspeed" / "train.py"

@@ -131,7 +131,7 @@ def _mpirun() -> tuple[str, ...]:
 
 
 def test_demo_under_mpirun_matches_single_process(tmp_path, single_process_summary):
-    """mpirun starts the ranks; distsoap.mpi reads who is who and broadcasts the rendezvous."""
+    """mpirun starts the ranks; distsoap.cluster.mpi reads who is who, broadcasts the rendezvous."""
     summary = _run_demo(tmp_path / "mpi", _mpirun(), ("--strategy", "zero2"))
     assert summary["settings"]["world_size"] == 2
     runs, reference = summary["runs"], single_process_summary["runs"]

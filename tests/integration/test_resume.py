@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from distsoap import resume
+from distsoap.checkpointing import resume
 from tests.integration.demo_args import tiny_demo_args
 
 SAVER = """
 import sys, torch
-from distsoap import resume
+from distsoap.checkpointing import resume
 root = sys.argv[1]
 resume.save(root, 1, {"w": torch.ones(10)})                        # a small, complete one
 print("big save starting", flush=True)

@@ -1,7 +1,8 @@
 """Damaged checkpoints: latest() falls back to the previous one, load() refuses them.
 
 DCP keeps no checksums (a few flipped bytes in a .distcp file can load as wrong optimizer
-state); distsoap.resume.save writes integrity.json and checks it before a checkpoint is used.
+state); distsoap.checkpointing.resume.save writes integrity.json and checks it before a
+checkpoint is used.
 """
 
 import logging
@@ -10,7 +11,7 @@ import os
 import pytest
 import torch
 
-from distsoap import resume
+from distsoap.checkpointing import resume
 
 NUMEL = 4096  # 16 KiB of data: the middle of the .distcp file is tensor bytes
 

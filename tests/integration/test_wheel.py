@@ -145,7 +145,7 @@ import torch
 import torch.distributed as dist
 import distsoap
 from distsoap import SOAP
-from distsoap.process_group import release_process_groups
+from distsoap.cluster.process_group import release_process_groups
 
 dist.init_process_group("gloo")
 rank = dist.get_rank()

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from distsoap.blocks import make_block_spec, merge_shape
+from distsoap.engine.blocks import make_block_spec, merge_shape
 
 
 # Expected shapes worked out by hand from the rule in docs/algorithm.md ("Shapes").

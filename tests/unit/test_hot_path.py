@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from distsoap import SOAP
-from distsoap.op_count import CountOps
+from distsoap.testing.op_count import CountOps
 
 OPTIONS = {
     "default": {},
@@ -116,7 +116,7 @@ def _apply_one_by_one(params, deltas, group):
 def test_low_precision_apply_equals_widening_each_parameter(monkeypatch, chunk):
     """bf16 / fp16 parameters are updated in chunks with a fixed kernel count; the result is
     bitwise that of widening, updating and rounding each parameter on its own."""
-    import distsoap.engine as engine
+    import distsoap.engine.update as engine
 
     monkeypatch.setattr(engine, "APPLY_CHUNK_ELEMENTS", chunk)
     gen = torch.Generator().manual_seed(0)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from distsoap import SOAP
-from distsoap.consistency import optimizer_fingerprint
+from distsoap.checks.consistency import optimizer_fingerprint
 from tests.problems import RegressionProblem
 
 SHAPES = [(16, 16), (16, 16), (12, 40), (8, 6, 3, 3), (32,), ()]

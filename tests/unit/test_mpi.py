@@ -1,8 +1,8 @@
-"""distsoap.mpi: who a process is under mpirun."""
+"""distsoap.cluster.mpi: who a process is under mpirun."""
 
 import os
 
-from distsoap.mpi import MPIIdentity, mpi_identity
+from distsoap.cluster.mpi import MPIIdentity, mpi_identity
 
 
 def test_mpi_identity_from_launcher_variables(monkeypatch):

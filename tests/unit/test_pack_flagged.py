@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from distsoap.comm import pack_flagged, unpack_flagged
-from distsoap.op_count import CountOps
+from distsoap.testing.op_count import CountOps
 
 
 def _expected(blocks, dtype):

@@ -2,8 +2,8 @@ import pytest
 import torch
 
 from distsoap import SOAP
-from distsoap.blocks import make_block_spec
 from distsoap.comm import build_buckets
+from distsoap.engine.blocks import make_block_spec
 from distsoap.placement import BlockCost, assign_owners, block_cost, load_balance
 
 

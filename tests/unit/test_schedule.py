@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from distsoap import SOAP, ReferenceSOAP
-from distsoap.schedule import refresh_offsets
+from distsoap.engine.schedule import refresh_offsets
 from tests.problems import RegressionProblem, relative_difference, train
 
 

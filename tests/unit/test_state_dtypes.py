@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from distsoap import SOAP
-from distsoap.state_dtypes import convert_block_state
+from distsoap.checkpointing.state_dtypes import convert_block_state
 from tests.problems import RegressionProblem, relative_difference
 
 SHAPES = [(16, 16), (12, 40), (32,)]

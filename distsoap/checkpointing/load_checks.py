@@ -18,8 +18,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed as dist
 
-from distsoap.checkpoint import check_block_layout, check_layout_hyperparameters, numbered_params
-from distsoap.engine import new_block_tensors
+from distsoap.checkpointing.state_dict import (
+    check_block_layout,
+    check_layout_hyperparameters,
+    numbered_params,
+)
+from distsoap.engine.update import new_block_tensors
 from distsoap.hyperparams import DEFAULTS, validate_group
 
 if TYPE_CHECKING:

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from distsoap.process_group import release_process_groups
+from distsoap.cluster.process_group import release_process_groups
 
 
 def free_port() -> int:

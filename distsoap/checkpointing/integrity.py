@@ -2,9 +2,9 @@
 
 ``torch.distributed.checkpoint`` keeps no checksums: a truncated file fails to load, but a few
 flipped bytes in a ``.distcp`` file load silently as wrong moments, factors or bases. When
-:func:`distsoap.resume.save` has written a checkpoint, every rank hashes (sha256) the data files
-it wrote (DCP names them ``__{rank}_{n}.distcp``) and sends the digests to rank 0, which hashes
-``.metadata`` and any file nobody claimed and writes ``integrity.json``:
+:func:`distsoap.checkpointing.resume.save` has written a checkpoint, every rank hashes (sha256) the
+data files it wrote (DCP names them ``__{rank}_{n}.distcp``) and sends the digests to rank 0, which
+hashes ``.metadata`` and any file nobody claimed and writes ``integrity.json``:
 
     {"format": 1, "files": {name: {"size": bytes, "sha256": hex}}, "digest": sha256 of files}
 
@@ -135,5 +135,5 @@ def check(directory: str | Path) -> None:
     if found is not None:
         raise DamagedCheckpointError(
             f"checkpoint {directory} is damaged: {found}. Load an older checkpoint "
-            "(distsoap.resume.latest skips damaged ones)."
+            "(distsoap.checkpointing.resume.latest skips damaged ones)."
         )

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.distributed as dist
 
-from distsoap.fsdp2_names import fsdp2_parameter_names
+from distsoap.checks.fsdp2_names import fsdp2_parameter_names
 from distsoap.hyperparams import hyperparameter_text
 
 if TYPE_CHECKING:
@@ -52,7 +52,7 @@ def parameter_names(optimizer: SOAP) -> list[str] | None:
     """Every parameter's rank-independent name, in order, or None where none is known.
 
     ``param_names`` when the optimizer was given ``named_parameters()``; for FSDP2 parameters
-    (DTensors) otherwise, the names their modules give them (:mod:`distsoap.fsdp2_names`).
+    (DTensors) otherwise, the names their modules give them (:mod:`distsoap.checks.fsdp2_names`).
     """
     groups = optimizer.param_groups
     if any(group.get("param_names") is not None for group in groups):

@@ -6,10 +6,10 @@ save leaves only a ``.partial`` directory, which :func:`latest` never returns. S
 that looks like a checkpoint always holds a whole one.
 
 Before the rename, the ranks hash what they wrote into ``integrity.json``
-(:mod:`distsoap.integrity`). :func:`latest` returns the newest checkpoint whose files all match
-it, skipping damaged ones (truncated, deleted or altered files) with a warning; :func:`load`
-refuses a damaged one. With torch.distributed initialised, all three are collective: every rank
-calls them, and every rank gets the same answer.
+(:mod:`distsoap.checkpointing.integrity`). :func:`latest` returns the newest checkpoint whose files
+all match it, skipping damaged ones (truncated, deleted or altered files) with a warning;
+:func:`load` refuses a damaged one. With torch.distributed initialised, all three are collective:
+every rank calls them, and every rank gets the same answer.
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ from typing import Any
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
-from distsoap import integrity
-from distsoap.integrity import DamagedCheckpointError
+from distsoap.checkpointing import integrity
+from distsoap.checkpointing.integrity import DamagedCheckpointError
 
 __all__ = ["DamagedCheckpointError", "latest", "load", "save", "step_of"]
 
@@ -96,7 +96,9 @@ def latest(root: str | Path, verify: bool = True) -> Path | None:
             return root / name
         if _is_rank0():
             logger.warning(
-                "distsoap.resume: skipping damaged checkpoint %s: %s", root / name, found
+                "distsoap.checkpointing.resume: skipping damaged checkpoint %s: %s",
+                root / name,
+                found,
             )
     return None
 
@@ -122,5 +124,7 @@ def step_of(path: str | Path) -> int:
     """The step a checkpoint directory was saved at."""
     match = _NAME.match(Path(path).name)
     if match is None:
-        raise ValueError(f"{path} is not a checkpoint directory written by distsoap.resume.save")
+        raise ValueError(
+            f"{path} is not a checkpoint directory written by distsoap.checkpointing.resume.save"
+        )
     return int(match.group(1))

@@ -20,8 +20,8 @@ from typing import Any
 
 import torch
 
-from distsoap.blocks import BlockSpec
-from distsoap.bucket import Bucket
+from distsoap.engine.blocks import BlockSpec
+from distsoap.engine.bucket import Bucket
 
 
 @dataclass

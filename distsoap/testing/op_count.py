@@ -5,7 +5,7 @@ that grows with the number of parameters, on any device, CPU included. Used by t
 hold distsoap's step to a fixed number of operations per bucket, and by
 ``benchmarks/bench_host.py``.
 
-    from distsoap.op_count import count_ops
+    from distsoap.testing.op_count import count_ops
     print(count_ops(optimizer.step))
 """
 

@@ -1,6 +1,6 @@
 """First-step check that ranks holding copies of a parameter hold the same one, in the same place.
 
-The start-up fingerprint (:mod:`distsoap.consistency`) hashes shapes, not identities: two
+The start-up fingerprint (:mod:`distsoap.checks.consistency`) hashes shapes, not identities: two
 same-shape parameters listed in a different order on two ranks (param groups built by iterating
 a ``set``) pass it, and every exchange then pairs a block on one rank with a different block on
 another. Where ranks hold copies of the same tensor (``ddp`` and ``zero2``: every rank holds

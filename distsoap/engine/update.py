@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from distsoap.blocks import BlockSpec
+from distsoap.engine.blocks import BlockSpec
 from distsoap.hyperparams import group_lr
 from distsoap.kernels import rotated_adam_direction
 from distsoap.math.bases import initial_basis, refresh_bases

@@ -24,9 +24,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from distsoap.blocks import BlockSpec, layout_signature
-from distsoap.consolidate import merge_consolidated
-from distsoap.engine import new_block_tensors
+from distsoap.checkpointing.consolidate import merge_consolidated
+from distsoap.engine.blocks import BlockSpec, layout_signature
+from distsoap.engine.update import new_block_tensors
 from distsoap.hyperparams import resolved_shampoo_beta
 
 if TYPE_CHECKING:
@@ -102,12 +102,12 @@ def check_layout_hyperparameters(groups: list[dict], saved_groups: list[dict]) -
 def load_state(optimizer: SOAP, state_dict: dict[str, Any]) -> None:
     """Put saved per-block state into ``optimizer.state`` (after torch loaded the groups).
 
-    The state dict has passed :func:`distsoap.state_dict_checks.find_problem`. Tensors are
+    The state dict has passed :func:`distsoap.checkpointing.load_checks.find_problem`. Tensors are
     copied to the parameter's device in the dtypes SOAP computes in for it now (fp32 state of a
     parameter that became fp64 and back, moments saved with another ``moment_dtype``), and
     counters that older checkpoints lack get their starting values.
     """
-    from distsoap.state_dtypes import convert_block_state
+    from distsoap.checkpointing.state_dtypes import convert_block_state
 
     saved_state = state_dict["state"]
     suffix = optimizer.strategy.state_key_suffix()

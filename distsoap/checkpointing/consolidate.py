@@ -1,13 +1,13 @@
 """Every owner's SOAP state in one state dict, for frameworks that save one rank's copy.
 
 Under a sharded strategy each rank's ``state_dict()`` holds the blocks that rank owns (see
-:mod:`distsoap.checkpoint`). Frameworks that write ``optimizer.state_dict()`` from rank 0 alone
-and load that file on every rank (HF Trainer under DDP, Lightning's DDP strategy, DeepSpeed's
-stage 0) need rank 0's dict to hold every block. Rank 0 cannot ask the others for their state
-from inside ``state_dict()`` when it is the only rank calling it, so the gather is a separate
-collective that every rank enters before the save: :meth:`distsoap.SOAP.consolidate_state_dict`
-(the name and meaning of torch's ``ZeroRedundancyOptimizer.consolidate_state_dict``, which
-Lightning calls on every rank before it saves an optimizer that has it).
+:mod:`distsoap.checkpointing.state_dict`). Frameworks that write ``optimizer.state_dict()`` from
+rank 0 alone and load that file on every rank (HF Trainer under DDP, Lightning's DDP strategy,
+DeepSpeed's stage 0) need rank 0's dict to hold every block. Rank 0 cannot ask the others for their
+state from inside ``state_dict()`` when it is the only rank calling it, so the gather is a separate
+collective that every rank enters before the save: :meth:`distsoap.SOAP.consolidate_state_dict` (the
+name and meaning of torch's ``ZeroRedundancyOptimizer.consolidate_state_dict``, which Lightning
+calls on every rank before it saves an optimizer that has it).
 """
 
 from __future__ import annotations

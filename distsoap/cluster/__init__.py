@@ -1,0 +1,1 @@
+"""Starting and stopping torch.distributed the way clusters launch jobs (torchrun, mpirun)."""

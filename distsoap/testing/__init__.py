@@ -1,0 +1,1 @@
+"""Helpers for tests and benchmarks: local multi-process runs and operation counts."""
