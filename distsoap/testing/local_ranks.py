@@ -30,7 +30,14 @@ def free_port() -> int:
 
 
 def _worker(
-    rank: int, world: int, port: int, fn: Callable, args: tuple, out: str, threads: int
+    rank: int,
+    world: int,
+    port: int,
+    fn: Callable,
+    args: tuple,
+    kwargs: dict,
+    out: str,
+    threads: int,
 ) -> None:
     torch.set_num_threads(threads)
     # the variables a launcher sets: libraries that read them (DeepSpeed) find this rank too
@@ -45,7 +52,7 @@ def _worker(
         "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
     )
     try:
-        result = ("ok", fn(rank, world, *args))
+        result = ("ok", fn(rank, world, *args, **kwargs))
     except Exception as error:  # returned to the parent, which re-raises
         result = ("error", f"{type(error).__name__}: {error}\n{traceback.format_exc()}")
     Path(out, f"{rank}.pkl").write_bytes(pickle.dumps(result))
@@ -59,16 +66,23 @@ def _worker(
 
 
 def run_ranks(
-    fn: Callable, world: int, *args, timeout: float = 240, threads: int | None = None
+    fn: Callable, world: int, *args, timeout: float = 240, threads: int | None = None, **kwargs
 ) -> list:
-    """Call ``fn(rank, world, *args)`` on ``world`` gloo processes; return the per-rank results.
+    """Call ``fn(rank, world, *args, **kwargs)`` on ``world`` gloo processes; return the results.
+
+    ``run_ranks(train, 2, strategy="ddp", steps=8)`` runs ``train(rank, 2, strategy="ddp",
+    steps=8)`` on ranks 0 and 1 and returns ``[result of rank 0, result of rank 1]``.
 
     Args:
         fn: an importable (module-level) function; what it returns must pickle.
         world: number of processes.
         *args: passed to ``fn`` after rank and world.
-        timeout: seconds before every process is killed and TimeoutError raised.
-        threads: torch threads per process (default: the machine's cores shared out, >= 1).
+        timeout: run_ranks' own, never passed to ``fn``: seconds before every process is
+            killed and TimeoutError raised.
+        threads: run_ranks' own, never passed to ``fn``: torch threads per process (default:
+            the machine's cores shared out, >= 1).
+        **kwargs: every other keyword argument, passed to ``fn`` by name; they must pickle. A
+            parameter of ``fn`` named ``timeout`` or ``threads`` can only be given in ``*args``.
 
     Raises:
         RuntimeError: with the traceback of a rank whose ``fn`` raised.
@@ -78,7 +92,7 @@ def run_ranks(
     with tempfile.TemporaryDirectory() as out:
         context = mp.start_processes(
             _worker,
-            args=(world, free_port(), fn, args, out, threads),
+            args=(world, free_port(), fn, args, kwargs, out, threads),
             nprocs=world,
             join=False,
             start_method="spawn",

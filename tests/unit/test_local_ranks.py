@@ -1,0 +1,34 @@
+"""run_ranks (distsoap/testing/local_ranks.py) hands each rank its positional and keyword arguments.
+
+Two spawned gloo processes per call: the functions they run are module-level so they import.
+"""
+
+import torch
+
+from distsoap.testing.local_ranks import run_ranks
+
+
+def echo(rank: int, world: int, *args, **kwargs) -> dict:
+    return {"rank": rank, "world": world, "args": args, "kwargs": kwargs}
+
+
+def threads_and_kwargs(rank: int, world: int, **kwargs) -> dict:
+    return {"threads": torch.get_num_threads(), "kwargs": kwargs}
+
+
+def test_keyword_arguments_reach_every_rank_by_name():
+    results = run_ranks(echo, 2, "first", 2.5, steps=3, dtype=torch.float64, shapes=[(4, 4)])
+    assert results == [
+        {
+            "rank": rank,
+            "world": 2,
+            "args": ("first", 2.5),
+            "kwargs": {"steps": 3, "dtype": torch.float64, "shapes": [(4, 4)]},
+        }
+        for rank in range(2)
+    ]
+
+
+def test_timeout_and_threads_stay_with_run_ranks():
+    results = run_ranks(threads_and_kwargs, 2, timeout=120, threads=1, strategy="ddp")
+    assert results == [{"threads": 1, "kwargs": {"strategy": "ddp"}}] * 2
