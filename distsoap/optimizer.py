@@ -1,38 +1,33 @@
-"""``distsoap.SOAP``: the drop-in optimizer.
+"""``distsoap.SOAP``: the drop-in optimizer, torch.optim's front end of distsoap.
 
-Same constructor as the public reference implementation. Parameters are turned into blocks
-(:mod:`distsoap.engine.blocks`), blocks of one shape are stacked into buckets
-(:mod:`distsoap.engine.bucket`) and each bucket is stepped with batched matmuls
-(:mod:`distsoap.engine.update`). A strategy (:mod:`distsoap.strategies`) decides which blocks this
-rank computes and how gradients and updates travel; :meth:`SOAP.compute_updates` is the engine every
-strategy calls.
+Same constructor as the public reference implementation. This class keeps the torch.optim
+contract (param groups, state dicts, hooks, pickling) and the framework hooks; the work is below
+it and flows one way: :meth:`SOAP.step` asks the strategy (:mod:`distsoap.strategies`), which
+decides which blocks this rank computes and how gradients and updates travel, and the strategy
+asks the block engine (:class:`~distsoap.engine.block_engine.BlockEngine`), which stacks blocks
+of one shape into buckets and steps each with batched matmuls.
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict, defaultdict
+import warnings
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextlib import AbstractContextManager, contextmanager
 from contextvars import ContextVar
-from functools import lru_cache
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from distsoap.checkpointing import load_checks as state_dict_checks
+from distsoap.checkpointing import load_checks
 from distsoap.checkpointing.consolidate import gather_block_states
-from distsoap.checkpointing.state_dict import (
-    complete_state_dict,
-    load_state,
-    new_state_header,
-)
-from distsoap.engine.blocks import BlockSpec, layout_signature, make_block_spec
-from distsoap.engine.bucket import Bucket, block_tensor_keys
-from distsoap.engine.schedule import SCHEDULES, staggered_offsets
-from distsoap.engine.step_plan import BucketStep
-from distsoap.engine.update import first_call, refresh_rows, soap_update
-from distsoap.faults import FaultPolicy, parameter_names
+from distsoap.checkpointing.state_dict import complete_state_dict, load_state
+from distsoap.engine.block_engine import BlockEngine
+from distsoap.engine.blocks import BlockSpec
+from distsoap.engine.elementwise import choose_elementwise
+from distsoap.engine.schedule import SCHEDULES
+from distsoap.faults import FaultPolicy
 from distsoap.hyperparams import (
     DEFAULTS,
     parse_dtype,
@@ -40,23 +35,29 @@ from distsoap.hyperparams import (
     validate_group,
     validate_params,
 )
-from distsoap.kernels import compiled_rotated_adam_direction, rotated_adam_direction
 from distsoap.strategies import Strategy, make_strategy
 from distsoap.strategies.single import SingleProcess
 
 _MOMENT_DTYPES = (torch.float32, torch.bfloat16, torch.float64)
 
-MAX_STEP_PLANS = 8
-"""Step plans kept (one per set of parameters with gradients; usually one is enough, but models
-whose parameters get gradients in changing subsets must not grow the cache without bound)."""
-
-_cached_block_spec = lru_cache(maxsize=None)(make_block_spec)
-_cached_layout_signature = lru_cache(maxsize=None)(layout_signature)  # checked every step
-
 WRAPPER_BUILDING: ContextVar[bool] = ContextVar("distsoap_wrapper_building", default=False)
 """True while a framework wraps the optimizer (DeepSpeed's ``_configure_optimizer``): DeepSpeed's
 fp16 wrapper calls ``step()`` once with all-zero gradients to allocate optimizer state, which for
 SOAP would initialise the eigenbases from a zero gradient. Such a step does nothing."""
+
+
+def _elementwise_from_compile_flag(compile_elementwise: object, elementwise: str) -> str:
+    """The ``elementwise=`` name that the deprecated ``compile_elementwise=`` flag stands for."""
+    if not isinstance(compile_elementwise, bool):
+        raise ValueError(f"compile_elementwise must be True or False, got {compile_elementwise!r}")
+    if elementwise != "auto":
+        raise ValueError("give elementwise= or the deprecated compile_elementwise=, not both")
+    warnings.warn(
+        "compile_elementwise is deprecated: use elementwise='compile' (or 'auto')",
+        DeprecationWarning,
+        stacklevel=3,
+    )
+    return "compile" if compile_elementwise else "auto"
 
 
 @contextmanager
@@ -71,19 +72,6 @@ def _load_hooks_suspended(optimizer: torch.optim.Optimizer) -> Iterator[None]:
     finally:
         optimizer._optimizer_load_state_dict_pre_hooks = pre
         optimizer._optimizer_load_state_dict_post_hooks = post
-
-
-def compute_dtype(param: torch.Tensor) -> torch.dtype:
-    """Dtype of factors, bases and the math: fp64 for fp64 parameters, else fp32."""
-    return torch.float64 if param.dtype == torch.float64 else torch.float32
-
-
-def check_gradient(grad: torch.Tensor) -> None:
-    """Reject gradients SOAP cannot precondition (a complex parameter has a complex gradient)."""
-    if grad.is_sparse:
-        raise RuntimeError("SOAP does not support sparse gradients (use a dense embedding)")
-    if grad.is_complex():
-        raise RuntimeError("SOAP does not support complex parameters or gradients")
 
 
 class SOAP(torch.optim.Optimizer):
@@ -142,8 +130,13 @@ class SOAP(torch.optim.Optimizer):
             refreshes on the same step) or ``"staggered"`` (each block still every
             ``precondition_frequency`` updates, but phases spread so each step carries about
             1/f of the refresh work; see :mod:`distsoap.engine.schedule`).
-        compile_elementwise: keyword-only; run the elementwise rotated-Adam update through
-            ``torch.compile`` (one graph, no recompiles when betas or step sizes change).
+        elementwise: keyword-only; the implementation of the elementwise rotated-Adam
+            update, chosen as torch's ``foreach=`` / ``fused=``: ``"auto"`` (default: Triton for
+            CUDA blocks with fp32 math when Triton is installed, else torch), ``"torch"`` (the
+            reference definition), ``"compile"`` (``torch.compile`` of it: one graph, no
+            recompiles when betas or step sizes change) or ``"triton"`` (the Triton kernel for
+            every block; an error where it cannot run). See :mod:`distsoap.engine.elementwise`.
+        compile_elementwise: keyword-only; deprecated spelling of ``elementwise="compile"``.
 
     """
 
@@ -173,34 +166,34 @@ class SOAP(torch.optim.Optimizer):
         nonfinite_grads: str = "skip",
         max_basis_failures: int = 3,
         refresh_schedule: str = "aligned",
-        compile_elementwise: bool = False,
+        elementwise: str = "auto",
+        compile_elementwise: bool | None = None,
     ):
         validate_data_format(data_format)
         moment_dtype = parse_dtype(moment_dtype, "moment_dtype")
         comm_dtype = parse_dtype(comm_dtype, "comm_dtype")
         if moment_dtype not in _MOMENT_DTYPES:
             raise ValueError(f"moment_dtype must be one of {_MOMENT_DTYPES}, got {moment_dtype}")
-        self.data_format = data_format
-        self.moment_dtype = moment_dtype
-        self.faults = FaultPolicy(nonfinite_grads, max_basis_failures)
+        faults = FaultPolicy(nonfinite_grads, max_basis_failures)
         if refresh_schedule not in SCHEDULES:
             raise ValueError(
                 f"refresh_schedule must be one of {SCHEDULES}, got {refresh_schedule!r}"
             )
-        if not isinstance(compile_elementwise, bool):
-            raise ValueError(
-                f"compile_elementwise must be True or False, got {compile_elementwise!r}"
-            )
-        self.refresh_schedule = refresh_schedule
-        self._elementwise = (
-            compiled_rotated_adam_direction if compile_elementwise else rotated_adam_direction
+        if compile_elementwise is not None:
+            elementwise = _elementwise_from_compile_flag(compile_elementwise, elementwise)
+        self.elementwise = elementwise
+        """The name of the elementwise implementation (see ``elementwise=``)."""
+        self.engine = BlockEngine(
+            self,
+            data_format=data_format,
+            moment_dtype=moment_dtype,
+            faults=faults,
+            refresh_schedule=refresh_schedule,
+            elementwise=choose_elementwise(elementwise),
         )
-        self._offsets: dict[int, int] = {}
-        self._due_refreshes: list = []
+        """Buckets, step plans and due refreshes: the SOAP math strategies call."""
         self._consolidated: dict[int, dict[str, Any]] | None = None
         """Every rank's block states, on the rank that :meth:`consolidate_state_dict` gave them."""
-        self._buckets: dict[tuple, Bucket] = {}
-        self._plans: dict[tuple, list[BucketStep]] = {}
         self._layouts: dict[int, tuple[torch.Size, torch.device]] = {}
         self.built_params: dict[int, list[torch.Tensor]] = {}
         """``id(group)`` -> the parameters the group was added with (frameworks that replace
@@ -222,14 +215,42 @@ class SOAP(torch.optim.Optimizer):
         super().__init__(params, defaults)
         self.register_state_dict_post_hook(complete_state_dict)
         self.strategy_options = dict(comm_dtype=comm_dtype, bucket_cap_mb=bucket_cap_mb)
-        self._strategy = make_strategy(
-            self,
-            strategy,
-            process_group,
-            comm_dtype=comm_dtype,
-            bucket_cap_mb=bucket_cap_mb,
-            fsdp_model=fsdp_model,
+        self._install(
+            make_strategy(
+                self.engine,
+                strategy,
+                process_group,
+                comm_dtype=comm_dtype,
+                bucket_cap_mb=bucket_cap_mb,
+                fsdp_model=fsdp_model,
+            )
         )
+
+    @property
+    def data_format(self) -> str:
+        """``"channels_first"`` or ``"channels_last"`` (how 4-D parameters are blocked)."""
+        return self.engine.data_format
+
+    @property
+    def moment_dtype(self) -> torch.dtype:
+        """Dtype of ``exp_avg`` and ``exp_avg_sq`` (fp64 parameters use fp64)."""
+        return self.engine.moment_dtype
+
+    @property
+    def faults(self) -> FaultPolicy:
+        """What happens on non-finite gradients and failed eigenbases."""
+        return self.engine.faults
+
+    @property
+    def refresh_schedule(self) -> str:
+        """``"aligned"`` or ``"staggered"`` eigenbasis refreshes."""
+        return self.engine.refresh_schedule
+
+    def _install(self, strategy: Strategy) -> None:
+        """Make ``strategy`` the one that steps (the engine learns its state shapes)."""
+        self._strategy = strategy
+        self.engine.state_shape = strategy.state_shape
+        self.engine.forget_offsets()
 
     @property
     def strategy(self) -> Strategy:
@@ -243,12 +264,9 @@ class SOAP(torch.optim.Optimizer):
         """
         if any(self.state.values()):
             raise RuntimeError("the strategy can only be replaced before the first step")
-        hooks = getattr(self._strategy, "grad_sync", None)
-        if hooks is not None:  # mode B's gradient hooks would keep synchronising
-            hooks.remove()
-        self._strategy = strategy
-        self._reset_buckets()
-        self._offsets = {}
+        self._strategy.close()  # mode B's gradient hooks would keep synchronising
+        self._install(strategy)
+        self.engine.reset()
 
     def parameters_replaced(self) -> None:
         """Accept new tensors in ``param_groups`` (a framework's fp32 master copies).
@@ -260,9 +278,7 @@ class SOAP(torch.optim.Optimizer):
 
     def state_element_bytes(self, param: torch.Tensor) -> tuple[int, int]:
         """Bytes per element of ``param``'s moments and of its factors / bases (placement)."""
-        if param.dtype == torch.float64:
-            return 8, 8
-        return self.moment_dtype.itemsize, 4
+        return self.engine.state_element_bytes(param)
 
     def state_bytes(self) -> int:
         """Bytes of SOAP state (moments, factors, bases) this rank holds."""
@@ -317,15 +333,16 @@ class SOAP(torch.optim.Optimizer):
             self._strategy.param_groups_changed()
 
     def __getstate__(self) -> dict[str, Any]:
-        state = super().__getstate__()
+        state = super().__getstate__()  # defaults, state, param_groups
+        engine = self.engine  # placement and hooks (the strategy) belong to this process
         state.update(
-            data_format=self.data_format,
-            moment_dtype=self.moment_dtype,
-            faults=self.faults,
-            refresh_schedule=self.refresh_schedule,
+            data_format=engine.data_format,
+            moment_dtype=engine.moment_dtype,
+            faults=engine.faults,
+            refresh_schedule=engine.refresh_schedule,
+            elementwise=self.elementwise,
             strategy_options=self.strategy_options,
             _consolidated=self._consolidated,  # so a copy's state_dict() is the original's
-            compile_elementwise=self._elementwise is compiled_rotated_adam_direction,
             # by position: a copy's groups are new dicts, so ids would not match there
             built_params=[self.built_params.get(id(g), g["params"]) for g in self.param_groups],
         )
@@ -333,26 +350,34 @@ class SOAP(torch.optim.Optimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         # Called when unpickling (pickle, copy.deepcopy), and by torch's load_state_dict on a
-        # live optimizer, whose strategy (placement, hooks) must stay as it is.
-        unpickling = not hasattr(self, "_strategy")
+        # live optimizer, whose engine and strategy (placement, hooks) must stay as they are.
+        unpickling = not hasattr(self, "engine")
         if unpickling:
             built = state.pop("built_params", None) or [g["params"] for g in state["param_groups"]]
-            compiled = state.pop("compile_elementwise", False)
-            state.setdefault("faults", FaultPolicy("skip", 3))
-            state.setdefault("refresh_schedule", "aligned")
+            compiled = state.pop("compile_elementwise", None)  # pickles from before elementwise=
+            if compiled is not None:
+                state.setdefault("elementwise", "compile" if compiled else "auto")
+            state.setdefault("elementwise", "auto")
             state.setdefault("strategy_options", dict(comm_dtype=None, bucket_cap_mb=25.0))
             state.setdefault("_consolidated", None)
-            elementwise = compiled_rotated_adam_direction if compiled else rotated_adam_direction
-            state.update(_elementwise=elementwise, _offsets={}, _due_refreshes=[])
+            engine = BlockEngine(
+                self,
+                data_format=state.pop("data_format"),
+                moment_dtype=state.pop("moment_dtype"),
+                faults=state.pop("faults", None) or FaultPolicy("skip", 3),
+                refresh_schedule=state.pop("refresh_schedule", "aligned"),
+                elementwise=choose_elementwise(state["elementwise"]),
+            )
         super().__setstate__(state)
         for group in self.param_groups:  # pickles and state dicts from before maximize existed
             group.setdefault("maximize", False)
-        self._reset_buckets()
         self._layouts = {id(p): (p.shape, p.device) for g in self.param_groups for p in g["params"]}
         if unpickling:  # an unpickled optimizer is a local copy: it steps on this process only
+            self.engine = engine
             self.built_params = {id(g): list(b) for g, b in zip(self.param_groups, built)}
-            self._strategy = SingleProcess(self)
+            self._install(SingleProcess(self.engine))
             self.register_state_dict_post_hook(complete_state_dict)  # hooks are not pickled
+        self.engine.reset()
 
     def block_spec(
         self, param: torch.Tensor, group: dict[str, Any], shape: tuple[int, ...] | None = None
@@ -365,13 +390,11 @@ class SOAP(torch.optim.Optimizer):
             shape: the shape of the tensor SOAP preconditions, when it is not ``param.shape``
                 (a sharded parameter's full shape, or its local shard's).
         """
-        return _cached_block_spec(
-            tuple(param.shape if shape is None else shape),
-            max_precond_dim=group["max_precond_dim"],
-            merge_dims=group["merge_dims"],
-            precondition_1d=group["precondition_1d"],
-            data_format=self.data_format,
-        )
+        return self.engine.block_spec(param, group, shape)
+
+    def param_name(self, param: torch.Tensor) -> str:
+        """A name for ``param`` in messages (from named_parameters() input when given)."""
+        return self.engine.param_name(param)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
@@ -396,7 +419,7 @@ class SOAP(torch.optim.Optimizer):
         return loss
 
     def _step(self) -> None:
-        if not self._views_model:
+        if not self._strategy.views_model:
             self._check_layouts()
         self._strategy.step()
         # Every trainable parameter gets a state entry on every rank, empty where this rank
@@ -410,10 +433,6 @@ class SOAP(torch.optim.Optimizer):
                 if p.requires_grad:
                     self.state[p]  # noqa: B018 (defaultdict: creates the entry)
 
-    @property
-    def _views_model(self) -> bool:
-        return hasattr(self._strategy, "model_view")
-
     def model_view(self) -> AbstractContextManager:
         """Context in which ``param_groups`` hold the model's parameters.
 
@@ -421,7 +440,7 @@ class SOAP(torch.optim.Optimizer):
         partition per group there); its strategy then knows how to show SOAP the parameters it
         preconditions, for the step and for state dicts. Otherwise it changes nothing.
         """
-        return self._strategy.model_view() if self._views_model else nullcontext()
+        return self._strategy.model_view()
 
     def state_dict(self) -> dict[str, Any]:
         """Torch's state dict, numbered over the model's parameters (see :meth:`model_view`)."""
@@ -446,233 +465,6 @@ class SOAP(torch.optim.Optimizer):
                         "(create the optimizer after moving or resizing the model)"
                     )
 
-    def compute_updates(
-        self, grads: dict[int, torch.Tensor], defer_refresh: bool = False
-    ) -> dict[int, tuple[dict[str, Any], torch.Tensor | None]]:
-        """SOAP on this rank's blocks: advance their state and return their parameter deltas.
-
-        This is the engine every strategy calls; it does not touch the parameters.
-
-        Args:
-            grads: ``id(param)`` -> the gradient SOAP preconditions for that parameter: its full
-                gradient (parameter shape), or, for sharded parameters, the assembled full
-                gradient or (local mode) the local shard's. Only these parameters are stepped;
-                their state lives on this rank, laid out for that gradient's shape. Zero-size
-                gradients are no-ops: no state, no update (as torch's Adam).
-            defer_refresh: leave the due eigenbasis refreshes to :meth:`finish_refreshes`
-                (strategies run them while the updates travel).
-
-        Returns:
-            ``id(param)`` -> (its param group, its delta ``-step_size * U`` in the gradient's
-            shape, or None on a first call, which makes no update).
-
-        """
-        result: dict[int, tuple[dict[str, Any], torch.Tensor | None]] = {}
-        for grad in grads.values():
-            check_gradient(grad)
-        finite = self.faults.finite(grads)
-        plan_key = (tuple(grads), self._groups_signature())
-        plan = self._plans.get(plan_key) if all(finite.values()) else None
-        if plan is None or any(self._buckets.get(b.key) is not b.bucket for b in plan):
-            plan, reusable = self._plan_step(grads, finite, result)
-            if reusable:
-                if len(self._plans) >= MAX_STEP_PLANS:  # drop the oldest
-                    del self._plans[next(iter(self._plans))]
-                self._plans[plan_key] = plan
-        for bucket_step in plan:
-            deltas = self._step_bucket(bucket_step, grads)
-            for param, delta in zip(bucket_step.params, deltas):
-                result[id(param)] = (bucket_step.group, delta)
-        if not defer_refresh:
-            self.finish_refreshes()
-        return result
-
-    def _groups_signature(self) -> tuple:
-        """What a step plan depends on besides the stepped parameters (see engine.step_plan)."""
-        return tuple(
-            (
-                id(g),
-                len(g["params"]),
-                g["max_precond_dim"],
-                g["merge_dims"],
-                g["precondition_1d"],
-            )
-            for g in self.param_groups
-        )
-
-    def _plan_step(
-        self,
-        grads: dict[int, torch.Tensor],
-        finite: dict[int, bool],
-        result: dict[int, tuple[dict[str, Any], torch.Tensor | None]],
-    ) -> tuple[list[BucketStep], bool]:
-        """Route this step's blocks: first calls and skipped blocks now, the rest into buckets.
-
-        First calls and non-finite skips are handled here and recorded in ``result``.
-
-        Returns:
-            The bucket steps of the blocks to update, and whether the plan may be reused (no
-            first call and no skip this step).
-        """
-        reusable = True
-        plan: list[BucketStep] = []
-        for index, group in enumerate(self.param_groups):
-            ready: dict[tuple, list[torch.Tensor]] = defaultdict(list)
-            for param in group["params"]:
-                grad = grads.get(id(param))
-                if grad is None or grad.numel() == 0:  # zero-size: nothing to precondition
-                    continue
-                state = self.state[param]
-                if not finite[id(param)]:
-                    self.faults.nonfinite(self.param_name(param), state)
-                    result[id(param)] = (group, None)
-                    reusable = False
-                    continue
-                spec = self.block_spec(param, group, tuple(grad.shape))
-                if not state.get("bases_ready", False):
-                    self._first_call(param, grad, spec, group, state)
-                    result[id(param)] = (group, None)
-                    reusable = False
-                    continue
-                layout = _cached_layout_signature(spec)
-                if state.get("block_layout", layout) != layout:
-                    raise ValueError(
-                        f"parameter {self.param_name(param)}: its SOAP state is laid out as "
-                        f"{state['block_layout']}, but max_precond_dim / merge_dims / "
-                        f"precondition_1d now give {layout}; these cannot change during training"
-                    )
-                key = (
-                    index,
-                    spec.block_shape,
-                    spec.factored,
-                    compute_dtype(param),
-                    param.device,
-                    state["precondition_frequency"],
-                    state["shampoo_beta"],
-                )
-                ready[key].append(param)
-            for key, params in ready.items():
-                bucket = self._bucket(key, params)
-                states = [self.state[p] for p in params]
-                plan.append(
-                    BucketStep(
-                        key=key,
-                        bucket=bucket,
-                        group=group,
-                        params=params,
-                        states=states,
-                        rows=[bucket.row[id(p)] for p in params],
-                        specs=[
-                            self.block_spec(p, group, tuple(grads[id(p)].shape)) for p in params
-                        ],
-                        offsets=[s.get("refresh_offset", 0) for s in states],
-                    )
-                )
-        return plan, reusable
-
-    def _first_call(
-        self,
-        param: torch.Tensor,
-        grad: torch.Tensor,
-        spec: BlockSpec,
-        group: dict[str, Any],
-        state: dict[str, Any],
-    ) -> None:
-        if "step" not in state:
-            header = new_state_header(group, spec, self._refresh_offset(param, group))
-            for key, value in header.items():
-                state.setdefault(key, value)  # keeps a non-finite skip counted before
-        dtype = compute_dtype(param)
-        moments = torch.float64 if dtype == torch.float64 else self.moment_dtype
-        block = spec.to_block(grad).to(dtype)
-        if group.get("maximize", False):
-            block = block.neg()  # not in place: it may be the caller's gradient
-        decomposed = first_call(state, spec.factored, block, moments)
-        if not decomposed or state["bases_ready"]:
-            self.faults.basis(self.param_name(param), state, failed=not decomposed)
-
-    def param_name(self, param: torch.Tensor) -> str:
-        """A name for ``param`` in messages (from named_parameters() input when given).
-
-        The names of all parameters are built once per layout of the param groups (every
-        refreshed block reports to the fault counters by name, so building them per call
-        would cost O(parameters^2) on a refresh step).
-        """
-        signature = self._groups_signature()
-        cached = getattr(self, "_names", None)
-        if cached is None or cached[0] != signature:
-            cached = self._names = (signature, parameter_names(self.param_groups))
-        return cached[1].get(id(param), "an unknown parameter")
-
-    def _reset_buckets(self) -> None:
-        """Forget the buckets and the step plans using them (state is rebuilt from state[p])."""
-        self._buckets = {}
-        self._plans = {}
-
-    def _bucket(self, key: tuple, params: list[torch.Tensor]) -> Bucket:
-        """The bucket for ``key``, (re)built if some of ``params`` are not members yet."""
-        bucket = self._buckets.get(key)
-        if bucket is not None and bucket.holds(params):
-            return bucket
-        members = list(bucket.params) if bucket is not None else []
-        known = {id(p) for p in members}
-        members += [p for p in params if id(p) not in known]
-        keys = block_tensor_keys(key[2])
-        bucket = Bucket(members, [self.state[p] for p in members], keys)
-        self._buckets[key] = bucket
-        return bucket
-
-    def _step_bucket(
-        self, bucket_step: BucketStep, grads: dict[int, torch.Tensor]
-    ) -> list[torch.Tensor]:
-        _, block_shape, _, dtype, _, frequency, shampoo_beta = bucket_step.key
-        stacked = bucket_step.stack_grads(grads, dtype)  # a new tensor
-        if bucket_step.group.get("maximize", False):
-            stacked.neg_()
-        steps = []
-        for state in bucket_step.states:
-            state["step"] += 1
-            steps.append(state["step"])
-        bucket, rows = bucket_step.bucket, bucket_step.rows
-        tensors = bucket.select(rows)
-        deltas, due = soap_update(
-            tensors,
-            stacked,
-            steps,
-            bucket_step.group,
-            shampoo_beta,
-            frequency,
-            bucket_step.offsets,
-            self._elementwise,
-        )
-        bucket.write_back(rows, tensors)
-        if due:
-            self._due_refreshes.append((bucket, [rows[i] for i in due], len(block_shape)))
-        return bucket_step.split_deltas(deltas)
-
-    def finish_refreshes(self) -> None:
-        """Run the eigenbasis refreshes the last ``compute_updates`` left due.
-
-        They change only the state of the next step, so a strategy calls this while the
-        step's updates are on the wire.
-        """
-        due, self._due_refreshes = self._due_refreshes, []
-        for bucket, rows, rank in due:
-            tensors = bucket.select(rows)
-            failed = set(refresh_rows(tensors, list(range(len(rows))), rank))
-            bucket.write_back(rows, tensors)
-            for i, row in enumerate(rows):
-                param = bucket.params[row]
-                self.faults.basis(self.param_name(param), self.state[param], i in failed)
-
-    def _refresh_offset(self, param: torch.Tensor, group: dict[str, Any]) -> int:
-        """Return the block's refresh phase (0 for the aligned schedule)."""
-        if self.refresh_schedule == "aligned":
-            return 0
-        if id(param) not in self._offsets:
-            self._offsets = staggered_offsets(self)
-        return self._offsets.get(id(param), 0)
-
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict saved by this optimizer (any world size for lossless strategies).
 
@@ -686,14 +478,14 @@ class SOAP(torch.optim.Optimizer):
             if returned is not None:
                 state_dict = returned
         with self.model_view():
-            problem = state_dict_checks.find_problem(self, state_dict)
-            problem = state_dict_checks.agree(self, problem)
+            problem = load_checks.find_problem(self, state_dict)
+            problem = load_checks.agree(self, problem)
             if problem:
                 raise ValueError(problem)
             with _load_hooks_suspended(self):  # they run here, around the whole load
                 super().load_state_dict({**state_dict, "state": {}})
             load_state(self, state_dict)
-            self._reset_buckets()
+            self.engine.reset()
             self._consolidated = None
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)

@@ -9,12 +9,11 @@ Triton one used for CUDA tensors when Triton is installed:
 ``G G^T``; its torch definition is ``baddbmm`` in :mod:`distsoap.math.rotations`. It is tested
 but not used by the optimizer until a GPU measurement shows it faster than cuBLAS.
 
-``DISTSOAP_DISABLE_TRITON=1`` forces the torch versions.
+The optimizer's ``elementwise=`` argument picks among them (:mod:`distsoap.engine.elementwise`):
+``"torch"`` forces the torch versions.
 """
 
 from __future__ import annotations
-
-import os
 
 import torch
 
@@ -30,9 +29,7 @@ __all__ = [
 
 
 def triton_available() -> bool:
-    """Whether the Triton kernels can run here (Triton installed, not disabled)."""
-    if os.environ.get("DISTSOAP_DISABLE_TRITON") == "1":
-        return False
+    """Whether Triton is installed (its kernels then run on CUDA, or in its interpreter)."""
     try:
         import triton  # noqa: F401
     except ImportError:

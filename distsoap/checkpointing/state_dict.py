@@ -55,7 +55,7 @@ def initial_state(optimizer: SOAP, param: torch.Tensor, group: dict[str, Any]) -
     dtype = torch.float64 if param.dtype == torch.float64 else torch.float32
     moments = torch.float64 if dtype == torch.float64 else optimizer.moment_dtype
     device = param.device
-    state = new_state_header(group, spec, optimizer._refresh_offset(param, group))
+    state = new_state_header(group, spec, optimizer.engine.refresh_offset(param))
     state.update(new_block_tensors(spec, dtype, moments, device))
     state["bases_ready"] = False
     return state
@@ -124,7 +124,7 @@ def load_state(optimizer: SOAP, state_dict: dict[str, Any]) -> None:
             continue
         check_block_layout(optimizer, param, group, saved)
         spec = optimizer.block_spec(param, group, optimizer.strategy.state_shape(param))
-        header = new_state_header(group, spec, optimizer._refresh_offset(param, group))
+        header = new_state_header(group, spec, optimizer.engine.refresh_offset(param))
         converted = convert_block_state(optimizer, param, saved)
         optimizer.state[param] = {
             **header,

@@ -12,13 +12,13 @@ from distsoap.checks.fsdp2_names import fsdp2_parameter_names
 from distsoap.hyperparams import hyperparameter_text
 
 if TYPE_CHECKING:
-    from distsoap.optimizer import SOAP
+    from distsoap.engine.block_engine import BlockEngine
 
 _NOT_HYPER = ("params", "param_names")
 
 
 def optimizer_fingerprint(
-    optimizer: SOAP, strategy: str, comm_dtype: torch.dtype | None, bucket_cap_mb: float = 25.0
+    engine: BlockEngine, strategy: str, comm_dtype: torch.dtype | None, bucket_cap_mb: float = 25.0
 ) -> int:
     """A 63-bit hash of what must agree across ranks.
 
@@ -35,10 +35,10 @@ def optimizer_fingerprint(
         strategy,
         str(comm_dtype),
         repr(float(bucket_cap_mb)),
-        optimizer.data_format,
-        str(optimizer.moment_dtype),
+        engine.data_format,
+        str(engine.moment_dtype),
     ]
-    for group in optimizer.param_groups:
+    for group in engine.param_groups:
         hyper = sorted((k, hyperparameter_text(v)) for k, v in group.items() if k not in _NOT_HYPER)
         parts.append(repr(hyper))
         parts.extend(
@@ -48,13 +48,13 @@ def optimizer_fingerprint(
     return _hash(parts)
 
 
-def parameter_names(optimizer: SOAP) -> list[str] | None:
+def parameter_names(engine: BlockEngine) -> list[str] | None:
     """Every parameter's rank-independent name, in order, or None where none is known.
 
     ``param_names`` when the optimizer was given ``named_parameters()``; for FSDP2 parameters
     (DTensors) otherwise, the names their modules give them (:mod:`distsoap.checks.fsdp2_names`).
     """
-    groups = optimizer.param_groups
+    groups = engine.param_groups
     if any(group.get("param_names") is not None for group in groups):
         return [repr(group.get("param_names")) for group in groups]
     params = [p for group in groups for p in group["params"]]
@@ -64,14 +64,14 @@ def parameter_names(optimizer: SOAP) -> list[str] | None:
     return [found.get(id(p), "?") for p in params] if found else None
 
 
-def names_fingerprint(optimizer: SOAP) -> int:
+def names_fingerprint(engine: BlockEngine) -> int:
     """A 63-bit hash of :func:`parameter_names` (0 when none are known).
 
     Names are the only rank-independent identity of a parameter the optimizer can find: the
     same names in another order mean the ranks list parameters differently, which shapes alone
     miss when the parameters swapped have the same shape (param groups built from a ``set``).
     """
-    names = parameter_names(optimizer)
+    names = parameter_names(engine)
     return 0 if names is None else _hash(names)
 
 
@@ -93,7 +93,7 @@ _DISAGREEMENTS = (
 
 
 def check_same_on_all_ranks(
-    optimizer: SOAP,
+    engine: BlockEngine,
     strategy: str,
     comm_dtype: torch.dtype | None,
     group: dist.ProcessGroup | None,
@@ -104,8 +104,8 @@ def check_same_on_all_ranks(
     One all-gather of two integers per rank: it completes whatever the ranks disagree on.
     """
     mine = [
-        optimizer_fingerprint(optimizer, strategy, comm_dtype, bucket_cap_mb),
-        names_fingerprint(optimizer),
+        optimizer_fingerprint(engine, strategy, comm_dtype, bucket_cap_mb),
+        names_fingerprint(engine),
     ]
     backend = dist.get_backend(group)
     device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else "cpu"

@@ -14,7 +14,7 @@ from collections import defaultdict
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from distsoap.optimizer import SOAP
+    from distsoap.engine.block_engine import BlockEngine
 
 SCHEDULES = ("aligned", "staggered")
 
@@ -37,17 +37,17 @@ def refresh_offsets(costs: list[float], frequency: int) -> list[int]:
     return offsets
 
 
-def staggered_offsets(optimizer: SOAP) -> dict[int, int]:
-    """``id(param)`` -> refresh phase for every trainable parameter of ``optimizer``.
+def staggered_offsets(engine: BlockEngine) -> dict[int, int]:
+    """``id(param)`` -> refresh phase for every trainable parameter of ``engine``.
 
     Blocks are balanced among those sharing a ``precondition_frequency``; the cost of a block is
     that of the tensor its strategy preconditions (the whole matrix in lossless modes).
     """
     by_frequency: dict[int, list] = defaultdict(list)
-    for group in optimizer.param_groups:
+    for group in engine.param_groups:
         for p in group["params"]:
             if p.requires_grad:
-                spec = optimizer.block_spec(p, group, optimizer.strategy.state_shape(p))
+                spec = engine.block_spec(p, group, engine.state_shape(p))
                 cost = float(sum(d**3 for d in spec.factor_dims))
                 by_frequency[group["precondition_frequency"]].append((p, cost))
     offsets = {}

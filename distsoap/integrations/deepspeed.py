@@ -116,7 +116,7 @@ def bind(engine: Any) -> None:
         # master copies of them); DeepSpeed has averaged the gradients: data-parallel mode A
         soap.parameters_replaced()
         name = "ddp" if dist.get_world_size(group) > 1 else "single"
-        soap.set_strategy(make_strategy(soap, name, group, **options))
+        soap.set_strategy(make_strategy(soap.engine, name, group, **options))
         if name == "ddp" and not getattr(soap, _REPLICATING_MARK, False):
             # DeepSpeed writes stage 0's optimizer state from rank 0 alone, and every rank
             # loads that file: put every owner's blocks into the state dict of every rank
@@ -124,7 +124,10 @@ def bind(engine: Any) -> None:
             setattr(soap, _REPLICATING_MARK, True)
         return
     name = f"deepspeed_zero{engine.zero_optimization_stage()}"
-    soap.set_strategy(DeepSpeedPartitions(soap, wrapper, group, options["comm_dtype"], name))
+    partitions = DeepSpeedPartitions(
+        soap.engine, soap.built_params, wrapper, group, options["comm_dtype"], name
+    )
+    soap.set_strategy(partitions)
 
 
 def _replicate_state(

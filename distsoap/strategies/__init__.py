@@ -1,6 +1,8 @@
 """Strategies: who computes which block, and how gradients get there and updates get back.
 
-One small module per parallelism, picked in one place (:func:`make_strategy`):
+Every strategy derives from :class:`~distsoap.strategies.base.Strategy` and knows the optimizer
+only through its :class:`~distsoap.engine.block_engine.BlockEngine`. One small module per
+parallelism, picked in one place (:func:`make_strategy`):
 
 - ``single`` (:mod:`.single`): every block on this process; no communication.
 - ``ddp`` (:mod:`.data_parallel`, mode A): replicated parameters whose gradients are already
@@ -18,47 +20,20 @@ One small module per parallelism, picked in one place (:func:`make_strategy`):
 
 from __future__ import annotations
 
-from contextlib import AbstractContextManager
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 
-from distsoap.comm import CommStats
+from distsoap.strategies.base import Strategy
 
 if TYPE_CHECKING:
-    from distsoap.optimizer import SOAP
+    from distsoap.engine.block_engine import BlockEngine
+
+__all__ = ["COMM_DTYPES", "STRATEGIES", "Strategy", "make_strategy", "resolve_strategy_name"]
 
 STRATEGIES = ("auto", "single", "ddp", "zero2", "fsdp2", "fsdp2_local", "fsdp1")
 COMM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-
-class Strategy(Protocol):
-    """What the optimizer asks of a strategy."""
-
-    name: str
-    stats: CommStats
-
-    def step(self) -> None:
-        """Update every parameter that has a gradient."""
-
-    def no_sync(self) -> AbstractContextManager:
-        """Context for accumulation micro-batches."""
-
-    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
-        """Clip the synchronised gradients; return their total norm."""
-
-    def param_groups_changed(self) -> None:
-        """React to ``add_param_group`` after construction."""
-
-    def state_shape(self, param: torch.Tensor) -> tuple[int, ...]:
-        """Shape of the tensor whose SOAP state this strategy keeps for ``param``."""
-
-    def owns(self, param: torch.Tensor) -> bool:
-        """Whether this rank holds ``param``'s SOAP state."""
-
-    def state_key_suffix(self) -> str:
-        """Appended to state keys in state dicts ('' unless the state depends on the rank)."""
 
 
 def has_dtensor_params(params: list[torch.Tensor]) -> bool:
@@ -90,7 +65,7 @@ def resolve_strategy_name(
 
 
 def make_strategy(
-    optimizer: SOAP,
+    engine: BlockEngine,
     name: str,
     group: dist.ProcessGroup | None,
     *,
@@ -98,7 +73,7 @@ def make_strategy(
     bucket_cap_mb: float = 25.0,
     fsdp_model: torch.nn.Module | None = None,
 ) -> Strategy:
-    """Build the strategy ``name`` for ``optimizer`` (see the module docstring)."""
+    """Build the strategy ``name`` over ``engine``'s parameters (see the module docstring)."""
     from distsoap.checks.consistency import check_same_on_all_ranks
     from distsoap.sharding import dtensor_layout, fsdp1_layouts
     from distsoap.strategies.data_parallel import DataParallel
@@ -109,11 +84,11 @@ def make_strategy(
         raise ValueError(f"comm_dtype must be one of {COMM_DTYPES}, got {comm_dtype}")
     if not bucket_cap_mb > 0:
         raise ValueError(f"bucket_cap_mb must be > 0, got {bucket_cap_mb}")
-    params = [p for g in optimizer.param_groups for p in g["params"]]
+    params = [p for g in engine.param_groups for p in g["params"]]
     resolved = resolve_strategy_name(name, group, params)
     if dist.is_available() and dist.is_initialized():
         # every rank takes part, whatever it asked for, so a disagreement raises and never hangs
-        check_same_on_all_ranks(optimizer, resolved, comm_dtype, group, bucket_cap_mb)
+        check_same_on_all_ranks(engine, resolved, comm_dtype, group, bucket_cap_mb)
     trainable = [p for p in params if p.requires_grad]
     if resolved in ("fsdp2", "fsdp2_local"):
         plain = [i for i, p in enumerate(trainable) if not hasattr(p, "device_mesh")]
@@ -123,23 +98,23 @@ def make_strategy(
                 f"(fully_shard the whole model); trainable parameters {plain} are not"
             )
         if resolved == "fsdp2_local":
-            return LocalShards(optimizer)
+            return LocalShards(engine, group)
         layouts = {id(p): dtensor_layout(p, group) for p in trainable}
-        return ShardedLossless(optimizer, group, layouts, "fsdp2", comm_dtype)
+        return ShardedLossless(engine, group, layouts, "fsdp2", comm_dtype)
     if resolved == "fsdp1":
         if fsdp_model is None:
             raise ValueError("strategy='fsdp1' needs fsdp_model= (the FSDP-wrapped model)")
         layouts = fsdp1_layouts(fsdp_model, params, group)
-        return ShardedLossless(optimizer, group, layouts, "fsdp1", comm_dtype)
+        return ShardedLossless(engine, group, layouts, "fsdp1", comm_dtype)
     if has_dtensor_params(trainable):
         raise ValueError(
             f"strategy={resolved!r} does not handle DTensor parameters: use 'fsdp2' (lossless) "
             "or 'fsdp2_local', or leave strategy='auto'"
         )
     if resolved == "single":
-        return SingleProcess(optimizer)
+        return SingleProcess(engine)
     return DataParallel(
-        optimizer,
+        engine,
         group,
         sync_gradients=resolved == "zero2",
         comm_dtype=comm_dtype,

@@ -12,38 +12,31 @@ sends each owner the gradients of its blocks during backward; the rest is as in 
 from __future__ import annotations
 
 from contextlib import AbstractContextManager, nullcontext
-from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 
 from distsoap.checks.replicas import check_copies
 from distsoap.comm import (
-    CommStats,
     PendingExchange,
     build_buckets,
     launch_gather,
     pack_flagged,
-    raise_if_aborted,
-    read_flag,
     unpack_flagged,
     update_flag,
 )
-from distsoap.engine.update import apply_deltas
+from distsoap.engine.block_engine import BlockEngine
 from distsoap.placement import assign_owners, block_cost
+from distsoap.strategies.base import Strategy, groups_by_param
 from distsoap.strategies.frozen import check_still_frozen, frozen_params
 from distsoap.strategies.grad_sync import GradSync
-from distsoap.strategies.single import groups_by_param
-
-if TYPE_CHECKING:
-    from distsoap.optimizer import SOAP
 
 
-class DataParallel:
+class DataParallel(Strategy):
     """Owner-sharded SOAP over replicated parameters (see the module docstring).
 
     Args:
-        optimizer: the SOAP optimizer.
+        engine: the optimizer's block engine.
         group: the process group (None: the world).
         sync_gradients: mode B; distsoap averages the gradients itself.
         comm_dtype: dtype of the updates on the wire (None: as computed, exact; bf16 / fp16:
@@ -54,39 +47,38 @@ class DataParallel:
 
     def __init__(
         self,
-        optimizer: SOAP,
+        engine: BlockEngine,
         group: dist.ProcessGroup | None,
         *,
         sync_gradients: bool,
         comm_dtype: torch.dtype | None,
         bucket_cap_mb: float,
     ):
-        self.optimizer = optimizer
-        self.group = group
+        super().__init__(engine, group)
         self.rank = dist.get_rank(group)
         self.world = dist.get_world_size(group)
         self.sync_gradients = sync_gradients
         self.name = "zero2" if sync_gradients else "ddp"
         self.comm_dtype = comm_dtype
         self.bucket_cap_mb = bucket_cap_mb
-        self.stats = CommStats()
+        self.grad_sync: GradSync | None = None
         self._checked_replicas = False
         self._place()
 
     def _place(self) -> None:
         """Owners and buckets from the trainable parameters; identical on every rank."""
-        opt = self.optimizer
+        engine = self.engine
         self.params: list[torch.Tensor] = []
-        self.frozen = frozen_params([p for g in opt.param_groups for p in g["params"]])
+        self.frozen = frozen_params([p for g in engine.param_groups for p in g["params"]])
         costs = []
-        for group in opt.param_groups:
+        for group in engine.param_groups:
             for p in group["params"]:
                 if not p.requires_grad:
                     continue
                 self.params.append(p)
-                spec = opt.block_spec(p, group)
+                spec = engine.block_spec(p, group)
                 frequency = group["precondition_frequency"]
-                costs.append(block_cost(spec, frequency, *opt.state_element_bytes(p)))
+                costs.append(block_cost(spec, frequency, *engine.state_element_bytes(p)))
         self.costs = costs
         self.owners = assign_owners(costs, self.world)
         self._owner_of = {id(p): o for p, o in zip(self.params, self.owners)}
@@ -99,8 +91,7 @@ class DataParallel:
             max(1, int(self.bucket_cap_mb * 2**20 / element)),
         )
         if self.sync_gradients:
-            if getattr(self, "grad_sync", None) is not None:
-                self.grad_sync.remove()
+            self.close()
             self.grad_sync = GradSync(
                 self.params,
                 self.buckets,
@@ -123,17 +114,15 @@ class DataParallel:
             )
         self._place()
 
-    def state_shape(self, param: torch.Tensor) -> tuple[int, ...]:
-        """Replicated parameters: their own shape."""
-        return tuple(param.shape)
+    def close(self) -> None:
+        """Mode B: remove the gradient hooks (they would keep synchronising)."""
+        if self.grad_sync is not None:
+            self.grad_sync.remove()
+            self.grad_sync = None
 
     def owns(self, param: torch.Tensor) -> bool:
-        """Whether this rank is ``param``'s owner."""
+        """Whether this rank is ``param``'s owner (state keeps the parameter's own shape)."""
         return self._owner_of.get(id(param)) == self.rank
-
-    def state_key_suffix(self) -> str:
-        """Owners hold whole blocks: the state does not depend on the rank."""
-        return ""
 
     def no_sync(self) -> AbstractContextManager:
         """Mode B: skip synchronisation inside the context. Mode A: nothing (use DDP's)."""
@@ -150,7 +139,7 @@ class DataParallel:
         finished, so every rank has run the same collectives when it raises.
         """
         reduced = self.grad_sync.reduced_grads() if self.sync_gradients else None
-        check_still_frozen(self.optimizer, self.frozen, self.name)
+        check_still_frozen(self.engine, self.frozen, self.name)
         if not self._checked_replicas and not self.sync_gradients:
             self._checked_replicas = self._check_replicas()
         if reduced is not None:
@@ -171,40 +160,34 @@ class DataParallel:
             return True
         return check_copies(
             self.name,
-            [self.optimizer.param_name(p) for p in self.params],
+            [self.engine.param_name(p) for p in self.params],
             [p.detach() for p in self.params],
             [p.grad for p in self.params],
             [0] * len(self.params),
             1,
             self.group,
-            self._comm_device(),
+            self.comm_device(),
             compare_grads=not self.sync_gradients,
         )
-
-    def _comm_device(self) -> torch.device:
-        if dist.get_backend(self.group) == "nccl":
-            return torch.device("cuda", torch.cuda.current_device())
-        return torch.device("cpu")
 
     def step(self) -> None:
         """Owners compute their blocks, then every rank applies every update."""
         grads = self._owned_grads()
-        updates = self.optimizer.compute_updates(grads, defer_refresh=True)
-        error = self.optimizer.faults.take_pending()
+        updates = self.engine.compute_updates(grads, defer_refresh=True)
+        error = self.engine.faults.take_pending()
         pending: list[PendingExchange] = []
         for bucket in self.buckets:
             part = self._pack_updates(bucket, updates, abort=error is not None)
             pending.append(launch_gather(bucket, part, self.rank, self.group, self.stats))
         # the refreshes only prepare the next step: run them while the updates travel
-        self.optimizer.finish_refreshes()
+        self.engine.finish_refreshes()
         aborting: set[int] = set()
-        groups = groups_by_param(self.optimizer)
+        groups = groups_by_param(self.engine.param_groups)
         for bucket, exchange in zip(self.buckets, pending):
-            payload = exchange.wait()
-            stopping = self._apply_bucket(bucket, payload, groups)
-            aborting |= {self.owners[i] for i in stopping}
-        self.stats.end_step()
-        raise_if_aborted(error, aborting, self.rank)
+            (flags,), (pieces,) = unpack_flagged([exchange.wait()], [bucket.piece_sizes])
+            received = zip(bucket.params, (self.owners[i] for i in bucket.params), flags, pieces)
+            aborting |= self.apply_flagged(received, self.params, self.params.__getitem__, groups)
+        self.finish(error, aborting)
 
     def _pack_updates(self, bucket, updates, abort: bool) -> torch.Tensor:
         """Pack this rank's part of a gather payload: per owned block a flag and the delta.
@@ -224,30 +207,6 @@ class DataParallel:
 
     def _device(self) -> torch.device:
         return self.params[0].device if self.params else torch.device("cpu")
-
-    def _apply_bucket(self, bucket, payload: torch.Tensor, groups) -> list[int]:
-        """Apply every block update of a gathered bucket whose flag says it was computed.
-
-        ``groups`` maps ``id(param)`` to its param group. Returns the blocks whose owners
-        flagged that training must stop.
-        """
-        (flags,), (pieces,) = unpack_flagged([payload], [bucket.piece_sizes])
-        by_group: dict[int, tuple[dict[str, Any], list, list]] = {}
-        stopping = []
-        for i, flag, piece in zip(bucket.params, flags, pieces):
-            has_update, abort = read_flag(flag)
-            if abort:
-                stopping.append(i)
-            if not has_update:
-                continue
-            param = self.params[i]
-            group = groups[id(param)]
-            entry = by_group.setdefault(id(group), (group, [], []))
-            entry[1].append(param)
-            entry[2].append(piece.view(param.shape))
-        for group, params, deltas in by_group.values():
-            apply_deltas(params, deltas, group)
-        return stopping
 
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
         """Clip the averaged gradients to a total 2-norm of ``max_norm``; return the norm."""

@@ -23,16 +23,14 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from distsoap.engine.block_engine import BlockEngine
 from distsoap.sharding import ShardLayout
 from distsoap.strategies.sharded import ShardedLossless
-
-if TYPE_CHECKING:
-    from distsoap.optimizer import SOAP
 
 
 @dataclass(frozen=True)
@@ -49,24 +47,29 @@ class DeepSpeedPartitions(ShardedLossless):
     """Whole-matrix SOAP under DeepSpeed ZeRO (see the module docstring).
 
     Args:
-        optimizer: the SOAP optimizer DeepSpeed wrapped.
+        engine: the block engine of the SOAP optimizer DeepSpeed wrapped.
+        built_params: ``id(param group)`` -> the model parameters the optimizer was built with
+            (``SOAP.built_params``; DeepSpeed has replaced them in the groups since).
         wrapper: DeepSpeed's optimizer wrapping it (``engine.optimizer``).
         group: DeepSpeed's data-parallel process group.
         comm_dtype: dtype of updates on the wire (None: exact).
         name: the strategy name to report (``deepspeed_zero1`` ...).
     """
 
+    views_model = True
+
     def __init__(
         self,
-        optimizer: SOAP,
+        engine: BlockEngine,
+        built_params: dict[int, list[torch.Tensor]],
         wrapper: Any,
         group: dist.ProcessGroup | None,
         comm_dtype: torch.dtype | None,
         name: str = "deepspeed",
     ):
-        self.groups = list(optimizer.param_groups)
+        self.groups = list(engine.param_groups)
         rank, world = dist.get_rank(group), dist.get_world_size(group)
-        model_lists = _model_params(optimizer, self.groups)
+        model_lists = _model_params(built_params, self.groups)
         stage3 = hasattr(wrapper, "fp32_partitioned_groups_flat")
         if stage3:
             layouts, local, units = _stage3_layout(wrapper, rank, world)
@@ -81,7 +84,7 @@ class DeepSpeedPartitions(ShardedLossless):
             )
         self.model_lists = model_lists
         super().__init__(
-            optimizer,
+            engine,
             group,
             layouts,
             name,
@@ -105,7 +108,7 @@ class DeepSpeedPartitions(ShardedLossless):
         if self._in_view:
             yield
             return
-        opt = self.optimizer
+        opt = self.engine.host  # the param groups themselves are swapped, so the host's
         outer = opt.param_groups
         self._active = [t for g in outer for t in g["params"]]
         deepspeed_params = [g["params"] for g in self.groups]
@@ -165,7 +168,7 @@ class DeepSpeedPartitions(ShardedLossless):
             items.update(unit)
         self.step_items(tuple(sorted(items)))
 
-    def _end_step(self) -> None:
+    def end_step(self) -> None:
         """Close the byte counts once every flat tensor has been stepped.
 
         DeepSpeed calls ``step()`` once per group (stages 1, 2) or sub-group (stage 3) in one
@@ -184,9 +187,10 @@ class DeepSpeedPartitions(ShardedLossless):
         )
 
 
-def _model_params(optimizer: SOAP, groups: list[dict[str, Any]]) -> list[list[torch.Tensor]]:
+def _model_params(
+    built: dict[int, list[torch.Tensor]], groups: list[dict[str, Any]]
+) -> list[list[torch.Tensor]]:
     """Each group's model parameters, as the optimizer was built with them."""
-    built = optimizer.built_params
     try:
         return [list(built[id(group)]) for group in groups]
     except KeyError:

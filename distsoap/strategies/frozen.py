@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:
-    from distsoap.optimizer import SOAP
+    from distsoap.engine.block_engine import BlockEngine
 
 
 def frozen_params(params: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -22,18 +22,18 @@ def frozen_params(params: list[torch.Tensor]) -> list[torch.Tensor]:
     return [p for p in params if not p.requires_grad]
 
 
-def check_still_frozen(optimizer: SOAP, frozen: list[torch.Tensor], strategy: str) -> None:
+def check_still_frozen(engine: BlockEngine, frozen: list[torch.Tensor], strategy: str) -> None:
     """Raise ValueError if a parameter frozen at construction has become trainable.
 
     Args:
-        optimizer: the SOAP optimizer (for the parameter's name).
+        engine: the optimizer's block engine (for the parameter's name).
         frozen: the parameters that were frozen when the placement was made.
         strategy: the strategy's name, for the message.
     """
     for p in frozen:
         if p.requires_grad:
             raise ValueError(
-                f"parameter {optimizer.param_name(p)} became trainable (requires_grad=True) "
+                f"parameter {engine.param_name(p)} became trainable (requires_grad=True) "
                 f"after SOAP was built with strategy={strategy!r}, which places every "
                 "parameter trainable at construction on an owner rank; this one would never be "
                 "updated. Set requires_grad on every parameter you will train before building "

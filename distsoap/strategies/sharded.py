@@ -22,35 +22,19 @@ on the number of shards.
 from __future__ import annotations
 
 import math
-from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from distsoap.checks.replicas import check_copies
-from distsoap.comm import (
-    CommStats,
-    pack_flagged,
-    raise_if_aborted,
-    read_flag,
-    unpack_flagged,
-    update_flag,
-)
-from distsoap.engine.update import apply_deltas
+from distsoap.comm import pack_flagged, unpack_flagged, update_flag
+from distsoap.engine.block_engine import BlockEngine
 from distsoap.placement import assign_owners, block_cost
 from distsoap.sharding import ShardLayout
+from distsoap.strategies.base import Strategy, apply_updates, groups_by_param
 from distsoap.strategies.frozen import check_still_frozen, frozen_params
-from distsoap.strategies.single import SingleProcess, apply_updates, groups_by_param
-
-if TYPE_CHECKING:
-    from distsoap.optimizer import SOAP
-
-
-def param_lists_of(optimizer: SOAP) -> list[tuple[dict[str, Any], list[torch.Tensor]]]:
-    """(group, its parameters) for every param group."""
-    return [(group, list(group["params"])) for group in optimizer.param_groups]
 
 
 @dataclass(frozen=True)
@@ -160,40 +144,40 @@ def replica_slots(layouts: list[ShardLayout], rank: int) -> tuple[list[int], int
     return slots, n_slots if shared else 0
 
 
-class ShardedLossless:
+class ShardedLossless(Strategy):
     """Whole-matrix SOAP on sharded parameters (see the module docstring).
 
     Args:
-        optimizer: the SOAP optimizer.
+        engine: the optimizer's block engine.
         group: the process group spanning every rank that holds a piece.
         layouts: ``id(param)`` -> its layout, for every trainable parameter.
         name: the strategy name to report (``fsdp2`` or ``fsdp1``).
         comm_dtype: dtype of updates on the wire (None: exact).
         param_lists: (param group, its parameters) pairs, when the parameters SOAP steps are
-            not those in ``optimizer.param_groups`` (DeepSpeed, which puts flat partitions
+            not those in the optimizer's param groups (DeepSpeed, which puts flat partitions
             there); default: the param groups.
     """
 
     def __init__(
         self,
-        optimizer: SOAP,
+        engine: BlockEngine,
         group: dist.ProcessGroup | None,
         layouts: dict[int, ShardLayout],
         name: str,
         comm_dtype: torch.dtype | None,
         param_lists: list[tuple[dict[str, Any], list[torch.Tensor]]] | None = None,
     ):
-        self.optimizer = optimizer
-        self.group = group
+        super().__init__(engine, group)
         self.name = name
         self.rank = dist.get_rank(group)
         self.world = dist.get_world_size(group)
         self.comm_dtype = comm_dtype
-        self.stats = CommStats()
         self.params: list[torch.Tensor] = []
         self.layouts: list[ShardLayout] = []
         self.costs = []
-        pairs = param_lists if param_lists is not None else param_lists_of(optimizer)
+        if param_lists is None:
+            param_lists = [(g, list(g["params"])) for g in engine.param_groups]
+        pairs = param_lists
         self.frozen = frozen_params([p for _, params in pairs for p in params])
         for group_, params in pairs:
             for p in params:
@@ -202,9 +186,9 @@ class ShardedLossless:
                 layout = layouts[id(p)]
                 self.params.append(p)
                 self.layouts.append(layout)
-                spec = optimizer.block_spec(p, group_, layout.full_shape)
+                spec = engine.block_spec(p, group_, layout.full_shape)
                 frequency = group_["precondition_frequency"]
-                self.costs.append(block_cost(spec, frequency, *optimizer.state_element_bytes(p)))
+                self.costs.append(block_cost(spec, frequency, *engine.state_element_bytes(p)))
         self.owners = assign_owners(self.costs, self.world)
         self._index = {id(p): i for i, p in enumerate(self.params)}
         self.exact = (
@@ -236,20 +220,12 @@ class ShardedLossless:
         index = self._index.get(id(param))
         return index is not None and self.owners[index] == self.rank
 
-    def state_key_suffix(self) -> str:
-        """Owners hold whole blocks: the state does not depend on the rank."""
-        return ""
-
     def param_groups_changed(self) -> None:
         """Layouts come with the model; adding groups later is not supported."""
         raise RuntimeError(
             f"add_param_group is not supported with strategy={self.name!r}: "
             "create the optimizer with every param group"
         )
-
-    def no_sync(self) -> AbstractContextManager:
-        """Nothing to skip (use FSDP's set_requires_gradient_sync / no_sync)."""
-        return nullcontext()
 
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
         """Torch's clip_grad_norm_, which handles DTensor gradients."""
@@ -293,25 +269,20 @@ class ShardedLossless:
         checked, ranks holding the same piece (HSDP replicas) must hold equal values and
         gradients (:mod:`distsoap.checks.replicas`).
         """
-        check_still_frozen(self.optimizer, self.frozen, self.name)
+        check_still_frozen(self.engine, self.frozen, self.name)
         if not self._checked_replicas:
             self._checked_replicas = check_copies(
                 self.name,
-                [self.optimizer.param_name(p) for p in self.params],
+                [self.engine.param_name(p) for p in self.params],
                 [local_view(p) for p in self.params],
                 [local_grad(p) for p in self.params],
                 self._slots,
                 self._n_slots,
                 self.group,
-                self._comm_device(),
+                self.comm_device(),
                 compare_grads=True,
             )
         self.step_items(tuple(range(len(self.params))))
-
-    def _comm_device(self) -> torch.device:
-        if dist.get_backend(self.group) == "nccl":
-            return torch.device("cuda", torch.cuda.current_device())
-        return torch.device("cpu")
 
     def step_items(self, items: tuple[int, ...]) -> None:
         """One step of the parameters ``items`` (every rank passes the same ones)."""
@@ -334,8 +305,8 @@ class ShardedLossless:
                 present[i] = present[i] or flag != 0
                 pieces[i][source] = piece
         grads = self._assemble([i for i in plan.mine if present[i]], pieces)
-        updates = self.optimizer.compute_updates(grads, defer_refresh=True)
-        error = self.optimizer.faults.take_pending()
+        updates = self.engine.compute_updates(grads, defer_refresh=True)
+        error = self.engine.faults.take_pending()
         # 3. update pieces back to every rank
         out_dtype = self.comm_dtype or self.exact
         deltas = [updates.get(id(self.params[i]), (None, None))[1] for i in plan.mine]
@@ -360,31 +331,17 @@ class ShardedLossless:
             plan.update_send_sizes,
             plan.update_recv_sizes,
             "update_scatter",
-            overlap=self.optimizer.finish_refreshes,
+            overlap=self.engine.finish_refreshes,
         )
-        by_group: dict[int, tuple[dict[str, Any], list, list]] = {}
-        groups = self._groups_by_param()
-        aborting: set[int] = set()
         flags_from, pieces_from = unpack_flagged(received, plan.update_from_splits)
-        for owner, from_owner in enumerate(plan.update_from):
-            for i, flag, piece in zip(from_owner, flags_from[owner], pieces_from[owner]):
-                has_update, abort = read_flag(flag)
-                if abort:
-                    aborting.add(owner)
-                if has_update and piece.numel() > 0:
-                    target = self._local_target(i)
-                    group = groups[id(self.params[i])]
-                    entry = by_group.setdefault(id(group), (group, [], []))
-                    entry[1].append(target)
-                    entry[2].append(piece.view(target.shape))
-        for group, targets, deltas in by_group.values():
-            apply_deltas(targets, deltas, group)
-        self._end_step()
-        raise_if_aborted(error, aborting, self.rank)
-
-    def _end_step(self) -> None:
-        """Close the byte counts of a training step (here: every call steps everything)."""
-        self.stats.end_step()
+        received_blocks = (
+            (i, owner, flag, piece)
+            for owner, from_owner in enumerate(plan.update_from)
+            for i, flag, piece in zip(from_owner, flags_from[owner], pieces_from[owner])
+        )
+        groups = groups_by_param(self.engine.param_groups)
+        aborting = self.apply_flagged(received_blocks, self.params, self._local_target, groups)
+        self.finish(error, aborting)
 
     def _assemble(
         self, items: list[int], pieces: dict[int, dict[int, torch.Tensor]]
@@ -415,15 +372,21 @@ class ShardedLossless:
                 offset += numel
         return grads
 
-    def _groups_by_param(self) -> dict[int, dict[str, Any]]:
-        """``id(param)`` -> its param group now (hyperparameters may change between steps)."""
-        return groups_by_param(self.optimizer)
 
+class LocalShards(Strategy):
+    """SOAP on each rank's local shards as independent blocks (approximate).
 
-class LocalShards(SingleProcess):
-    """SOAP on each rank's local shards as independent blocks (approximate; no communication)."""
+    Nothing is communicated but one stop flag per step, over ``group``, so a fault on one rank
+    stops every rank of the group at the same step.
+    """
 
     name = "fsdp2_local"
+
+    def __init__(self, engine: BlockEngine, group: dist.ProcessGroup | None = None):
+        super().__init__(engine, group)
+        self.distributed = dist.is_initialized()
+        self.rank = dist.get_rank(group) if self.distributed else 0
+        self.world = dist.get_world_size(group) if self.distributed else 1
 
     def state_shape(self, param: torch.Tensor) -> tuple[int, ...]:
         """Local mode: this rank's shard's shape."""
@@ -434,36 +397,37 @@ class LocalShards(SingleProcess):
         return local_view(param).numel() > 0
 
     def state_key_suffix(self) -> str:
-        """Shard state differs per rank: tag keys with it so checkpoints keep every copy."""
+        """Shard state differs per rank: tag keys with it so checkpoints keep every copy.
+
+        The global rank, which names this rank's shards uniquely whatever the group.
+        """
         return f"@rank{dist.get_rank()}" if dist.is_initialized() else ""
 
     @torch.no_grad()
     def step(self) -> None:
         """Step every non-empty local shard that has a gradient."""
         grads, targets = {}, {}
-        for group in self.optimizer.param_groups:
+        for group in self.engine.param_groups:
             for p in group["params"]:
                 piece = local_grad(p)
                 if piece is not None and piece.numel() > 0:
                     grads[id(p)] = piece
                     targets[id(p)] = local_view(p)
-        updates = self.optimizer.compute_updates(grads)
-        apply_updates(self.optimizer, updates, targets)
-        error = self.optimizer.faults.take_pending()
-        rank, aborting = 0, set()
-        if dist.is_initialized():  # one rank stopping alone would hang FSDP's next collective
-            rank = dist.get_rank()
-            stop = torch.zeros(dist.get_world_size(), device=self._device())
-            stop[rank].fill_(float(error is not None))  # a scalar fill, no host-to-device copy
-            dist.all_reduce(stop)
-            world = dist.get_world_size()
-            self.stats.add("fault_check", stop.element_size() * 2 * (world - 1))  # ring volume
+        updates = self.engine.compute_updates(grads)
+        apply_updates(self.engine.param_groups, updates, targets)
+        error = self.engine.faults.take_pending()
+        aborting: set[int] = set()
+        if self.distributed:  # one rank stopping alone would hang FSDP's next collective
+            stop = torch.zeros(self.world, device=self._device())
+            stop[self.rank].fill_(float(error is not None))  # a scalar fill, no host-to-device copy
+            dist.all_reduce(stop, group=self.group)
+            volume = stop.element_size() * 2 * (self.world - 1)  # ring volume
+            self.stats.add("fault_check", volume)
             aborting = {r for r, s in enumerate(stop.tolist()) if s > 0}
-        self.stats.end_step()
-        raise_if_aborted(error, aborting, rank)
+        self.finish(error, aborting)
 
     def _device(self) -> torch.device:
-        for group in self.optimizer.param_groups:
+        for group in self.engine.param_groups:
             for p in group["params"]:
                 return local_view(p).device
         return torch.device("cpu")

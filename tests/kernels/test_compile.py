@@ -21,7 +21,7 @@ def test_no_graph_breaks_in_the_elementwise_path():
 def test_compiled_soap_matches_eager():
     problem = RegressionProblem([(16, 16), (16, 16), (8, 6, 3, 3), (32,)])
     eager = train(problem, lambda ps: SOAP(ps, lr=1e-2), 12)
-    compiled = train(problem, lambda ps: SOAP(ps, lr=1e-2, compile_elementwise=True), 12)
+    compiled = train(problem, lambda ps: SOAP(ps, lr=1e-2, elementwise="compile"), 12)
     # fp32; inductor may fuse multiply-adds that eager rounds separately, and docs/algorithm.md's
     # full-rank problems keep such rounding below 1e-4 after 50 steps
     assert relative_difference(compiled, eager) < 1e-4

@@ -64,5 +64,5 @@ def test_copy_of_a_fresh_optimizer_completes_its_state_dict(copier):
 
 
 def test_copy_keeps_the_compiled_elementwise_update():
-    copied = copy.deepcopy(SOAP([torch.nn.Parameter(torch.randn(4, 4))], compile_elementwise=True))
-    assert copied._elementwise is compiled_rotated_adam_direction
+    copied = copy.deepcopy(SOAP([torch.nn.Parameter(torch.randn(4, 4))], elementwise="compile"))
+    assert copied.engine.elementwise is compiled_rotated_adam_direction

@@ -54,16 +54,16 @@ def test_kernel_ops_per_step_do_not_grow_with_the_number_of_parameters(dtype, op
 def test_parameter_names_are_built_once_not_per_block(monkeypatch):
     """Every refreshed block reports to the fault counters by name; the name table is built
     once per param-group layout, so a refresh step is not quadratic in the parameter count."""
-    import distsoap.optimizer as optimizer_module
+    import distsoap.engine.block_engine as engine_module
 
     calls = []
-    real = optimizer_module.parameter_names
+    real = engine_module.parameter_names
 
     def counting(groups):
         calls.append(1)
         return real(groups)
 
-    monkeypatch.setattr(optimizer_module, "parameter_names", counting)
+    monkeypatch.setattr(engine_module, "parameter_names", counting)
     params = [torch.nn.Parameter(torch.randn(5, 4)) for _ in range(20)]
     opt = SOAP(params, precondition_frequency=2)
     for _ in range(7):  # the first call (20 eighs) and three refresh steps
@@ -80,7 +80,7 @@ def test_step_plans_stay_bounded_when_the_stepped_subset_changes():
     """Each set of parameters with gradients gets its own plan; at most MAX_STEP_PLANS are
     kept, and the results stay those of the per-parameter reference."""
     from distsoap import ReferenceSOAP
-    from distsoap.optimizer import MAX_STEP_PLANS
+    from distsoap.engine.block_engine import MAX_STEP_PLANS
 
     subsets = list(itertools.combinations(range(6), 2))  # 15 pairs left out, > MAX_STEP_PLANS
     runs = []
@@ -96,7 +96,7 @@ def test_step_plans_stay_bounded_when_the_stepped_subset_changes():
             opt.step()
         runs.append(params)
         if cls is SOAP:
-            assert len(opt._plans) == MAX_STEP_PLANS
+            assert len(opt.engine._plans) == MAX_STEP_PLANS
     for got, want in zip(*runs):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=0)  # fp64 rounding only
 

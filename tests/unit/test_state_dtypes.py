@@ -98,7 +98,7 @@ def test_converted_state_steps_on(saved_dtype, loaded_dtype):
     fresh.load_state_dict(saved)
     for p in loaded:  # what load_state will do with convert_block_state
         fresh.state[p] = convert_block_state(fresh, p, fresh.state[p])
-    fresh._reset_buckets()
+    fresh.engine.reset()
 
     _run(problem, fresh, loaded, 5, 9)  # through a refresh (every 3 updates)
     _run(problem, opt, params, 5, 9)

@@ -1,0 +1,379 @@
+"""The block engine: SOAP on the blocks a strategy hands it, bucket by bucket.
+
+Strategies decide which blocks this rank computes and move gradients and updates; they call
+:meth:`BlockEngine.compute_updates` with the gradients of this rank's blocks and get back the
+parameter deltas. The engine owns what makes that fast: the buckets (stacked state of
+same-shape blocks), the cached step plans and the eigenbasis refreshes left due, which a
+strategy runs with :meth:`BlockEngine.finish_refreshes` while its updates travel.
+
+The engine reads the optimizer's ``param_groups`` and ``state`` (torch.optim's attributes,
+through :class:`ParamHost`) and nothing else of it, so a strategy depends on the engine alone.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any, Protocol
+
+import torch
+
+from distsoap.checkpointing.state_dict import new_state_header
+from distsoap.engine.blocks import BlockSpec, layout_signature, make_block_spec
+from distsoap.engine.bucket import Bucket, block_tensor_keys
+from distsoap.engine.elementwise import ElementwiseFn
+from distsoap.engine.schedule import staggered_offsets
+from distsoap.engine.step_plan import BucketStep
+from distsoap.engine.update import first_call, refresh_rows, soap_update
+from distsoap.faults import FaultPolicy, parameter_names
+
+MAX_STEP_PLANS = 8
+"""Step plans kept (one per set of parameters with gradients; usually one is enough, but models
+whose parameters get gradients in changing subsets must not grow the cache without bound)."""
+
+_cached_block_spec = lru_cache(maxsize=None)(make_block_spec)
+_cached_layout_signature = lru_cache(maxsize=None)(layout_signature)  # checked every step
+
+Updates = dict[int, tuple[dict[str, Any], torch.Tensor | None]]
+"""``id(param)`` -> (its param group, its delta ``-step_size * U``, or None: no update)."""
+
+
+class ParamHost(Protocol):
+    """What the engine reads of the optimizer: torch.optim's two attributes."""
+
+    param_groups: list[dict[str, Any]]
+    state: defaultdict[torch.Tensor, dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class BucketKey:
+    """What the blocks stacked in one bucket share."""
+
+    group_index: int
+    """Index of their param group."""
+    block_shape: tuple[int, ...]
+    """Shape of each block (after merging dims)."""
+    factored: tuple[bool, ...]
+    """Which block dims are rotated (have a Kronecker factor and basis)."""
+    dtype: torch.dtype
+    """Dtype of the factors, bases and the math."""
+    device: torch.device
+    """Where the stacked state lives."""
+    precondition_frequency: int
+    """Updates between eigenbasis refreshes (as recorded in each block's state)."""
+    shampoo_beta: float
+    """EMA coefficient of the factors (as recorded in each block's state)."""
+
+
+def compute_dtype(param: torch.Tensor) -> torch.dtype:
+    """Dtype of factors, bases and the math: fp64 for fp64 parameters, else fp32."""
+    return torch.float64 if param.dtype == torch.float64 else torch.float32
+
+
+def check_gradient(grad: torch.Tensor) -> None:
+    """Reject gradients SOAP cannot precondition (a complex parameter has a complex gradient)."""
+    if grad.is_sparse:
+        raise RuntimeError("SOAP does not support sparse gradients (use a dense embedding)")
+    if grad.is_complex():
+        raise RuntimeError("SOAP does not support complex parameters or gradients")
+
+
+class BlockEngine:
+    """Buckets, step plans and due refreshes of one optimizer's blocks.
+
+    Args:
+        host: the optimizer whose ``param_groups`` and ``state`` the engine reads (and whose
+            per-parameter state it advances).
+        data_format: ``"channels_first"`` or ``"channels_last"`` (4-D blocks).
+        moment_dtype: dtype of ``exp_avg`` / ``exp_avg_sq`` (fp64 parameters use fp64).
+        faults: what to do on non-finite gradients and failed eigenbases.
+        refresh_schedule: ``"aligned"`` or ``"staggered"`` (:mod:`distsoap.engine.schedule`).
+        elementwise: the rotated-Adam implementation (:mod:`distsoap.engine.elementwise`).
+    """
+
+    def __init__(
+        self,
+        host: ParamHost,
+        *,
+        data_format: str,
+        moment_dtype: torch.dtype,
+        faults: FaultPolicy,
+        refresh_schedule: str,
+        elementwise: ElementwiseFn,
+    ):
+        self.host = host
+        self.data_format = data_format
+        self.moment_dtype = moment_dtype
+        self.faults = faults
+        self.refresh_schedule = refresh_schedule
+        self.elementwise = elementwise
+        self.state_shape: Callable[[torch.Tensor], tuple[int, ...]] = lambda p: tuple(p.shape)
+        """Shape of the tensor whose state is kept for a parameter (set by the strategy)."""
+        self._buckets: dict[BucketKey, Bucket] = {}
+        self._plans: dict[tuple, list[BucketStep]] = {}
+        self._due_refreshes: list[tuple[Bucket, list[int], int]] = []
+        self._offsets: dict[int, int] = {}
+        self._names: tuple[tuple, dict[int, str]] | None = None
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        """The optimizer's param groups now (a framework may swap them)."""
+        return self.host.param_groups
+
+    @property
+    def state(self) -> defaultdict[torch.Tensor, dict[str, Any]]:
+        """The optimizer's per-parameter state now (``load_state_dict`` replaces it)."""
+        return self.host.state
+
+    def block_spec(
+        self, param: torch.Tensor, group: dict[str, Any], shape: tuple[int, ...] | None = None
+    ) -> BlockSpec:
+        """How a parameter is seen as a block (its block shape and factored dims).
+
+        Args:
+            param: the parameter.
+            group: its param group.
+            shape: the shape of the tensor SOAP preconditions, when it is not ``param.shape``
+                (a sharded parameter's full shape, or its local shard's).
+        """
+        return _cached_block_spec(
+            tuple(param.shape if shape is None else shape),
+            max_precond_dim=group["max_precond_dim"],
+            merge_dims=group["merge_dims"],
+            precondition_1d=group["precondition_1d"],
+            data_format=self.data_format,
+        )
+
+    def state_element_bytes(self, param: torch.Tensor) -> tuple[int, int]:
+        """Bytes per element of ``param``'s moments and of its factors / bases (placement)."""
+        if param.dtype == torch.float64:
+            return 8, 8
+        return self.moment_dtype.itemsize, 4
+
+    def param_name(self, param: torch.Tensor) -> str:
+        """A name for ``param`` in messages (from named_parameters() input when given).
+
+        The names of all parameters are built once per layout of the param groups (every
+        refreshed block reports to the fault counters by name, so building them per call
+        would cost O(parameters^2) on a refresh step).
+        """
+        signature = self.groups_signature()
+        if self._names is None or self._names[0] != signature:
+            self._names = (signature, parameter_names(self.param_groups))
+        return self._names[1].get(id(param), "an unknown parameter")
+
+    def groups_signature(self) -> tuple:
+        """What a step plan depends on besides the stepped parameters (see step_plan)."""
+        return tuple(
+            (
+                id(g),
+                len(g["params"]),
+                g["max_precond_dim"],
+                g["merge_dims"],
+                g["precondition_1d"],
+            )
+            for g in self.param_groups
+        )
+
+    def reset(self) -> None:
+        """Forget the buckets and the step plans using them (state is rebuilt from state[p])."""
+        self._buckets = {}
+        self._plans = {}
+
+    def forget_offsets(self) -> None:
+        """Recompute staggered refresh phases on next use (the strategy changed)."""
+        self._offsets = {}
+
+    def refresh_offset(self, param: torch.Tensor) -> int:
+        """Return the block's refresh phase (0 for the aligned schedule)."""
+        if self.refresh_schedule == "aligned":
+            return 0
+        if id(param) not in self._offsets:
+            self._offsets = staggered_offsets(self)
+        return self._offsets.get(id(param), 0)
+
+    def compute_updates(
+        self, grads: dict[int, torch.Tensor], defer_refresh: bool = False
+    ) -> Updates:
+        """SOAP on this rank's blocks: advance their state and return their parameter deltas.
+
+        It does not touch the parameters.
+
+        Args:
+            grads: ``id(param)`` -> the gradient SOAP preconditions for that parameter: its full
+                gradient (parameter shape), or, for sharded parameters, the assembled full
+                gradient or (local mode) the local shard's. Only these parameters are stepped;
+                their state lives on this rank, laid out for that gradient's shape. Zero-size
+                gradients are no-ops: no state, no update (as torch's Adam).
+            defer_refresh: leave the due eigenbasis refreshes to :meth:`finish_refreshes`
+                (strategies run them while the updates travel).
+
+        Returns:
+            ``id(param)`` -> (its param group, its delta ``-step_size * U`` in the gradient's
+            shape, or None on a first call, which makes no update).
+
+        """
+        result: Updates = {}
+        for grad in grads.values():
+            check_gradient(grad)
+        finite = self.faults.finite(grads)
+        plan_key = (tuple(grads), self.groups_signature())
+        plan = self._plans.get(plan_key) if all(finite.values()) else None
+        if plan is None or any(self._buckets.get(b.key) is not b.bucket for b in plan):
+            plan, reusable = self._plan_step(grads, finite, result)
+            if reusable:
+                if len(self._plans) >= MAX_STEP_PLANS:  # drop the oldest
+                    del self._plans[next(iter(self._plans))]
+                self._plans[plan_key] = plan
+        for bucket_step in plan:
+            deltas = self._step_bucket(bucket_step, grads)
+            for param, delta in zip(bucket_step.params, deltas):
+                result[id(param)] = (bucket_step.group, delta)
+        if not defer_refresh:
+            self.finish_refreshes()
+        return result
+
+    def finish_refreshes(self) -> None:
+        """Run the eigenbasis refreshes the last ``compute_updates`` left due.
+
+        They change only the state of the next step, so a strategy calls this while the
+        step's updates are on the wire.
+        """
+        due, self._due_refreshes = self._due_refreshes, []
+        for bucket, rows, rank in due:
+            tensors = bucket.select(rows)
+            failed = set(refresh_rows(tensors, list(range(len(rows))), rank))
+            bucket.write_back(rows, tensors)
+            for i, row in enumerate(rows):
+                param = bucket.params[row]
+                self.faults.basis(self.param_name(param), self.state[param], i in failed)
+
+    def _plan_step(
+        self, grads: dict[int, torch.Tensor], finite: dict[int, bool], result: Updates
+    ) -> tuple[list[BucketStep], bool]:
+        """Route this step's blocks: first calls and skipped blocks now, the rest into buckets.
+
+        First calls and non-finite skips are handled here and recorded in ``result``.
+
+        Returns:
+            The bucket steps of the blocks to update, and whether the plan may be reused (no
+            first call and no skip this step).
+        """
+        reusable = True
+        plan: list[BucketStep] = []
+        for index, group in enumerate(self.param_groups):
+            ready: dict[BucketKey, list[torch.Tensor]] = defaultdict(list)
+            for param in group["params"]:
+                grad = grads.get(id(param))
+                if grad is None or grad.numel() == 0:  # zero-size: nothing to precondition
+                    continue
+                state = self.state[param]
+                if not finite[id(param)]:
+                    self.faults.nonfinite(self.param_name(param), state)
+                    result[id(param)] = (group, None)
+                    reusable = False
+                    continue
+                spec = self.block_spec(param, group, tuple(grad.shape))
+                if not state.get("bases_ready", False):
+                    self._first_call(param, grad, spec, group, state)
+                    result[id(param)] = (group, None)
+                    reusable = False
+                    continue
+                layout = _cached_layout_signature(spec)
+                if state.get("block_layout", layout) != layout:
+                    raise ValueError(
+                        f"parameter {self.param_name(param)}: its SOAP state is laid out as "
+                        f"{state['block_layout']}, but max_precond_dim / merge_dims / "
+                        f"precondition_1d now give {layout}; these cannot change during training"
+                    )
+                key = BucketKey(
+                    group_index=index,
+                    block_shape=spec.block_shape,
+                    factored=spec.factored,
+                    dtype=compute_dtype(param),
+                    device=param.device,
+                    precondition_frequency=state["precondition_frequency"],
+                    shampoo_beta=state["shampoo_beta"],
+                )
+                ready[key].append(param)
+            for key, params in ready.items():
+                bucket = self._bucket(key, params)
+                states = [self.state[p] for p in params]
+                plan.append(
+                    BucketStep(
+                        key=key,
+                        bucket=bucket,
+                        group=group,
+                        params=params,
+                        states=states,
+                        rows=[bucket.row[id(p)] for p in params],
+                        specs=[
+                            self.block_spec(p, group, tuple(grads[id(p)].shape)) for p in params
+                        ],
+                        offsets=[s.get("refresh_offset", 0) for s in states],
+                    )
+                )
+        return plan, reusable
+
+    def _first_call(
+        self,
+        param: torch.Tensor,
+        grad: torch.Tensor,
+        spec: BlockSpec,
+        group: dict[str, Any],
+        state: dict[str, Any],
+    ) -> None:
+        if "step" not in state:
+            header = new_state_header(group, spec, self.refresh_offset(param))
+            for key, value in header.items():
+                state.setdefault(key, value)  # keeps a non-finite skip counted before
+        dtype = compute_dtype(param)
+        moments = torch.float64 if dtype == torch.float64 else self.moment_dtype
+        block = spec.to_block(grad).to(dtype)
+        if group.get("maximize", False):
+            block = block.neg()  # not in place: it may be the caller's gradient
+        decomposed = first_call(state, spec.factored, block, moments)
+        if not decomposed or state["bases_ready"]:
+            self.faults.basis(self.param_name(param), state, failed=not decomposed)
+
+    def _bucket(self, key: BucketKey, params: list[torch.Tensor]) -> Bucket:
+        """The bucket for ``key``, (re)built if some of ``params`` are not members yet."""
+        bucket = self._buckets.get(key)
+        if bucket is not None and bucket.holds(params):
+            return bucket
+        members = list(bucket.params) if bucket is not None else []
+        known = {id(p) for p in members}
+        members += [p for p in params if id(p) not in known]
+        bucket = Bucket(members, [self.state[p] for p in members], block_tensor_keys(key.factored))
+        self._buckets[key] = bucket
+        return bucket
+
+    def _step_bucket(
+        self, bucket_step: BucketStep, grads: dict[int, torch.Tensor]
+    ) -> list[torch.Tensor]:
+        key = bucket_step.key
+        stacked = bucket_step.stack_grads(grads, key.dtype)  # a new tensor
+        if bucket_step.group.get("maximize", False):
+            stacked.neg_()
+        steps = []
+        for state in bucket_step.states:
+            state["step"] += 1
+            steps.append(state["step"])
+        bucket, rows = bucket_step.bucket, bucket_step.rows
+        tensors = bucket.select(rows)
+        deltas, due = soap_update(
+            tensors,
+            stacked,
+            steps,
+            bucket_step.group,
+            key.shampoo_beta,
+            key.precondition_frequency,
+            bucket_step.offsets,
+            self.elementwise,
+        )
+        bucket.write_back(rows, tensors)
+        if due:
+            self._due_refreshes.append((bucket, [rows[i] for i in due], len(key.block_shape)))
+        return bucket_step.split_deltas(deltas)
