@@ -110,8 +110,8 @@ class Strategy:
         """Close the byte counts of a training step."""
         self.stats.end_step()
 
-    def finish(self, error: BaseException | None, aborting: set[int]) -> None:
-        """End the step, then raise ``error`` here, or the error of a rank that stopped."""
+    def finish(self, error: str | None, aborting: set[int]) -> None:
+        """End the step, then raise ``error`` (this rank's fault), or name a rank that stopped."""
         self.end_step()
         raise_if_aborted(error, aborting, self.rank)
 

@@ -154,3 +154,30 @@ def test_meta_parameters_are_refused_at_construction():
     meta = torch.nn.Parameter(torch.empty(4, 4, device="meta"))
     with pytest.raises(ValueError, match=r"of shape \(4, 4\) is on the meta device"):
         SOAP([meta])
+
+
+def test_elementwise_names_the_valid_choices():
+    with pytest.raises(ValueError, match=r"elementwise must be one of \('auto', 'torch'"):
+        SOAP([torch.nn.Parameter(torch.randn(3, 3))], elementwise="fused")
+
+
+def test_forced_triton_without_triton_installed_is_a_value_error(monkeypatch):
+    from distsoap.engine import elementwise
+
+    monkeypatch.setattr(elementwise, "triton_available", lambda: False)
+    with pytest.raises(ValueError, match=r"needs Triton installed"):
+        SOAP([torch.nn.Parameter(torch.randn(3, 3))], elementwise="triton")
+
+
+def test_compile_elementwise_is_a_deprecated_spelling_of_compile():
+    from distsoap.kernels import compiled_rotated_adam_direction
+
+    param = torch.nn.Parameter(torch.randn(3, 3))
+    with pytest.warns(DeprecationWarning, match="elementwise='compile'"):
+        opt = SOAP([param], compile_elementwise=True)
+    assert opt.elementwise == "compile"
+    assert opt.engine.elementwise is compiled_rotated_adam_direction
+    with pytest.raises(ValueError, match="not both"):
+        SOAP([param], compile_elementwise=True, elementwise="torch")
+    with pytest.raises(ValueError, match="compile_elementwise must be True or False"):
+        SOAP([param], compile_elementwise="yes")
