@@ -18,12 +18,19 @@ which does not dispatch and is not counted.
 from __future__ import annotations
 
 import torch
-from bench_step import gpt_shapes, optimizers, time_optimizer, timing_parser, write_results
+from common import (
+    HPARAMS,
+    TINY_LAYERS,
+    TINY_WIDTH,
+    base_parser,
+    optimizers,
+    random_grads,
+    time_optimizer,
+    tiny_gpt_shapes,
+    write_results,
+)
 
 from distsoap.testing.op_count import CountOps
-
-LAYERS = (4, 16, 64)  # 8 tensors per layer, plus the embedding and the final norm
-WIDTH = 8  # d_model: every tensor is tiny (at most 32 x 8)
 
 
 def ops_per_step(make, shapes, grads, frequency: int, device) -> tuple[float, float]:
@@ -50,19 +57,23 @@ def ops_per_step(make, shapes, grads, frequency: int, device) -> tuple[float, fl
 
 
 def main() -> None:
-    p = timing_parser(__doc__.splitlines()[0], {"cpu": {}}, "benchmarks/results/bench_host.json")
-    p.add_argument("--repeats", type=int, default=3)
+    p = base_parser(
+        __doc__.splitlines()[0],
+        "bench_host",
+        device=True,
+        repeats=3,
+        presets={"cpu": {}},
+        cycles=2,
+    )
     args = p.parse_args()
     device = torch.device(args.device)
     makers = optimizers(max_dim=10_000, frequency=args.frequency)
     if device.type == "cuda":
-        common = dict(lr=3e-3, betas=(0.95, 0.95), weight_decay=0.01, eps=1e-8)
-        makers["torch AdamW (fused)"] = lambda ps: torch.optim.AdamW(ps, fused=True, **common)
+        makers["torch AdamW (fused)"] = lambda ps: torch.optim.AdamW(ps, fused=True, **HPARAMS)
     rows = []
-    for layers in LAYERS:
-        shapes = gpt_shapes(d_model=WIDTH, layers=layers, vocab=4 * WIDTH)
-        gen = torch.Generator().manual_seed(1)
-        grads = [[torch.randn(s, generator=gen).to(device) for s in shapes] for _ in range(3)]
+    for layers in TINY_LAYERS:
+        shapes = tiny_gpt_shapes(layers)
+        grads = random_grads(shapes, device)
         for name, make in makers.items():
             seconds = min(
                 time_optimizer(make, shapes, grads, args.frequency, args.cycles, device)
@@ -85,7 +96,7 @@ def main() -> None:
             f"{row['tensors']:7d} {row['contender']:28s} {row['ms']:8.2f} "
             f"{row['ms'] / adamw:7.2f}x {row['ops']:9.1f} {row['reads']:14.1f}"
         )
-    write_results(args.out, device, width=WIDTH, rows=rows)
+    write_results(args.out, dict(width=TINY_WIDTH, rows=rows), device)
 
 
 if __name__ == "__main__":

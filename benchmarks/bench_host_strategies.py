@@ -15,13 +15,18 @@ slowest rank's; best of ``--repeats``.
 
 from __future__ import annotations
 
-import argparse
-import time
-from pathlib import Path
+import itertools
 
 import torch
-from bench_host import LAYERS, WIDTH
-from bench_step import gpt_shapes, write_results
+from common import (
+    HPARAMS,
+    TINY_LAYERS,
+    TINY_WIDTH,
+    base_parser,
+    time_calls,
+    tiny_gpt_shapes,
+    write_results,
+)
 
 from distsoap import SOAP
 from distsoap.testing.local_ranks import run_ranks
@@ -49,7 +54,7 @@ class TinyTensors(torch.nn.Module):
 def measure(rank: int, world: int, strategy: str, optimizer: str, layers: int, frequency, cycles):
     """Mean seconds of this rank's ``optimizer.step()`` over ``cycles`` refresh cycles."""
     torch.manual_seed(0)
-    model = TinyTensors(gpt_shapes(d_model=WIDTH, layers=layers, vocab=4 * WIDTH))
+    model = TinyTensors(tiny_gpt_shapes(layers))
     forward = model
     if strategy == "ddp":
         forward = torch.nn.parallel.DistributedDataParallel(model)
@@ -57,37 +62,32 @@ def measure(rank: int, world: int, strategy: str, optimizer: str, layers: int, f
         from torch.distributed.fsdp import fully_shard
 
         fully_shard(model)
-    common = dict(lr=3e-3, betas=(0.95, 0.95), weight_decay=0.01, eps=1e-8)
     if optimizer == "distsoap":
         opt = SOAP(
-            model.parameters(), strategy=strategy, precondition_frequency=frequency, **common
+            model.parameters(), strategy=strategy, precondition_frequency=frequency, **HPARAMS
         )
     else:
-        opt = torch.optim.AdamW(model.parameters(), foreach=True, **common)
-    elapsed = 0.0
-    for step in range((cycles + 1) * frequency):
+        opt = torch.optim.AdamW(model.parameters(), foreach=True, **HPARAMS)
+    steps = itertools.count()
+
+    def backward() -> None:
         opt.zero_grad(set_to_none=True)
-        forward(step, rank).backward()
+        forward(next(steps), rank).backward()
         torch.distributed.barrier()  # every rank starts the step together: time the step only
-        start = time.perf_counter()
-        opt.step()
-        if step >= frequency:
-            elapsed += time.perf_counter() - start
-    return elapsed / (cycles * frequency)
+
+    timing = time_calls(  # a warm-up cycle, then each step of ``cycles`` cycles timed alone
+        opt.step, "cpu", warmup=frequency, repeats=cycles * frequency, setup=backward
+    )
+    return timing.mean
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = base_parser(__doc__.splitlines()[0], "bench_host_strategies", repeats=2, cycles=2)
     p.add_argument("--world", type=int, default=2)
-    p.add_argument("--frequency", type=int, default=10)
-    p.add_argument("--cycles", type=int, default=2)
-    p.add_argument("--repeats", type=int, default=2)
-    default_out = Path("benchmarks/results/bench_host_strategies.json")
-    p.add_argument("--out", type=Path, default=default_out)
     args = p.parse_args()
     rows = []
-    for layers in LAYERS:
-        tensors = len(gpt_shapes(d_model=WIDTH, layers=layers, vocab=4 * WIDTH))
+    for layers in TINY_LAYERS:
+        tensors = len(tiny_gpt_shapes(layers))
         for strategy in STRATEGIES:
             for optimizer in OPTIMIZERS:
                 seconds = min(
@@ -122,7 +122,7 @@ def main() -> None:
             f"{row['tensors']:7d} {row['strategy']:8s} {row['optimizer']:24s} {row['ms']:8.2f} "
             f"{row['ms'] / adamw:7.2f}x"
         )
-    write_results(args.out, torch.device("cpu"), world=args.world, width=WIDTH, rows=rows)
+    write_results(args.out, dict(world=args.world, width=TINY_WIDTH, rows=rows))
 
 
 if __name__ == "__main__":

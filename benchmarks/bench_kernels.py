@@ -18,14 +18,11 @@ torch's ``baddbmm`` (cuBLAS, the optimizer's path) and the one-triangle Triton k
 
 from __future__ import annotations
 
-import argparse
-import time
 from collections.abc import Callable
 from functools import partial
-from pathlib import Path
 
 import torch
-from bench_step import sync, write_results  # noqa: I001  (sibling script)
+from common import base_parser, time_calls, write_results
 from distsoap.kernels import compiled_rotated_adam_direction, rotated_adam_direction_torch
 
 # (blocks, rows, cols) of the stacks timed: a bucket of 256-wide and of 1024-wide matrices
@@ -36,17 +33,7 @@ FACTOR_SIZES = [(48, 768, 768), (24, 768, 3072), (24, 3072, 768)]
 
 def seconds_per_call(run: Callable[[], object], device: torch.device, repeats: int) -> float:
     """Best mean time of ``run`` over ``repeats`` rounds of 10 calls, after two warm-up calls."""
-    run()
-    run()
-    best = float("inf")
-    for _ in range(repeats):
-        sync(device)
-        start = time.perf_counter()
-        for _ in range(10):
-            run()
-        sync(device)
-        best = min(best, (time.perf_counter() - start) / 10)
-    return best
+    return time_calls(run, device, warmup=2, repeats=repeats, number=10).best
 
 
 def contenders(device: torch.device) -> dict[str, Callable]:
@@ -90,10 +77,7 @@ def factor_update_rows(device: torch.device, repeats: int) -> list[dict]:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--out", type=Path, default=Path("benchmarks/results/bench_kernels.json"))
+    p = base_parser(__doc__.splitlines()[0], "bench_kernels", device=True, repeats=3)
     args = p.parse_args()
     device = torch.device(args.device)
     rows = []
@@ -135,7 +119,7 @@ def main() -> None:
                 )
     if device.type == "cuda":
         rows += factor_update_rows(device, args.repeats)
-    write_results(args.out, device, rows=rows)
+    write_results(args.out, dict(rows=rows), device)
 
 
 if __name__ == "__main__":

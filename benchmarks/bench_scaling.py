@@ -17,13 +17,10 @@ show the work split and the exchange, not a speed-up.
 
 from __future__ import annotations
 
-import argparse
-import json
-import time
-from pathlib import Path
+import itertools
 
 import torch
-from bench_step import PRESETS, gpt_shapes  # noqa: I001  (sibling script)
+from common import GPT_PRESETS, base_parser, gpt_shapes, time_calls, write_results
 
 from distsoap import SOAP
 from distsoap.placement import load_balance
@@ -32,7 +29,7 @@ from distsoap.testing.local_ranks import run_ranks
 
 def measure(rank: int, world: int, strategy: str, steps: int) -> dict:
     """Time ``steps`` optimizer steps after one refresh cycle of warm-up."""
-    preset = PRESETS["cpu"]
+    preset = GPT_PRESETS["cpu"]
     gen = torch.Generator().manual_seed(0)
     shapes = gpt_shapes(**preset)
     weights = [torch.randn(s, generator=gen) * 0.02 for s in shapes]
@@ -51,17 +48,14 @@ def measure(rank: int, world: int, strategy: str, steps: int) -> dict:
     if strategy == "ddp":
         opt.strategy._checked_replicas = True  # the grads are equal by construction
 
-    def step(k):
-        for p, g in zip(params, grads[k % 3]):
+    counter = itertools.count()
+
+    def step() -> None:
+        for p, g in zip(params, grads[next(counter) % 3]):
             p.grad = g
         opt.step()
 
-    for k in range(11):
-        step(k)
-    start = time.perf_counter()
-    for k in range(steps):
-        step(k)
-    seconds = (time.perf_counter() - start) / steps
+    seconds = time_calls(step, "cpu", warmup=11, repeats=1, number=steps).times[0]
     state = opt.state_bytes()
     balance = {}
     if strategy in ("ddp", "fsdp2"):
@@ -70,11 +64,10 @@ def measure(rank: int, world: int, strategy: str, steps: int) -> dict:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = base_parser(__doc__.splitlines()[0], "bench_scaling")
     p.add_argument("--worlds", default="1,2,4")
     p.add_argument("--strategies", default="ddp,fsdp2,fsdp2_local")
     p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--out", type=Path, default=Path("benchmarks/results/bench_scaling.json"))
     args = p.parse_args()
     report: dict[str, dict] = {}
     header = f"{'strategy':12s} {'world':>5s} {'step ms (max rank)':>19s} {'state MiB (max)':>16s}"
@@ -96,8 +89,7 @@ def main() -> None:
                 f"{balance['state_bytes']:14.3f}",
                 flush=True,
             )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=1))
+    write_results(args.out, report)
 
 
 if __name__ == "__main__":

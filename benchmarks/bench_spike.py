@@ -9,16 +9,14 @@ the same share. Prints median, p99 and max step time and p99 / median (target <=
 
 from __future__ import annotations
 
-import json
-import time
-
 import torch
-from bench_step import PRESETS, chosen_preset, gpt_shapes, timing_parser  # noqa: I001
+from common import GPT_PRESETS, base_parser, chosen_preset, gpt_shapes, time_calls, write_results
 
 from distsoap import SOAP
 
 
 def step_times(schedule: str, preset: dict, frequency: int, cycles: int, device) -> list[float]:
+    """Seconds of each step over ``cycles`` refresh cycles, after the first call and one cycle."""
     gen = torch.Generator().manual_seed(0)
     shapes = gpt_shapes(**preset)
     params = [torch.nn.Parameter((torch.randn(s, generator=gen) * 0.02).to(device)) for s in shapes]
@@ -29,27 +27,27 @@ def step_times(schedule: str, preset: dict, frequency: int, cycles: int, device)
         refresh_schedule=schedule,
         max_precond_dim=preset["max_precond_dim"],
     )
-    times = []
-    for k in range(1 + frequency + cycles * frequency):  # first call + a warm-up cycle
+    k = 0
+
+    def next_grads() -> None:
+        nonlocal k
         for p, g in zip(params, grads[k % 3]):
             p.grad = g
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        opt.step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return times[1 + frequency :]
+        k += 1
+
+    timing = time_calls(  # first call + a warm-up cycle, then one step per timed round
+        opt.step, device, warmup=1 + frequency, repeats=cycles * frequency, setup=next_grads
+    )
+    return timing.times
 
 
 def main() -> None:
-    p = timing_parser(
-        __doc__.splitlines()[0], PRESETS, "benchmarks/results/bench_spike.json", cycles=4
+    p = base_parser(
+        __doc__.splitlines()[0], "bench_spike", device=True, presets=GPT_PRESETS, cycles=4
     )
     args = p.parse_args()
     device = torch.device(args.device)
-    preset = chosen_preset(PRESETS, args.preset, device)
+    preset = chosen_preset(GPT_PRESETS, args.preset, device)
     report = {}
     print(f"{'schedule':10s} {'median ms':>10s} {'p99 ms':>8s} {'max ms':>8s} {'p99/median':>11s}")
     for schedule in ("aligned", "staggered"):
@@ -67,8 +65,7 @@ def main() -> None:
             f"{schedule:10s} {median * 1e3:10.1f} {p99 * 1e3:8.1f} {times[-1] * 1e3:8.1f} "
             f"{p99 / median:10.2f}x"
         )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"preset": preset, "device": str(device), **report}, indent=1))
+    write_results(args.out, {"preset": preset, "device": str(device), **report}, device)
 
 
 if __name__ == "__main__":

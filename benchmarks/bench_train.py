@@ -10,11 +10,10 @@ two refresh cycles after a warm-up cycle; the overhead is SOAP's step time over 
 
 from __future__ import annotations
 
-import json
-import time
+import itertools
 
 import torch
-from bench_step import chosen_preset, timing_parser  # noqa: I001  (sibling script)
+from common import base_parser, chosen_preset, time_calls, write_results
 
 from distsoap import SOAP
 from distsoap.demo.model import GPT, GPTConfig
@@ -41,27 +40,21 @@ def time_training(name: str, preset: dict, frequency: int, cycles: int, device) 
         for _ in range(4)
     ]
 
-    def step(k: int) -> None:
-        x = data[k % 4]
+    counter = itertools.count()
+
+    def step() -> None:
+        x = data[next(counter) % 4]
         _, loss = model(x, x)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
 
-    for k in range(frequency + 1):
-        step(k)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    for k in range(cycles * frequency):
-        step(k)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return (time.perf_counter() - start) / (cycles * frequency)
+    timing = time_calls(step, device, warmup=frequency + 1, repeats=1, number=cycles * frequency)
+    return timing.times[0]
 
 
 def main() -> None:
-    p = timing_parser(__doc__.splitlines()[0], PRESETS, "benchmarks/results/bench_train.json")
+    p = base_parser(__doc__.splitlines()[0], "bench_train", device=True, presets=PRESETS, cycles=2)
     args = p.parse_args()
     device = torch.device(args.device)
     preset = chosen_preset(PRESETS, args.preset, device)
@@ -75,10 +68,8 @@ def main() -> None:
         f"SOAP overhead over AdamW: {overhead * 100:.1f}% (precondition_frequency "
         f"{args.frequency}, {device})"
     )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(
-        json.dumps({"device": str(device), "seconds": results, "overhead": overhead}, indent=1)
-    )
+    figures = {"device": str(device), "seconds": results, "overhead": overhead}
+    write_results(args.out, figures, device)
 
 
 if __name__ == "__main__":
