@@ -16,11 +16,8 @@ modes send FSDP2's traffic plus (lossless) distsoap's gradient pieces and update
 
 from __future__ import annotations
 
-import argparse
-import json
-from pathlib import Path
-
 import torch
+from common import base_parser, write_results
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel
 
@@ -77,9 +74,8 @@ def measure(rank: int, world: int, setup: str) -> dict:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = base_parser(__doc__.splitlines()[0], "bench_comm")
     p.add_argument("--worlds", default="2,4")
-    p.add_argument("--out", type=Path, default=Path("benchmarks/results/bench_comm.json"))
     args = p.parse_args()
     n_params = sum(p.numel() for p in GPT(GPTConfig()).parameters())
     print(f"demo GPT: {n_params / 1e6:.2f}M fp32 parameters = {n_params * 4 / 2**20:.2f} MiB")
@@ -116,8 +112,7 @@ def main() -> None:
                 f"{row['ratio_to_ddp_adamw']:11.4f}x {row['ratio_to_fsdp2_adamw']:13.4f}x"
             )
         report[world] = rows
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=1))
+    write_results(args.out, report)
 
 
 if __name__ == "__main__":

@@ -8,17 +8,15 @@ run: mean time of ``engine.step()`` (the optimizer, including SOAP's exchanges a
 whole training step, and the optimizer state bytes on the largest rank (SOAP: its per-block
 state on the owner; AdamW: DeepSpeed's partitioned moments).
 
-    python benchmarks/bench_deepspeed.py [--world 2] [--steps 20] [--device cpu]
+    python benchmarks/bench_deepspeed.py [--world 2] [--steps 20] [--stages 0,1,2,3]
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import time
-from pathlib import Path
 
 import torch
+from common import base_parser, write_results
 
 from distsoap.demo.corpus import ByteBatches, load_corpus
 from distsoap.demo.model import GPT, GPTConfig
@@ -87,11 +85,10 @@ def measure(rank: int, world: int, optimizer: str, stage: int, steps: int) -> di
 
 def main() -> None:
     """Run every stage for both optimizers and print the ratios."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = base_parser(__doc__.splitlines()[0], "bench_deepspeed")
     parser.add_argument("--world", type=int, default=2)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--stages", default="0,1,2,3")
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/bench_deepspeed.json"))
     args = parser.parse_args()
     rows = []
     header = (
@@ -120,8 +117,7 @@ def main() -> None:
             f"{soap['max_state_mib']:>14.2f} {adamw['max_state_mib']:>15.2f}",
             flush=True,
         )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"world": args.world, "rows": rows}, indent=2) + "\n")
+    write_results(args.out, {"world": args.world, "rows": rows})
 
 
 if __name__ == "__main__":

@@ -10,14 +10,12 @@ final validation losses and writes them to benchmarks/results/sweep_lr.json.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
-import platform
 import time
-from pathlib import Path
 
 import torch
+from common import base_parser, write_results
 
 from distsoap.demo.corpus import ByteBatches, load_corpus
 from distsoap.demo.model import GPT, GPTConfig
@@ -25,12 +23,11 @@ from distsoap.demo.train import RunConfig, steps_to_reach, train_run
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = base_parser(__doc__.splitlines()[0], "sweep_lr")
     p.add_argument("--optimizers", default="soap,adamw")
     p.add_argument("--lrs", default="1.5e-3,3e-3,6e-3,1.2e-2")
     p.add_argument("--seeds", default="0,1")
     p.add_argument("--steps", type=int, default=400)
-    p.add_argument("--out", type=Path, default=Path("benchmarks/results/sweep_lr.json"))
     args = p.parse_args()
     lrs = [float(x) for x in args.lrs.split(",")]
     seeds = [int(x) for x in args.seeds.split(",")]
@@ -89,19 +86,7 @@ def main() -> None:
                 f"seed {seed}: SOAP reaches AdamW's final val loss at step {reached} "
                 f"of {args.steps}"
             )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(
-        json.dumps(
-            {
-                "machine": f"{platform.processor() or platform.machine()}, "
-                f"{torch.get_num_threads()} threads, torch {torch.__version__}",
-                "steps": args.steps,
-                "best": best,
-                "runs": rows,
-            },
-            indent=1,
-        )
-    )
+    write_results(args.out, {"steps": args.steps, "best": best, "runs": rows})
 
 
 if __name__ == "__main__":
