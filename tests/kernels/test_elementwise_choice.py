@@ -6,10 +6,10 @@ folder's conftest), so the forced ``"triton"`` path is held to the torch referen
 
 import pytest
 import torch
+from distsoap.kernels import compiled_rotated_adam_direction, rotated_adam_direction_torch
 
 from distsoap import SOAP
 from distsoap.engine import elementwise as elementwise_module
-from distsoap.kernels import compiled_rotated_adam_direction, rotated_adam_direction_torch
 from tests.problems import RegressionProblem, relative_difference, train
 
 pytest.importorskip("triton")  # the [triton] extra; installed by the dev setup
