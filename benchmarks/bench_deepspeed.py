@@ -101,7 +101,14 @@ def main() -> None:
     for stage in (int(s) for s in args.stages.split(",")):
         by_optimizer = {}
         for optimizer in ("SOAP", "AdamW"):
-            results = run_ranks(measure, args.world, optimizer, stage, args.steps, timeout=1200)
+            results = run_ranks(
+                measure,
+                args.world,
+                optimizer=optimizer,
+                stage=stage,
+                steps=args.steps,
+                timeout=1200,
+            )
             by_optimizer[optimizer] = {
                 "step_ms": max(r["step_ms"] for r in results),
                 "train_step_ms": max(r["train_step_ms"] for r in results),

@@ -95,11 +95,11 @@ def main() -> None:
                         run_ranks(
                             measure,
                             args.world,
-                            strategy,
-                            optimizer,
-                            layers,
-                            args.frequency,
-                            args.cycles,
+                            strategy=strategy,
+                            optimizer=optimizer,
+                            layers=layers,
+                            frequency=args.frequency,
+                            cycles=args.cycles,
                             timeout=900,
                         )
                     )

@@ -51,20 +51,20 @@ def run(
     rank: int,
     world: int,
     strategy: str,
-    path: str | None,
-    load: str | None,
+    save_to: str | None,
+    load_from: str | None,
     start: int,
     stop: int,
     skips: str = "global",
 ) -> list[torch.Tensor]:
-    """Optionally load ``load``, train steps ``[start, stop)``, optionally save to ``path``."""
+    """Optionally load ``load_from``, train steps ``[start, stop)``, optionally save ``save_to``."""
     model = ProblemModel(torch.float64, CKPT_SHAPES, skips=skips)
     forward, soap_strategy = _wrap(model, strategy, world)
     extra = {"fsdp_model": forward} if strategy == "fsdp1" else {}
     opt = SOAP(model.param_groups(), strategy=soap_strategy, **OPTIONS, **extra)
-    if load is not None:
+    if load_from is not None:
         model_sd, optim_sd = _state_dicts(forward, opt, strategy)
-        dcp.load({"model": model_sd, "optim": optim_sd}, checkpoint_id=load)
+        dcp.load({"model": model_sd, "optim": optim_sd}, checkpoint_id=load_from)
         if strategy == "fsdp1":
             set_model_state_dict(forward, model_sd)
             load_optimizer_state_dict(forward, opt, optim_sd)
@@ -76,9 +76,9 @@ def run(
         opt.zero_grad(set_to_none=True)
         forward(step, rank, (rank, world)).backward()
         opt.step()
-    if path is not None:
+    if save_to is not None:
         model_sd, optim_sd = _state_dicts(forward, opt, strategy)
-        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=path)
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=save_to)
     if strategy == "fsdp1":
         with FullyShardedDataParallel.summon_full_params(forward):
             return [p.detach().clone() for p in model.parameters()]

@@ -16,7 +16,16 @@ SAVE_AT, STOP = 6, 12
 @pytest.mark.parametrize("state_dict_type", ["SHARDED_STATE_DICT", "FULL_STATE_DICT"])
 def test_accelerate_fsdp2_optimizer_checkpoint_resumes_exactly(state_dict_type, tmp_path):
     pytest.importorskip("accelerate")
-    straight = run_ranks(run, 2, state_dict_type, str(tmp_path), SAVE_AT, STOP)
-    resumed = run_ranks(run, 2, state_dict_type, str(tmp_path), None, STOP)
+    straight = run_ranks(
+        run,
+        2,
+        state_dict_type=state_dict_type,
+        folder=str(tmp_path),
+        save_at=SAVE_AT,
+        stop=STOP,
+    )
+    resumed = run_ranks(
+        run, 2, state_dict_type=state_dict_type, folder=str(tmp_path), save_at=None, stop=STOP
+    )
     for whole, again in zip(straight[0], resumed[0]):
         assert torch.equal(whole, again)

@@ -29,7 +29,16 @@ def reference():
 def _save(tmp_path, strategy, world):
     path = str(tmp_path / f"{strategy}-{world}")
     skips = "none" if strategy == "fsdp1" else "global"
-    run_ranks(run, world, strategy, path, None, 0, SAVE_AT, skips)
+    run_ranks(
+        run,
+        world,
+        strategy=strategy,
+        save_to=path,
+        load_from=None,
+        start=0,
+        stop=SAVE_AT,
+        skips=skips,
+    )
     return path
 
 
@@ -50,7 +59,16 @@ def test_checkpoint_loads_at_other_world_sizes(tmp_path, reference, saved_with, 
     path = _save(tmp_path, *saved_with)
     strategy, world = loaded_with
     skips = "none" if "fsdp1" in (saved_with[0], strategy) else "global"
-    results = run_ranks(run, world, strategy, None, path, SAVE_AT, STOP, skips)
+    results = run_ranks(
+        run,
+        world,
+        strategy=strategy,
+        save_to=None,
+        load_from=path,
+        start=SAVE_AT,
+        stop=STOP,
+        skips=skips,
+    )
     for params in results:
         assert relative_difference(params, reference[skips]) < 1e-10
 
@@ -58,9 +76,20 @@ def test_checkpoint_loads_at_other_world_sizes(tmp_path, reference, saved_with, 
 @pytest.mark.parametrize("strategy", ["zero2", "fsdp2", "fsdp2_local", "fsdp1"])
 def test_same_world_size_continues_bit_for_bit(tmp_path, strategy):
     skips = "none" if strategy == "fsdp1" else "global"  # FSDP1: zero grads, see test_fsdp.py
-    straight = run_ranks(run, 2, strategy, None, None, 0, STOP, skips)
+    straight = run_ranks(
+        run, 2, strategy=strategy, save_to=None, load_from=None, start=0, stop=STOP, skips=skips
+    )
     path = _save(tmp_path, strategy, 2)
-    resumed = run_ranks(run, 2, strategy, None, path, SAVE_AT, STOP, skips)
+    resumed = run_ranks(
+        run,
+        2,
+        strategy=strategy,
+        save_to=None,
+        load_from=path,
+        start=SAVE_AT,
+        stop=STOP,
+        skips=skips,
+    )
     for got, want in zip(resumed, straight):
         for a, b in zip(got, want):
             assert torch.equal(a, b)

@@ -11,8 +11,10 @@ SAVE_AT, STOP = 5, 10  # a refresh (precondition_frequency 5) on each side of th
 
 @pytest.mark.parametrize("strategy", ["ddp", "zero2", "fsdp2", "fsdp2_local"])
 def test_rank0_state_dict_after_consolidation_resumes_exactly(strategy, tmp_path):
-    straight = run_ranks(run, 2, strategy, str(tmp_path), SAVE_AT, STOP)
-    resumed = run_ranks(run, 2, strategy, str(tmp_path), None, STOP)
+    straight = run_ranks(
+        run, 2, strategy=strategy, folder=str(tmp_path), save_at=SAVE_AT, stop=STOP
+    )
+    resumed = run_ranks(run, 2, strategy=strategy, folder=str(tmp_path), save_at=None, stop=STOP)
     # same world size, strategy and reduction order: the same bits
     for whole, again in zip(straight[0]["params"], resumed[0]["params"]):
         assert torch.equal(whole, again)

@@ -10,7 +10,6 @@ import torch
 from distsoap.testing.local_ranks import run_ranks
 from tests.distributed.hot_path_scenarios import ops_per_step
 from tests.distributed.scenarios import (
-    SHAPES,
     build_and_report,
     clipped_reference,
     ddp_strategy_without_wrapper,
@@ -37,7 +36,7 @@ def _check_equivalent(results, reference, dtype):
 @pytest.mark.parametrize("strategy", ["ddp", "zero2"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
 def test_matches_single_process(world, strategy, dtype):
-    results = run_ranks(train_data_parallel, world, strategy, dtype, STEPS)
+    results = run_ranks(train_data_parallel, world, strategy=strategy, dtype=dtype, steps=STEPS)
     _check_equivalent(results, single_process_reference(dtype, world, STEPS), dtype)
     # each trainable block is owned by exactly one rank, and only the owner holds its state
     owners = results[0]["owners"]
@@ -51,13 +50,17 @@ def test_matches_single_process(world, strategy, dtype):
 def test_gradient_accumulation(strategy):
     """Two micro-batches per step, synchronised only on the last (no_sync before). Batches
     split evenly into 2 ranks x 2 micro-batches, so the mean of their losses is the loss."""
-    results = run_ranks(train_data_parallel, 2, strategy, torch.float64, 8, 2)
+    results = run_ranks(
+        train_data_parallel, 2, strategy=strategy, dtype=torch.float64, steps=8, accumulate=2
+    )
     _check_equivalent(results, single_process_reference(torch.float64, 2, 8), torch.float64)
 
 
 def test_more_ranks_than_blocks():
     shapes = [(16, 16), (8,)]
-    results = run_ranks(train_data_parallel, 4, "zero2", torch.float64, 6, 1, None, shapes)
+    results = run_ranks(
+        train_data_parallel, 4, strategy="zero2", dtype=torch.float64, steps=6, shapes=shapes
+    )
     reference = single_process_reference(torch.float64, 4, 6, shapes)
     _check_equivalent(results, reference, torch.float64)
     # 3 trainable blocks (two + the unused one) over 4 ranks: someone owns nothing
@@ -65,7 +68,14 @@ def test_more_ranks_than_blocks():
 
 
 def test_bf16_update_communication_is_close_and_replicas_identical():
-    results = run_ranks(train_data_parallel, 2, "ddp", torch.float32, STEPS, 1, torch.bfloat16)
+    results = run_ranks(
+        train_data_parallel,
+        2,
+        strategy="ddp",
+        dtype=torch.float32,
+        steps=STEPS,
+        comm_dtype=torch.bfloat16,
+    )
     reference = single_process_reference(torch.float32, 2, STEPS)
     # bf16 rounds every update to 8 mantissa bits (2^-9 relative); over 20 steps the drift
     # measured ~1e-3; 1e-2 bounds it while excluding an unrelated trajectory (>1e-1)
@@ -74,7 +84,8 @@ def test_bf16_update_communication_is_close_and_replicas_identical():
     for mine, first in zip(results[1]["params"], results[0]["params"]):
         assert torch.equal(mine, first)
     bf16 = results[0]["bytes_per_step"][-1]["update_gather"]
-    fp32 = run_ranks(train_data_parallel, 2, "ddp", torch.float32, 1)[0]["bytes_per_step"][-1]
+    one_step = run_ranks(train_data_parallel, 2, strategy="ddp", dtype=torch.float32, steps=1)
+    fp32 = one_step[0]["bytes_per_step"][-1]
     assert bf16 * 2 == fp32["update_gather"]
 
 
@@ -82,8 +93,8 @@ def test_bf16_update_communication_is_close_and_replicas_identical():
 def test_bytes_per_step_equal_a_ring_all_reduce(world):
     """zero2 sends, averaged over ranks, exactly the bytes of a ring all-reduce of the gradients
     (plus one flag element per trainable tensor each way); ddp's gather is half of that."""
-    zero2 = run_ranks(train_data_parallel, world, "zero2", torch.float32, 2)
-    ddp = run_ranks(train_data_parallel, world, "ddp", torch.float32, 2)
+    zero2 = run_ranks(train_data_parallel, world, strategy="zero2", dtype=torch.float32, steps=2)
+    ddp = run_ranks(train_data_parallel, world, strategy="ddp", dtype=torch.float32, steps=2)
     elements = zero2[0]["numel"] + zero2[0]["n_trainable"]
     all_reduce = 2 * (world - 1) * elements * 4 / world
     sent = [r["bytes_per_step"][-1] for r in zero2]
@@ -95,7 +106,7 @@ def test_bytes_per_step_equal_a_ring_all_reduce(world):
 
 
 def test_clip_grad_norm_matches_torch_on_the_full_batch():
-    results = run_ranks(train_with_clipping, 2, 0.5, 10)
+    results = run_ranks(train_with_clipping, 2, max_norm=0.5, steps=10)
     params, norms = clipped_reference(2, 0.5, 10)
     assert norms[0] > 0.5  # clipping is active
     for rank_params, rank_norms in results:
@@ -130,7 +141,12 @@ def test_state_is_balanced_and_only_on_owners():
 def test_staggered_refreshes_match_single_process_on_the_same_schedule(strategy):
     staggered = {"refresh_schedule": "staggered"}
     results = run_ranks(
-        train_data_parallel, 2, strategy, torch.float64, STEPS, 1, None, SHAPES, staggered
+        train_data_parallel,
+        2,
+        strategy=strategy,
+        dtype=torch.float64,
+        steps=STEPS,
+        soap_kwargs=staggered,
     )
     reference = single_process_reference(torch.float64, 2, STEPS, soap_kwargs=staggered)
     _check_equivalent(results, reference, torch.float64)
@@ -144,8 +160,8 @@ def test_kernel_ops_per_step_do_not_grow_with_the_number_of_parameters(strategy)
     of every shape either way), on a refresh step and on a plain one; see
     distsoap/testing/op_count.py.
     """
-    few = run_ranks(ops_per_step, 2, strategy, 4)
-    many = run_ranks(ops_per_step, 2, strategy, 12)
+    few = run_ranks(ops_per_step, 2, strategy=strategy, copies=4)
+    many = run_ranks(ops_per_step, 2, strategy=strategy, copies=12)
     assert few == many
     # no tensor built from host data (flags, index lists): on a GPU each would be a copy that
     # waits for the device's queued work
@@ -157,4 +173,6 @@ def test_fsdp2_ops_per_step_do_not_grow_with_the_world_size():
 
     On a GPU that read is a device sync: one per exchange, not one per peer rank.
     """
-    assert run_ranks(ops_per_step, 2, "fsdp2", 12)[0] == run_ranks(ops_per_step, 4, "fsdp2", 12)[0]
+    two = run_ranks(ops_per_step, 2, strategy="fsdp2", copies=12)
+    four = run_ranks(ops_per_step, 4, strategy="fsdp2", copies=12)
+    assert two[0] == four[0]

@@ -40,7 +40,7 @@ def _reference(world=2, steps=STEPS, dtype=torch.float32):
 
 
 def _run(config, steps=STEPS, **kwargs):
-    return run_ranks(train_deepspeed, 2, config, steps, *kwargs.values(), timeout=TIMEOUT)
+    return run_ranks(train_deepspeed, 2, config=config, steps=steps, timeout=TIMEOUT, **kwargs)
 
 
 STRATEGY = {0: "ddp", 1: "deepspeed_zero1", 2: "deepspeed_zero2", 3: "deepspeed_zero3"}
@@ -115,7 +115,9 @@ def test_gradient_clipping(stage):
 @pytest.mark.parametrize("entry", ["plain", "client"])
 def test_plain_deepspeed_initialize_and_client_optimizer(entry):
     """``deepspeed.initialize`` after importing the integration; a SOAP object as optimizer."""
-    results = run_ranks(train_deepspeed, 2, ds_config(2), STEPS, entry, timeout=TIMEOUT)
+    results = run_ranks(
+        train_deepspeed, 2, config=ds_config(2), steps=STEPS, entry=entry, timeout=TIMEOUT
+    )
     for result in results:
         assert result["strategy"] == "deepspeed_zero2"
         assert relative_difference(result["params"], _reference()) < FP32
@@ -130,7 +132,15 @@ def test_overflow_skips_the_step_and_keeps_the_state(precision, stage):
     config = ds_config(stage, precision)
     if precision == "bf16":
         config["bf16"]["check_grad_overflow"] = True
-    results = run_ranks(train_deepspeed, 2, config, 8, "wrapper", 5, timeout=TIMEOUT)
+    results = run_ranks(
+        train_deepspeed,
+        2,
+        config=config,
+        steps=8,
+        entry="wrapper",
+        inf_at_step=5,
+        timeout=TIMEOUT,
+    )
     for result in results:
         assert result["skipped_steps"] == 1
         assert result["state_unchanged"]
@@ -144,7 +154,9 @@ CHECKPOINTED = [("fp32", 0), ("fp32", 1), ("fp32", 2), ("fp32", 3), ("bf16", 2),
 def test_checkpoint_continuation_is_bit_identical(precision, stage, tmp_path):
     """save_checkpoint mid-run; a fresh engine loads it and continues exactly as the first."""
     config = ds_config(stage, precision)
-    results = run_ranks(save_and_resume, 2, config, 12, 6, str(tmp_path), timeout=TIMEOUT)
+    results = run_ranks(
+        save_and_resume, 2, config=config, steps=12, split=6, path=str(tmp_path), timeout=TIMEOUT
+    )
     for result in results:
         for a, b in zip(result["straight"], result["resumed"]):
             assert torch.equal(a, b)
@@ -160,9 +172,9 @@ def test_state_balanced_over_ranks(stage):
 
 def test_zero3_model_built_under_zero_init():
     """HF's ZeRO-3 path: parameters partitioned at creation; SOAP still sees whole matrices."""
-    built_under_init = run_ranks(gpt_stage3, 2, True, 8, timeout=TIMEOUT)
-    plain = run_ranks(gpt_stage3, 2, False, 8, timeout=TIMEOUT)
-    moved = run_ranks(gpt_stage3, 2, False, 0, timeout=TIMEOUT)
+    built_under_init = run_ranks(gpt_stage3, 2, zero_init=True, steps=8, timeout=TIMEOUT)
+    plain = run_ranks(gpt_stage3, 2, zero_init=False, steps=8, timeout=TIMEOUT)
+    moved = run_ranks(gpt_stage3, 2, zero_init=False, steps=0, timeout=TIMEOUT)
     for a, b in zip(built_under_init[0], plain[0]):
         assert torch.equal(a, b)
     assert any(not torch.equal(b, c) for b, c in zip(plain[0], moved[0]))  # training moved them

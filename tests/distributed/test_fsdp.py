@@ -38,17 +38,28 @@ def test_fsdp2_lossless_matches_single_process(world):
 
 
 def test_fsdp2_fp32_and_no_reshard_after_forward():
-    results = run_ranks(train_fsdp2, 2, "fsdp2", torch.float32, STEPS, None, False)
+    results = run_ranks(
+        train_fsdp2,
+        2,
+        strategy="fsdp2",
+        dtype=torch.float32,
+        steps=STEPS,
+        reshard_after_forward=False,
+    )
     _check(results, _reference(2, torch.float32), 1e-4)  # fp32 tolerance of docs/algorithm.md
 
 
 def test_fsdp2_gradient_accumulation():
-    results = run_ranks(train_fsdp2, 2, "fsdp2", torch.float64, 8, None, True, 2)
+    results = run_ranks(
+        train_fsdp2, 2, strategy="fsdp2", dtype=torch.float64, steps=8, accumulate=2
+    )
     _check(results, _reference(2, steps=8), FP64)
 
 
 def test_hsdp_matches_single_process_and_computes_each_block_once():
-    results = run_ranks(train_fsdp2, 4, "fsdp2", torch.float64, STEPS, (2, 2))
+    results = run_ranks(
+        train_fsdp2, 4, strategy="fsdp2", dtype=torch.float64, steps=STEPS, mesh_shape=(2, 2)
+    )
     _check(results, _reference(4), FP64)
     held = [r["held"] for r in results]
     assert sum(len(h) for h in held) == len(set().union(*held))  # no block on two ranks
@@ -56,7 +67,9 @@ def test_hsdp_matches_single_process_and_computes_each_block_once():
 
 
 def test_fsdp2_bf16_compute_close_to_fp32():
-    results = run_ranks(train_fsdp2, 2, "fsdp2", torch.float32, STEPS, None, True, 1, True)
+    results = run_ranks(
+        train_fsdp2, 2, strategy="fsdp2", dtype=torch.float32, steps=STEPS, bf16_compute=True
+    )
     reference = _reference(2, torch.float32)
     # bf16 forward/backward (reduce in fp32) perturbs every gradient by ~2^-8 relative; over
     # 20 steps that moved the parameters 5.6e-3 (measured) from the fp32 run: bound at ~5x
@@ -86,7 +99,12 @@ def test_fsdp1_matches_single_process():
 def test_fsdp2_staggered_refreshes_match_single_process():
     staggered = {"refresh_schedule": "staggered"}
     results = run_ranks(
-        train_fsdp2, 2, "fsdp2", torch.float64, STEPS, None, True, 1, False, staggered
+        train_fsdp2,
+        2,
+        strategy="fsdp2",
+        dtype=torch.float64,
+        steps=STEPS,
+        soap_kwargs=staggered,
     )
     reference = single_process_reference(
         torch.float64, 2, STEPS, FSDP_SHAPES, "global", soap_kwargs=staggered
