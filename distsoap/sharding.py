@@ -1,4 +1,4 @@
-"""Where each piece of a sharded parameter lives: layouts read from FSDP2 and FSDP1 metadata.
+"""Where each piece of a sharded parameter lives: layouts read from DTensor and FSDP1 metadata.
 
 A :class:`ShardLayout` says, for every rank of the group, which contiguous range of a parameter
 that rank holds, in a *split view* of the parameter: the parameter itself cut along one dim
@@ -14,6 +14,8 @@ from functools import cached_property
 
 import torch
 import torch.distributed as dist
+
+from distsoap.box_layout import BoxLayout, held_box
 
 
 @dataclass(frozen=True)
@@ -78,8 +80,13 @@ class ShardLayout:
         inner = math.prod(self.split_shape[self.dim + 1 :])
         return tuple((start * inner, stop * inner) for start, stop in self.ranges)
 
-    def assemble(self, pieces: list[torch.Tensor]) -> torch.Tensor:
-        """The whole parameter from flat pieces given in ``sources`` order."""
+    def piece_key(self, rank: int) -> object:
+        """Equal for two ranks exactly when they hold the same non-empty piece."""
+        start, stop = self.ranges[rank]
+        return (start, stop) if start != stop else ("empty", rank)
+
+    def assemble(self, pieces: list[torch.Tensor], owner: int | None = None) -> torch.Tensor:
+        """The whole parameter from flat pieces given in ``sources(owner)`` order."""
         shaped = []
         for piece in pieces:
             shape = list(self.split_shape)
@@ -94,28 +101,44 @@ class ShardLayout:
         return split.narrow(self.dim, start, stop - start).reshape(-1)
 
 
+Layout = ShardLayout | BoxLayout
+"""Where the pieces of a sharded parameter live (the lossless strategies accept either)."""
+
+
+def local_view(param: torch.Tensor) -> torch.Tensor:
+    """The tensor this rank holds of a parameter (a DTensor's local shard, else itself).
+
+    A DTensor's shard is read from ``_local_tensor``, as FSDP2 itself does: ``to_local()``
+    would go through an autograd function for every parameter of every step (~10 us each),
+    and the optimizer works without autograd anyway.
+    """
+    local = getattr(param, "_local_tensor", None)
+    if local is not None:
+        return local
+    return param.to_local() if hasattr(param, "to_local") else param
+
+
 def chunk_range(size: int, parts: int, index: int) -> tuple[int, int]:
     """The ``index``-th of ``parts`` ``torch.chunk`` pieces of ``size`` (possibly empty)."""
     step = -(-size // parts)
     return min(index * step, size), min((index + 1) * step, size)
 
 
-def dtensor_layout(param: torch.Tensor, group: dist.ProcessGroup | None) -> ShardLayout:
-    """Layout of a DTensor parameter (FSDP2, HSDP) over ``group``.
+def dtensor_layout(param: torch.Tensor, group: dist.ProcessGroup | None) -> Layout:
+    """Layout of a DTensor parameter over ``group``; the mesh must hold exactly its ranks.
 
-    Supports at most one ``Shard`` placement (the FSDP dim); ``Replicate`` placements make replica
-    groups. The mesh must consist of exactly the ranks of ``group``.
+    One ``Shard`` placement (FSDP2; ``Replicate`` placements make replica groups, as HSDP's):
+    a :class:`ShardLayout`. Anything else DTensor can place (several shards, strided shards:
+    FSDP2 over tensor parallel): a :class:`~distsoap.box_layout.BoxLayout`.
     """
     from torch.distributed.tensor import Replicate, Shard
 
     mesh = param.device_mesh
     placements = param.placements
     shard_dims = [i for i, p in enumerate(placements) if isinstance(p, Shard)]
-    if len(shard_dims) > 1 or any(not isinstance(p, (Shard, Replicate)) for p in placements):
-        raise ValueError(
-            f"SOAP supports DTensor parameters sharded on one mesh dim (FSDP2 / HSDP), "
-            f"got placements {placements}"
-        )
+    one_plain_shard = len(shard_dims) <= 1 and all(
+        type(p) in (Shard, Replicate) for p in placements
+    )
     world = dist.get_world_size(group)
     mesh_ranks = mesh.mesh.reshape(-1).tolist()
     group_ranks = [dist.get_global_rank(group, r) if group is not None else r for r in range(world)]
@@ -128,6 +151,8 @@ def dtensor_layout(param: torch.Tensor, group: dist.ProcessGroup | None) -> Shar
     coords = {}
     for index, global_rank in enumerate(mesh.mesh.reshape(-1).tolist()):
         coords[global_rank] = list(torch.unravel_index(torch.tensor(index), mesh.mesh.shape))
+    if not one_plain_shard:
+        return box_layout(param, [[int(c) for c in coords[g]] for g in group_ranks], group_ranks)
     ranges, replica = [], []
     replica_ids: dict[tuple[int, ...], int] = {}
     for group_rank, global_rank in enumerate(group_ranks):
@@ -145,11 +170,29 @@ def dtensor_layout(param: torch.Tensor, group: dist.ProcessGroup | None) -> Shar
     split_shape = shape if shape else (1,)
     layout = ShardLayout(shape, split_shape, dim, tuple(ranges), tuple(replica))
     mine = group_ranks.index(dist.get_rank())
-    if layout.numel(mine) != param.to_local().numel():
+    if layout.numel(mine) != local_view(param).numel():
         raise ValueError(
-            f"a DTensor parameter of shape {shape} holds {param.to_local().numel()} local "
+            f"a DTensor parameter of shape {shape} holds {local_view(param).numel()} local "
             f"elements, not the {layout.numel(mine)} of an even torch.chunk split"
         )
+    return layout
+
+
+def box_layout(param: torch.Tensor, coords: list[list[int]], group_ranks: list[int]) -> BoxLayout:
+    """The :class:`BoxLayout` of a DTensor parameter, checked against this rank's local shard."""
+    shape = tuple(param.shape)
+    mesh_shape = tuple(param.device_mesh.mesh.shape)
+    boxes = tuple(held_box(shape, mesh_shape, c, param.placements) for c in coords)
+    layout = BoxLayout(shape, boxes)
+    mine = group_ranks.index(dist.get_rank())
+    local_shape = tuple(len(ix) for ix in boxes[mine])
+    if tuple(local_view(param).shape) != local_shape:
+        raise ValueError(
+            f"a DTensor parameter of shape {shape} with placements {param.placements} holds a "
+            f"local shard of shape {tuple(local_view(param).shape)} here, where DTensor's layout "
+            f"gives {local_shape}"
+        )
+    layout.check_tiles()
     return layout
 
 

@@ -32,7 +32,7 @@ from distsoap.checks.replicas import check_copies
 from distsoap.comm import pack_flagged, unpack_flagged, update_flag
 from distsoap.engine.block_engine import BlockEngine
 from distsoap.placement import assign_owners, block_cost
-from distsoap.sharding import ShardLayout
+from distsoap.sharding import Layout, local_view
 from distsoap.strategies.base import Strategy, apply_updates, groups_by_param
 from distsoap.strategies.frozen import check_still_frozen, frozen_params
 
@@ -66,7 +66,7 @@ class ExchangePlan:
         cls,
         items: tuple[int, ...],
         owners: list[int],
-        layouts: list[ShardLayout],
+        layouts: list[Layout],
         me: int,
         world: int,
     ) -> ExchangePlan:
@@ -104,26 +104,13 @@ class ExchangePlan:
         )
 
 
-def local_view(param: torch.Tensor) -> torch.Tensor:
-    """The tensor this rank holds of a parameter (a DTensor's local shard, else itself).
-
-    A DTensor's shard is read from ``_local_tensor``, as FSDP2 itself does: ``to_local()``
-    would go through an autograd function for every parameter of every step (~10 us each),
-    and the optimizer works without autograd anyway.
-    """
-    local = getattr(param, "_local_tensor", None)
-    if local is not None:
-        return local
-    return param.to_local() if hasattr(param, "to_local") else param
-
-
 def local_grad(param: torch.Tensor) -> torch.Tensor | None:
     """Return this rank's piece of the parameter's gradient, or None."""
     grad = param.grad
     return None if grad is None else local_view(grad)
 
 
-def replica_slots(layouts: list[ShardLayout], rank: int) -> tuple[list[int], int]:
+def replica_slots(layouts: list[Layout], rank: int) -> tuple[list[int], int]:
     """Which copy of each parameter's piece ``rank`` holds, for :mod:`distsoap.checks.replicas`.
 
     Ranks holding the same non-empty range of a parameter (HSDP replicas, or every rank for a
@@ -136,7 +123,7 @@ def replica_slots(layouts: list[ShardLayout], rank: int) -> tuple[list[int], int
     slots, n_slots, shared = [], 1, False
     for layout in layouts:
         # an empty piece is nobody's copy: its own slot
-        pieces = [r if a == b else (a, b) for r, (a, b) in enumerate(layout.ranges)]
+        pieces = [layout.piece_key(r) for r in range(len(layout.piece_numels))]
         distinct = list(dict.fromkeys(pieces))
         shared = shared or len(distinct) < len(pieces)
         slots.append(distinct.index(pieces[rank]))
@@ -162,7 +149,7 @@ class ShardedLossless(Strategy):
         self,
         engine: BlockEngine,
         group: dist.ProcessGroup | None,
-        layouts: dict[int, ShardLayout],
+        layouts: dict[int, Layout],
         name: str,
         comm_dtype: torch.dtype | None,
         param_lists: list[tuple[dict[str, Any], list[torch.Tensor]]] | None = None,
@@ -173,7 +160,7 @@ class ShardedLossless(Strategy):
         self.world = dist.get_world_size(group)
         self.comm_dtype = comm_dtype
         self.params: list[torch.Tensor] = []
-        self.layouts: list[ShardLayout] = []
+        self.layouts: list[Layout] = []
         self.costs = []
         if param_lists is None:
             param_lists = [(g, list(g["params"])) for g in engine.param_groups]
@@ -348,7 +335,7 @@ class ShardedLossless(Strategy):
     ) -> dict[int, torch.Tensor]:
         """Whole gradients of ``items`` from their pieces (``pieces[i][source]``, flat).
 
-        Parameters whose pieces simply concatenate (:attr:`ShardLayout.pieces_concatenate`)
+        Parameters whose pieces simply concatenate (:attr:`Layout.pieces_concatenate`)
         are assembled together, one concatenation per gradient dtype, and handed out as views;
         the others (split along an inner dim) one by one.
         """
@@ -360,7 +347,8 @@ class ShardedLossless(Strategy):
                 together.setdefault(self._grad_dtype(i), []).append(i)
                 continue
             ordered = [pieces[i][s] for s in layout.sources(self.rank)]
-            grads[id(self.params[i])] = layout.assemble(ordered).to(self._grad_dtype(i))
+            whole = layout.assemble(ordered, self.rank)
+            grads[id(self.params[i])] = whole.to(self._grad_dtype(i))
         for dtype, same in together.items():
             flat = [pieces[i][s] for i in same for s in self.layouts[i].sources(self.rank)]
             whole = torch.cat(flat).to(dtype)
