@@ -3,8 +3,8 @@
 A two-layer MLP, its first Linear colwise-parallel and its second rowwise-parallel over the
 ``tp`` mesh dim, then ``fully_shard`` over the data-parallel dims: the layouts torchtitan gives
 a transformer's projections. 6 hidden units are 3 per TP rank (tensor parallelism needs even
-splits of the activations), then 2 / 1 per FSDP rank: uneven pieces. Ranks of one data-parallel coordinate see the same batch (tensor
-parallelism splits the model, not the data).
+splits of the activations), then 2 / 1 per FSDP rank: uneven pieces. Ranks of one
+data-parallel coordinate see the same batch (tensor parallelism splits the model, not the data).
 
 Well-conditioned, so trajectories can be compared (docs/algorithm.md): square 6 x 6 weights and
 64 samples per batch make every gradient full rank from the first step (a non-square gradient
@@ -66,6 +66,7 @@ def train_fsdp_tp(
     mesh_shape: tuple[int, ...],
     dtype: torch.dtype = torch.float64,
     steps: int = 6,
+    strategy: str = "auto",
 ) -> dict:
     """FSDP2 (mesh ``(dp, tp)``) or HSDP (``(replicate, shard, tp)``) over tensor parallel."""
     from torch.distributed.device_mesh import init_device_mesh
@@ -81,7 +82,7 @@ def train_fsdp_tp(
     model = make_model(dtype)
     parallelize_module(model, mesh["tp"], {"up": ColwiseParallel(), "down": RowwiseParallel()})
     fully_shard(model, mesh=mesh[names[:-1]])
-    opt = SOAP(model.parameters(), **OPTIONS)
+    opt = SOAP(model.parameters(), strategy=strategy, **OPTIONS)
     tp = mesh_shape[-1]
     dp_index = rank // tp  # the mesh is row-major: ranks of one dp coordinate are adjacent
     sent = []
