@@ -64,6 +64,30 @@ def resolve_strategy_name(
     return name
 
 
+def mesh_group(params: list[torch.Tensor]) -> dist.ProcessGroup | None:
+    """The group of the DTensor parameters' mesh, when it is smaller than the world.
+
+    A pipeline stage's parameters live on that stage's (data / tensor parallel) sub-mesh, and
+    its optimizer must communicate there only: with ``process_group=None`` SOAP takes the group
+    of that mesh (its flattening, for a mesh of several dims). None when there are no DTensor
+    parameters, when they span the world, or when they sit on several meshes (then
+    ``process_group=`` must say which ranks SOAP shards over).
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    meshes = []
+    for p in params:
+        mesh = getattr(p, "device_mesh", None)
+        if p.requires_grad and mesh is not None and all(mesh is not m for m in meshes):
+            meshes.append(mesh)
+    if len({tuple(m.mesh.reshape(-1).tolist()) for m in meshes}) != 1:
+        return None
+    mesh = meshes[0]
+    if mesh.size() == dist.get_world_size():
+        return None
+    return mesh.get_group() if mesh.ndim == 1 else mesh._flatten().get_group()
+
+
 def make_strategy(
     engine: BlockEngine,
     name: str,
@@ -85,6 +109,8 @@ def make_strategy(
     if not bucket_cap_mb > 0:
         raise ValueError(f"bucket_cap_mb must be > 0, got {bucket_cap_mb}")
     params = [p for g in engine.param_groups for p in g["params"]]
+    if group is None:
+        group = mesh_group(params)
     resolved = resolve_strategy_name(name, group, params)
     if dist.is_available() and dist.is_initialized():
         # every rank takes part, whatever it asked for, so a disagreement raises and never hangs

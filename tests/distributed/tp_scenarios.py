@@ -41,11 +41,15 @@ def batch(step: int, dp_index: int, dtype: torch.dtype) -> torch.Tensor:
     return (torch.randn(BATCH, IN, generator=gen, dtype=torch.float64) * spread).to(dtype)
 
 
-def loss_of(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Squared distance of the output to a fixed linear target of the input."""
+def target_of(x: torch.Tensor) -> torch.Tensor:
+    """What the model should output for ``x``: a fixed linear map of it."""
     gen = torch.Generator().manual_seed(7)
-    target = torch.randn(OUT, IN, generator=gen, dtype=torch.float64).to(x.dtype)
-    return (model(x) - x @ target.T).square().mean()
+    return x @ torch.randn(OUT, IN, generator=gen, dtype=torch.float64).to(x.dtype).T
+
+
+def loss_of(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Squared distance of the output to the target."""
+    return (model(x) - target_of(x)).square().mean()
 
 
 def reference(dtype: torch.dtype, steps: int, dp: int) -> list[torch.Tensor]:
