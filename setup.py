@@ -22,6 +22,8 @@ EXTRAS = {
     # the DeepSpeed integration reads ZeRO's partition metadata; tested with 0.19.8
     "deepspeed": ["deepspeed>=0.19"],
     "mpi": ["mpi4py>=3.1"],
+    # optimizer_name="SOAP" in torchtitan's OptimizersContainer (distsoap.integrations.torchtitan)
+    "torchtitan": ["torchtitan>=0.3"],
     "bench": ["heavyball", "pytorch-optimizer"],
     # triton 3.7.1 is the release torch 2.13 (the set-up script's torch) is built against; the
     # tests run its kernels in the interpreter on CPU

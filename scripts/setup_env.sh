@@ -31,6 +31,13 @@ if [ ! -f "$stamp" ]; then
   echo "setup: installing distsoap[$extras]" >&2
   # DeepSpeed (dev, deepspeed extras): no ahead-of-time op builds; it JIT-builds what it uses
   DS_BUILD_OPS=0 "$py" -m pip install -q -e "${root}[${extras}]" >&2
+  if [[ ",$extras," == *",dev,"* ]]; then
+    # torchtitan's optimizer container, for the tests of distsoap.integrations.torchtitan. Its
+    # own requirements (datasets, wandb, tensorboard, torchdata: its data and logging) are left
+    # out; the container needs tyro and spmd_types only
+    "$py" -m pip install -q --no-deps "torchtitan==0.3.0" "spmd_types==0.2.3" >&2
+    "$py" -m pip install -q "tyro>=0.8" >&2
+  fi
   touch "$stamp"
 fi
 echo "$py"

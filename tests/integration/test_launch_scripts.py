@@ -17,6 +17,7 @@ ROOT = Path(__file__).resolve().parents[2]
 SCRIPTS = [
     ROOT / "launch" / "local.sh",
     ROOT / "launch" / "slurm.sbatch",
+    *sorted((ROOT / "launch").glob("*/*.sh")),
     *sorted((ROOT / "scripts").glob("*.sh")),
     *sorted((ROOT / "benchmarks").glob("*.sh")),
     ROOT / ".ci" / "run",
