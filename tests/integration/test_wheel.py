@@ -1,15 +1,19 @@
 """The built wheel in a fresh virtual environment, used from a folder outside the checkout.
 
 The wheel is built from a copy of the source tree (no stale ``build/`` folder can leak into it)
-and installed with its ``triton`` and ``demo`` extras into a new venv. Torch: where the base
-interpreter (``sys.base_prefix``) has torch, the venv is made with ``--system-site-packages``
-and keeps it, as ``scripts/setup_env.sh`` does; otherwise (this machine's base has none)
-``torch==<this torch's version>`` is installed into the venv first (about 45 s from a local
-wheel), so distsoap's own ``torch>=`` requirement is already met. Every command then runs from
+and installed with its ``triton`` and ``demo`` extras into a new venv. Torch is already
+installed there, as on a cluster image: where the base interpreter (``sys.base_prefix``) has
+torch, the venv is made with ``--system-site-packages`` and keeps it, as
+``scripts/setup_env.sh`` does; otherwise (this machine's base has none) the torch running the
+tests and the packages it requires are linked into a folder the venv reads through a path file
+(installing the 800 MB wheel again took 45 s of every CI run), so distsoap's own ``torch>=``
+requirement is met and nothing else of the test environment is visible. Every command then runs
+from
 ``tmp_path`` with ``PYTHONPATH`` unset and user site-packages off: nothing of the checkout can
 shadow the installed package, and each imported module's ``__file__`` must lie in the venv.
 """
 
+import importlib.metadata
 import json
 import os
 import re
@@ -20,7 +24,6 @@ import zipfile
 from pathlib import Path
 
 import pytest
-import torch
 
 from tests.integration.demo_args import tiny_demo_args
 
@@ -56,6 +59,32 @@ def _run(command: list, env: dict, cwd: Path, timeout: int = 300) -> str:
     return proc.stdout
 
 
+PURELIB = "import sysconfig; print(sysconfig.get_paths()['purelib'])"
+
+
+def _link_torch(folder: Path) -> Path:
+    """``folder`` holding links to this torch and what it requires (their files and metadata)."""
+    folder.mkdir()
+    seen: set[str] = set()
+    pending = ["torch"]
+    while pending:
+        try:
+            dist = importlib.metadata.distribution(pending.pop())
+        except importlib.metadata.PackageNotFoundError:  # a requirement for another platform
+            continue
+        name = dist.metadata["Name"].lower().replace("_", "-")
+        if name in seen or name in ("setuptools", "pip"):  # the venv has its own
+            continue
+        seen.add(name)
+        site = Path(dist.locate_file(""))
+        for top in {Path(f).parts[0] for f in dist.files or [] if not str(f).startswith("..")}:
+            if not (folder / top).exists() and (site / top).exists():
+                (folder / top).symlink_to(site / top)
+        requirements = [r for r in dist.requires or [] if "extra ==" not in r]
+        pending += [re.match(r"[A-Za-z0-9_.-]+", r).group(0) for r in requirements]
+    return folder
+
+
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory):
     """Build the wheel, install it into a fresh venv; the venv's python and a clean env."""
@@ -76,8 +105,8 @@ def installed(tmp_path_factory):
     _run([*make_venv, venv], env, outside)
     python = venv / "bin" / "python"
     if not base_has_torch:
-        version = os.environ.get("DISTSOAP_TORCH_VERSION", torch.__version__.split("+")[0])
-        _run([python, "-m", "pip", "install", "-q", f"torch=={version}"], env, outside, 600)
+        purelib = _run([python, "-c", PURELIB], env, outside).strip()
+        Path(purelib, "torch_already_installed.pth").write_text(f"{_link_torch(tmp / 'torch')}\n")
     _run([python, "-m", "pip", "install", "-q", f"{wheel}[triton,demo]"], env, outside)
     yield dict(wheel=wheel, venv=venv, python=python, env=env, outside=outside)
     shutil.rmtree(tmp, ignore_errors=True)  # ~2 GB of venv; pytest keeps its last 3 tmp dirs
