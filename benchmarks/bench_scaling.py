@@ -5,7 +5,10 @@ The parameter set is bench_step.py's GPT shape (CPU preset), with synthetic grad
   them): the owner's SOAP work plus the update all-gather;
 - "fsdp2": parameters and gradients as DTensors sharded on dim 0 (what FSDP2 leaves after
   backward): gradient pieces to owners, whole-matrix SOAP, update pieces back;
-- "fsdp2_local": the same DTensors, SOAP on each rank's local shards.
+- "fsdp2_local": the same DTensors, SOAP on each rank's local shards;
+- "fsdp2_tp" (world 4 only): DTensors on a (dp, tp) = (2, 2) mesh, matrices sharded on both
+  dims (``(Shard(0), Shard(1))``: FSDP2 over rowwise tensor parallel), vectors sharded on dp and
+  replicated on tp; lossless SOAP over the whole mesh.
 Also printed: the load balance of the placement, max / mean over ranks of the modelled compute
 and state bytes (1.0 is perfect).
 
@@ -36,7 +39,19 @@ def measure(rank: int, world: int, strategy: str, steps: int) -> dict:
     grads = [[torch.randn(s, generator=gen) for s in shapes] for _ in range(3)]
     if world == 1:
         strategy = "single"
-    if strategy.startswith("fsdp2"):
+    if strategy == "fsdp2_tp":
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+        mesh = init_device_mesh("cpu", (world // 2, 2))
+
+        def place(t: torch.Tensor):
+            return [Shard(0), Shard(1)] if t.dim() == 2 else [Shard(0), Replicate()]
+
+        weights = [distribute_tensor(w, mesh, place(w)) for w in weights]
+        grads = [[distribute_tensor(g, mesh, place(g)) for g in gs] for gs in grads]
+        strategy = "fsdp2"
+    elif strategy.startswith("fsdp2"):
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.tensor import Shard, distribute_tensor
 
@@ -66,7 +81,7 @@ def measure(rank: int, world: int, strategy: str, steps: int) -> dict:
 def main() -> None:
     p = base_parser(__doc__.splitlines()[0], "bench_scaling")
     p.add_argument("--worlds", default="1,2,4")
-    p.add_argument("--strategies", default="ddp,fsdp2,fsdp2_local")
+    p.add_argument("--strategies", default="ddp,fsdp2,fsdp2_local,fsdp2_tp")
     p.add_argument("--steps", type=int, default=20)
     args = p.parse_args()
     report: dict[str, dict] = {}
@@ -74,6 +89,8 @@ def main() -> None:
     print(f"{header} {'state MiB (total)':>18s} {'balance flops':>14s} {'balance bytes':>14s}")
     for strategy in args.strategies.split(","):
         for world in (int(w) for w in args.worlds.split(",")):
+            if strategy == "fsdp2_tp" and world != 4:
+                continue
             per_rank = run_ranks(measure, world, strategy, args.steps, timeout=900)
             seconds = max(r["seconds"] for r in per_rank)
             states = [r["state_bytes"] for r in per_rank]
