@@ -158,13 +158,7 @@ def main() -> None:
             "distsoap fsdp2_local",
         )
         for setup in setups:
-            per_rank = run_ranks(measure, world, setup)
-            totals = [sum(r.values()) for r in per_rank]
-            rows[setup] = {
-                "mean_bytes": sum(totals) / world,
-                "max_bytes": max(totals),
-                "by_kind_rank0": per_rank[0],
-            }
+            rows[setup] = _row(run_ranks(measure, world, setup))
         ddp_base = rows["ddp+adamw"]["mean_bytes"]
         fsdp_base = rows["fsdp2+adamw"]["mean_bytes"]
         print(f"\nworld {world}: bytes sent per rank per step")
@@ -184,17 +178,21 @@ def main() -> None:
     write_results(args.out, report)
 
 
+def _row(per_rank: list[dict]) -> dict:
+    """Mean and max over ranks of the bytes sent, and rank 0's bytes by kind."""
+    totals = [sum(r.values()) for r in per_rank]
+    return {
+        "mean_bytes": sum(totals) / len(totals),
+        "max_bytes": max(totals),
+        "by_kind_rank0": per_rank[0],
+    }
+
+
 def _tp_rows(world: int) -> dict:
     """FSDP2 x TP: AdamW and lossless distsoap, bytes per rank per step."""
     rows = {}
     for setup in ("fsdp2xtp+adamw", "distsoap fsdp2 (x tp)"):
-        per_rank = run_ranks(measure_tp, world, setup)
-        totals = [sum(r.values()) for r in per_rank]
-        rows[setup] = {
-            "mean_bytes": sum(totals) / world,
-            "max_bytes": max(totals),
-            "by_kind_rank0": per_rank[0],
-        }
+        rows[setup] = _row(run_ranks(measure_tp, world, setup))
     base = rows["fsdp2xtp+adamw"]["mean_bytes"]
     print(f"\nworld {world}, FSDP2 x TP on (dp, tp) = (2, 2): bytes sent per rank per step")
     print(f"{'setup':22s} {'mean':>12s} {'max':>12s} {'/ FSDP2xTP+AdamW':>17s}")

@@ -382,14 +382,7 @@ class SOAP(torch.optim.Optimizer):
     def block_spec(
         self, param: torch.Tensor, group: dict[str, Any], shape: tuple[int, ...] | None = None
     ) -> BlockSpec:
-        """How this optimizer sees a parameter (its block shape and factored dims).
-
-        Args:
-            param: the parameter.
-            group: its param group.
-            shape: the shape of the tensor SOAP preconditions, when it is not ``param.shape``
-                (a sharded parameter's full shape, or its local shard's).
-        """
+        """How this optimizer sees a parameter: :meth:`BlockEngine.block_spec`."""
         return self.engine.block_spec(param, group, shape)
 
     def param_name(self, param: torch.Tensor) -> str:

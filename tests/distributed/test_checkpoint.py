@@ -42,6 +42,20 @@ def _save(tmp_path, strategy, world):
     return path
 
 
+def _resume(path, strategy: str, world: int, skips: str) -> list:
+    """Load the checkpoint at ``path`` and train from SAVE_AT to STOP; every rank's parameters."""
+    return run_ranks(
+        run,
+        world,
+        strategy=strategy,
+        save_to=None,
+        load_from=path,
+        start=SAVE_AT,
+        stop=STOP,
+        skips=skips,
+    )
+
+
 @pytest.mark.parametrize(
     "saved_with, loaded_with",
     [
@@ -59,16 +73,7 @@ def test_checkpoint_loads_at_other_world_sizes(tmp_path, reference, saved_with, 
     path = _save(tmp_path, *saved_with)
     strategy, world = loaded_with
     skips = "none" if "fsdp1" in (saved_with[0], strategy) else "global"
-    results = run_ranks(
-        run,
-        world,
-        strategy=strategy,
-        save_to=None,
-        load_from=path,
-        start=SAVE_AT,
-        stop=STOP,
-        skips=skips,
-    )
+    results = _resume(path, strategy, world, skips)
     for params in results:
         assert relative_difference(params, reference[skips]) < 1e-10
 
@@ -80,16 +85,7 @@ def test_same_world_size_continues_bit_for_bit(tmp_path, strategy):
         run, 2, strategy=strategy, save_to=None, load_from=None, start=0, stop=STOP, skips=skips
     )
     path = _save(tmp_path, strategy, 2)
-    resumed = run_ranks(
-        run,
-        2,
-        strategy=strategy,
-        save_to=None,
-        load_from=path,
-        start=SAVE_AT,
-        stop=STOP,
-        skips=skips,
-    )
+    resumed = _resume(path, strategy, 2, skips)
     for got, want in zip(resumed, straight):
         for a, b in zip(got, want):
             assert torch.equal(a, b)
