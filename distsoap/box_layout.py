@@ -123,6 +123,18 @@ class BoxLayout:
             tuple(_as_index(ix, d, ndim) for d, ix in enumerate(box)) for box in self.boxes
         )
 
+    @cached_property
+    def _indices_by_device(self) -> dict[torch.device, tuple[tuple[torch.Tensor, ...], ...]]:
+        return {}
+
+    def _indices_on(self, device: torch.device, rank: int) -> tuple[torch.Tensor, ...]:
+        """``rank``'s index tensors on ``device``, copied there once (not every step)."""
+        cached = self._indices_by_device.get(device)
+        if cached is None:
+            cached = tuple(tuple(i.to(device) for i in box) for box in self._indices)
+            self._indices_by_device[device] = cached
+        return cached[rank]
+
     def _box_shape(self, rank: int) -> tuple[int, ...]:
         return tuple(len(ix) for ix in self.boxes[rank])
 
@@ -130,16 +142,14 @@ class BoxLayout:
         """The whole parameter from the flat pieces of ``sources(owner)``, in that order."""
         whole = pieces[0].new_empty(self.full_shape)
         for rank, piece in zip(self.sources(owner), pieces, strict=True):
-            index = tuple(i.to(whole.device) for i in self._indices[rank])
-            whole[index] = piece.view(self._box_shape(rank))
+            whole[self._indices_on(whole.device, rank)] = piece.view(self._box_shape(rank))
         return whole
 
     def extract(self, whole: torch.Tensor, rank: int) -> torch.Tensor:
         """``rank``'s piece of a whole-parameter tensor, flattened."""
         if not self.piece_numels[rank]:
             return whole.new_empty(0)
-        index = tuple(i.to(whole.device) for i in self._indices[rank])
-        return whole[index].reshape(-1)
+        return whole[self._indices_on(whole.device, rank)].reshape(-1)
 
     def check_tiles(self) -> None:
         """Raise ValueError unless the distinct pieces cover the parameter exactly once.
