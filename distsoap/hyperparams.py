@@ -117,6 +117,13 @@ def validate_group(group: dict[str, Any], data_format: str = "channels_first") -
     maximize = group.get("maximize", False)  # torch's name; the reference has no such option
     if not isinstance(maximize, bool):
         raise ValueError(f"maximize must be True or False, got {maximize!r}")
+    stack_dims = group.get("stack_dims", 0)  # distsoap's own: leading dims of matrix stacks
+    if not _is_int(stack_dims) or stack_dims < 0:
+        raise ValueError(
+            f"stack_dims must be an integer >= 0 (leading dims that index independent "
+            f"matrices, e.g. 1 for MoE experts stored as (num_experts, d_in, d_out)), got "
+            f"{stack_dims!r}"
+        )
 
 
 def validate_params(group: dict[str, Any], group_index: int) -> None:
@@ -139,6 +146,13 @@ def validate_params(group: dict[str, Any], group_index: int) -> None:
                 f"{where} has dtype {param.dtype}: SOAP optimises floating-point parameters "
                 "(float32, bfloat16, float16, float64); leave integer and bool tensors out "
                 "of the optimizer"
+            )
+        stack_dims = group.get("stack_dims", 0)
+        if stack_dims and param.dim() <= stack_dims:
+            raise ValueError(
+                f"{where} has {param.dim()} dims, but its group has stack_dims={stack_dims}: "
+                f"a stack needs more than {stack_dims} dims (the stack dims, then at least one "
+                "dim of each matrix); put it in a param group with a smaller stack_dims"
             )
         if param.is_meta:
             raise ValueError(

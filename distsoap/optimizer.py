@@ -100,6 +100,12 @@ class SOAP(torch.optim.Optimizer):
         correct_bias: fold Adam's bias correction into the step size.
         maximize: keyword-only; maximise the objective (torch's name): the gradient is negated
             before everything else (moments, Kronecker factors). A param-group option.
+        stack_dims: keyword-only; the number of leading dims of each parameter that index a
+            stack of independent matrices (default 0: none). With ``stack_dims=1`` an MoE
+            expert weight ``(num_experts, d_in, d_out)`` is preconditioned as ``num_experts``
+            separate ``(d_in, d_out)`` matrices, each with its own factors and bases, as if
+            every expert were its own ``nn.Linear``. A param-group option: give it to the
+            group of the expert weights (see the README, "MoE experts").
         moment_dtype: keyword-only; dtype of ``exp_avg`` and ``exp_avg_sq`` (fp32 default;
             bf16 halves their memory at some accuracy cost; fp64 parameters always use fp64).
             Dtypes may also be given by name (``"bf16"``, ``"float32"``), as JSON configs do.
@@ -157,6 +163,7 @@ class SOAP(torch.optim.Optimizer):
         correct_bias: bool = DEFAULTS["correct_bias"],
         *,
         maximize: bool = False,
+        stack_dims: int = 0,
         moment_dtype: torch.dtype | str = torch.float32,
         strategy: str = "auto",
         process_group: dist.ProcessGroup | None = None,
@@ -211,6 +218,7 @@ class SOAP(torch.optim.Optimizer):
             normalize_grads=normalize_grads,
             correct_bias=correct_bias,
             maximize=maximize,
+            stack_dims=stack_dims,
         )
         super().__init__(params, defaults)
         self.register_state_dict_post_hook(complete_state_dict)
@@ -371,6 +379,7 @@ class SOAP(torch.optim.Optimizer):
         super().__setstate__(state)
         for group in self.param_groups:  # pickles and state dicts from before maximize existed
             group.setdefault("maximize", False)
+            group.setdefault("stack_dims", 0)
         self._layouts = {id(p): (p.shape, p.device) for g in self.param_groups for p in g["params"]}
         if unpickling:  # an unpickled optimizer is a local copy: it steps on this process only
             self.engine = engine

@@ -46,9 +46,9 @@ def block_cost(
     numel = spec.numel
     flops = float(numel) * 4  # elementwise Adam, applying the update: never zero
     state = 2 * numel * moment_bytes
-    for d in spec.factor_dims:
-        flops += 3.0 * numel * d + 2.0 * d**3 / precondition_frequency
-        state += 2 * d * d * factor_bytes
+    for d in spec.factor_dims:  # a stack of matrices has a factor and a basis per matrix
+        flops += 3.0 * numel * d + spec.rows * 2.0 * d**3 / precondition_frequency
+        state += spec.rows * 2 * d * d * factor_bytes
     return BlockCost(flops, state)
 
 

@@ -8,6 +8,7 @@ shards). Ranks in different *replica groups* hold the same pieces again (HSDP's 
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 from functools import cached_property
@@ -259,3 +260,39 @@ def fsdp1_layouts(
         ranges = tuple(pieces.get(i, (0, 0)) for pieces in gathered)
         layouts[id(p)] = ShardLayout(shape, (numel,), 0, ranges, (0,) * len(ranges))
     return layouts
+
+
+def held_stack_rows(param: torch.Tensor, stack_dims: int) -> tuple[int, ...] | None:
+    """The matrices of a stack (``stack_dims``) that this rank's shard holds whole, if so.
+
+    When every shard placement of a DTensor parameter cuts one of its stack dims (expert
+    parallelism; FSDP2 sharding the expert dim), each rank's local tensor is a set of whole
+    matrices, and SOAP on it is exactly SOAP on those matrices: no exchange is needed.
+
+    Returns:
+        The global index in the flattened stack of each matrix of the local tensor, in its
+        order; None when the parameter is not such a DTensor (not stacked, not sharded, or
+        cut along a matrix dim: the whole stack then goes to one owner).
+    """
+    from torch.distributed.tensor import Replicate
+
+    placements = getattr(param, "placements", None)
+    if not stack_dims or placements is None:
+        return None
+    shards = [p for p in placements if not isinstance(p, Replicate)]
+    if not shards or any(getattr(p, "dim", stack_dims) >= stack_dims for p in shards):
+        return None
+    mesh = param.device_mesh
+    shape = tuple(param.shape)
+    box = held_box(shape, tuple(mesh.mesh.shape), mesh.get_coordinate(), placements)
+    if tuple(len(ix) for ix in box) != tuple(local_view(param).shape):
+        raise ValueError(
+            f"a DTensor parameter of shape {shape} with placements {placements} holds a local "
+            f"shard of shape {tuple(local_view(param).shape)} here, where DTensor's layout "
+            f"gives {tuple(len(ix) for ix in box)}"
+        )
+    stack_shape = shape[:stack_dims]
+    rows = itertools.product(*box[:stack_dims])
+    return tuple(
+        sum(i * math.prod(stack_shape[d + 1 :]) for d, i in enumerate(index)) for index in rows
+    )

@@ -70,6 +70,7 @@ def find_problem(optimizer: SOAP, state_dict: Any) -> str | None:
         if not param.requires_grad or not optimizer.strategy.owns(param):
             continue
         entry = _strip(saved_state.get(saved_id) or {}, suffix)
+        entry = optimizer.strategy.import_state(param, entry) if entry else entry
         if not entry:
             if holds_state:
                 missing.append(optimizer.param_name(param))

@@ -14,8 +14,8 @@ owns under the new placement. Two details make that hold:
   rank (``exp_avg@rank1``): it loads only at the same world size.
 
 Loading checks the layout hyperparameters (``max_precond_dim``, ``merge_dims``,
-``precondition_1d``) against the optimizer's and each block's saved layout against the one it
-expects, and raises ValueError naming the difference.
+``precondition_1d``, ``stack_dims``) against the optimizer's and each block's saved layout
+against the one it expects, and raises ValueError naming the difference.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     from distsoap.optimizer import SOAP
 
 # Hyperparameters that fix a parameter's state layout; a checkpoint must agree on them.
-LAYOUT_KEYS = ("max_precond_dim", "merge_dims", "precondition_1d")
+LAYOUT_KEYS = ("max_precond_dim", "merge_dims", "precondition_1d", "stack_dims")
 
 
 def new_state_header(group: dict[str, Any], spec: BlockSpec, offset: int) -> dict[str, Any]:
@@ -78,6 +78,7 @@ def complete_state_dict(optimizer: SOAP, state_dict: dict[str, Any]) -> dict[str
             continue
         if "step" not in packed.get(index, {}):
             packed[index] = initial_state(optimizer, param, group)
+        packed[index] = optimizer.strategy.export_state(param, packed[index])
     suffix = optimizer.strategy.state_key_suffix()
     if suffix:
         packed = {i: {f"{k}{suffix}": v for k, v in entry.items()} for i, entry in packed.items()}
@@ -120,6 +121,7 @@ def load_state(optimizer: SOAP, state_dict: dict[str, Any]) -> None:
         saved = saved_state[saved_id]
         if suffix:
             saved = {k[: -len(suffix)]: v for k, v in saved.items() if k.endswith(suffix)}
+        saved = optimizer.strategy.import_state(param, saved)
         if not saved:
             continue
         check_block_layout(optimizer, param, group, saved)
@@ -148,7 +150,8 @@ def check_block_layout(
             f"the checkpoint's SOAP state for parameter {optimizer.param_name(param)} has "
             f"{saved['block_layout']}, but this optimizer lays it out as {expected} (from the "
             f"shape {shape} and max_precond_dim={group['max_precond_dim']}, merge_dims="
-            f"{group['merge_dims']}, precondition_1d={group['precondition_1d']}): the "
+            f"{group['merge_dims']}, precondition_1d={group['precondition_1d']}, stack_dims="
+            f"{group.get('stack_dims', 0)}): the "
             "parameter's shape or one of these settings differs from the run that saved it"
         )
 

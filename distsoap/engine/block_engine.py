@@ -65,6 +65,8 @@ class BucketKey:
     """Updates between eigenbasis refreshes (as recorded in each block's state)."""
     shampoo_beta: float
     """EMA coefficient of the factors (as recorded in each block's state)."""
+    stacked: bool = False
+    """Members are stacks of matrices (``stack_dims``), several rows each."""
 
 
 def compute_dtype(param: torch.Tensor) -> torch.dtype:
@@ -144,6 +146,7 @@ class BlockEngine:
             merge_dims=group["merge_dims"],
             precondition_1d=group["precondition_1d"],
             data_format=self.data_format,
+            stack_dims=group.get("stack_dims", 0),
         )
 
     def state_element_bytes(self, param: torch.Tensor) -> tuple[int, int]:
@@ -173,6 +176,7 @@ class BlockEngine:
                 g["max_precond_dim"],
                 g["merge_dims"],
                 g["precondition_1d"],
+                g.get("stack_dims", 0),
             )
             for g in self.param_groups
         )
@@ -246,9 +250,13 @@ class BlockEngine:
             tensors = bucket.select(rows)
             failed = set(refresh_rows(tensors, list(range(len(rows))), rank))
             bucket.write_back(rows, tensors)
+            members: dict[int, bool] = {}  # a stack's matrices count as one block's failure
             for i, row in enumerate(rows):
-                param = bucket.params[row]
-                self.faults.basis(self.param_name(param), self.state[param], i in failed)
+                member = bucket.owner_of_row[row]
+                members[member] = members.get(member, False) or i in failed
+            for member, member_failed in members.items():
+                param = bucket.params[member]
+                self.faults.basis(self.param_name(param), self.state[param], member_failed)
 
     def _plan_step(
         self, grads: dict[int, torch.Tensor], finite: dict[int, bool], result: Updates
@@ -296,6 +304,7 @@ class BlockEngine:
                     device=param.device,
                     precondition_frequency=state["precondition_frequency"],
                     shampoo_beta=state["shampoo_beta"],
+                    stacked=spec.stacked,
                 )
                 ready[key].append(param)
             for key, params in ready.items():
@@ -308,7 +317,7 @@ class BlockEngine:
                         group=group,
                         params=params,
                         states=states,
-                        rows=[bucket.row[id(p)] for p in params],
+                        rows=[r for p in params for r in bucket.rows_of(p)],
                         specs=[
                             self.block_spec(p, group, tuple(grads[id(p)].shape)) for p in params
                         ],
@@ -331,10 +340,10 @@ class BlockEngine:
                 state.setdefault(key, value)  # keeps a non-finite skip counted before
         dtype = compute_dtype(param)
         moments = torch.float64 if dtype == torch.float64 else self.moment_dtype
-        block = spec.to_block(grad).to(dtype)
+        block = spec.to_rows(grad).to(dtype)
         if group.get("maximize", False):
             block = block.neg()  # not in place: it may be the caller's gradient
-        decomposed = first_call(state, spec.factored, block, moments)
+        decomposed = first_call(state, spec, block, moments)
         if not decomposed or state["bases_ready"]:
             self.faults.basis(self.param_name(param), state, failed=not decomposed)
 
@@ -346,7 +355,9 @@ class BlockEngine:
         members = list(bucket.params) if bucket is not None else []
         known = {id(p) for p in members}
         members += [p for p in params if id(p) not in known]
-        bucket = Bucket(members, [self.state[p] for p in members], block_tensor_keys(key.factored))
+        states = [self.state[p] for p in members]
+        counts = [s["exp_avg"].shape[0] if key.stacked else None for s in states]
+        bucket = Bucket(members, states, block_tensor_keys(key.factored), counts)
         self._buckets[key] = bucket
         return bucket
 
@@ -361,6 +372,7 @@ class BlockEngine:
         for state in bucket_step.states:
             state["step"] += 1
             steps.append(state["step"])
+        steps = bucket_step.per_row(steps)
         bucket, rows = bucket_step.bucket, bucket_step.rows
         tensors = bucket.select(rows)
         deltas, due = soap_update(
@@ -370,7 +382,7 @@ class BlockEngine:
             bucket_step.group,
             key.shampoo_beta,
             key.precondition_frequency,
-            bucket_step.offsets,
+            bucket_step.per_row(bucket_step.offsets),
             self.elementwise,
         )
         bucket.write_back(rows, tensors)

@@ -27,25 +27,56 @@ def block_tensor_keys(factored: tuple[bool, ...]) -> list[str]:
 class Bucket:
     """Stacked SOAP state for blocks of one shape, one dtype, one device and one param group.
 
+    A member takes one row of every stack, or, when it is a stack of matrices itself
+    (``stack_dims``), as many consecutive rows as it has matrices; its state tensors are then
+    views of those rows.
+
     Args:
-        params: the member parameters, in a fixed order (their row in every stack).
+        params: the member parameters, in a fixed order (their rows in every stack).
         states: their state dicts; tensors are moved into the stacks and replaced by views.
         keys: the state keys to stack.
+        counts: per member, its number of rows when it is a stack (state tensors led by that
+            many rows), or None for a single block; default: every member a single block.
 
     """
 
-    def __init__(self, params: list[torch.Tensor], states: list[dict], keys: list[str]):
+    def __init__(
+        self,
+        params: list[torch.Tensor],
+        states: list[dict],
+        keys: list[str],
+        counts: list[int | None] | None = None,
+    ):
         self.params = params
         self.keys = keys
-        self.row = {id(p): i for i, p in enumerate(params)}
-        self.storage = {k: torch.stack([s[k] for s in states]) for k in keys}
-        for i, state in enumerate(states):
+        counts = counts or [None] * len(params)
+        self.row: dict[int, int] = {}
+        """``id(param)`` -> its first row."""
+        self.count: dict[int, int] = {}
+        """``id(param)`` -> its number of rows."""
+        self.owner_of_row: list[int] = []
+        """Per row, the index in ``params`` of the member it belongs to."""
+        for i, (p, n) in enumerate(zip(params, counts, strict=True)):
+            self.row[id(p)] = len(self.owner_of_row)
+            self.count[id(p)] = n or 1
+            self.owner_of_row += [i] * (n or 1)
+        self.storage = {
+            k: torch.cat([s[k] if n else s[k].unsqueeze(0) for s, n in zip(states, counts)])
+            for k in keys
+        }
+        for state, p, n in zip(states, params, counts):
+            start = self.row[id(p)]
             for k in keys:
-                state[k] = self.storage[k][i]
+                state[k] = self.storage[k][start : start + n] if n else self.storage[k][start]
         self._indices: dict[tuple[int, ...], torch.Tensor] = {}
 
     def __len__(self) -> int:
-        return len(self.params)
+        return len(self.owner_of_row)
+
+    def rows_of(self, param: torch.Tensor) -> range:
+        """The rows of a member."""
+        start = self.row[id(param)]
+        return range(start, start + self.count[id(param)])
 
     def holds(self, params: list[torch.Tensor]) -> bool:
         """Whether every one of ``params`` is a member."""

@@ -48,7 +48,7 @@ def staggered_offsets(engine: BlockEngine) -> dict[int, int]:
         for p in group["params"]:
             if p.requires_grad:
                 spec = engine.block_spec(p, group, engine.state_shape(p))
-                cost = float(sum(d**3 for d in spec.factor_dims))
+                cost = float(spec.rows * sum(d**3 for d in spec.factor_dims))
                 by_frequency[group["precondition_frequency"]].append((p, cost))
     offsets = {}
     for frequency, blocks in by_frequency.items():

@@ -39,7 +39,7 @@ class BucketStep:
     states: list[dict[str, Any]]
     """Their state dicts (step counts are advanced there)."""
     rows: list[int]
-    """Their rows in the bucket's stacked state."""
+    """Their rows in the bucket's stacked state, in order (a stacked member has several)."""
     specs: list[BlockSpec]
     """Their block layouts (all with the bucket's block shape)."""
     offsets: list[int]
@@ -51,20 +51,32 @@ class BucketStep:
     def __post_init__(self) -> None:
         first = self.specs[0]
         self.uniform = all(
-            s.param_shape == first.param_shape and not s.channels_last for s in self.specs
+            (s.param_shape, s.stacked) == (first.param_shape, first.stacked) and not s.channels_last
+            for s in self.specs
         )
 
+    def row_counts(self) -> list[int]:
+        """Per member, its number of rows (1, or its matrices when it is a stack)."""
+        return [s.rows for s in self.specs]
+
+    def per_row(self, values: list) -> list:
+        """Per-member values repeated for each of the member's rows."""
+        if all(s.rows == 1 for s in self.specs):
+            return values
+        return [v for v, s in zip(values, self.specs, strict=True) for _ in range(s.rows)]
+
     def stack_grads(self, grads: dict[int, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-        """The members' gradients as one ``(B, *block_shape)`` stack in ``dtype``."""
+        """The members' gradients as one ``(rows, *block_shape)`` stack in ``dtype``."""
         if self.uniform:
             stacked = torch.stack([grads[id(p)] for p in self.params])
-            return stacked.reshape(len(self.params), *self.specs[0].block_shape).to(dtype)
-        return torch.stack(
-            [s.to_block(grads[id(p)]).to(dtype) for s, p in zip(self.specs, self.params)]
+            return stacked.reshape(-1, *self.specs[0].block_shape).to(dtype)
+        return torch.cat(
+            [s.to_rows(grads[id(p)]).to(dtype) for s, p in zip(self.specs, self.params)]
         )
 
     def split_deltas(self, deltas: torch.Tensor) -> list[torch.Tensor]:
-        """A ``(B, *block_shape)`` stack of deltas as one tensor per member, parameter-shaped."""
+        """A ``(rows, *block_shape)`` stack of deltas as one tensor per member, parameter-shaped."""
         if self.uniform:
             return list(deltas.reshape(len(self.params), *self.specs[0].param_shape).unbind(0))
-        return [s.from_block(d) for s, d in zip(self.specs, deltas)]
+        pieces = deltas.split(self.row_counts())
+        return [s.from_rows(d) for s, d in zip(self.specs, pieces)]

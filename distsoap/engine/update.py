@@ -141,20 +141,26 @@ def refresh_rows(tensors: dict[str, torch.Tensor], rows: list[int], rank: int) -
 def new_block_tensors(
     spec: BlockSpec, dtype: torch.dtype, moment_dtype: torch.dtype, device: torch.device
 ) -> dict[str, torch.Tensor]:
-    """Zero moments, zero factors and identity bases for a block of this layout."""
+    """Zero moments, zero factors and identity bases for a block of this layout.
+
+    A stacked block's tensors lead with its rows: moments ``(rows, *block_shape)``, factors and
+    bases ``(rows, d, d)``.
+    """
+    lead = (spec.rows,) if spec.stacked else ()
     tensors = {
-        "exp_avg": torch.zeros(spec.block_shape, dtype=moment_dtype, device=device),
-        "exp_avg_sq": torch.zeros(spec.block_shape, dtype=moment_dtype, device=device),
+        "exp_avg": torch.zeros(spec.state_shape, dtype=moment_dtype, device=device),
+        "exp_avg_sq": torch.zeros(spec.state_shape, dtype=moment_dtype, device=device),
     }
     for dim, size in enumerate(spec.block_shape):
         if spec.factored[dim]:
-            tensors[f"factor_{dim}"] = torch.zeros(size, size, dtype=dtype, device=device)
-            tensors[f"basis_{dim}"] = torch.eye(size, dtype=dtype, device=device)
+            eye = torch.eye(size, dtype=dtype, device=device)
+            tensors[f"factor_{dim}"] = torch.zeros(*lead, size, size, dtype=dtype, device=device)
+            tensors[f"basis_{dim}"] = eye.expand(*lead, size, size).clone() if lead else eye
     return tensors
 
 
 def first_call(
-    state: dict[str, Any], factored: tuple[bool, ...], grad: torch.Tensor, moment_dtype: torch.dtype
+    state: dict[str, Any], spec: BlockSpec, grads: torch.Tensor, moment_dtype: torch.dtype
 ) -> bool:
     """First call for a block: create its state, accumulate the factors, and compute the bases.
 
@@ -163,15 +169,17 @@ def first_call(
     or not finite (e.g. the all-zero gradient of torch DCP's state-initialising step) the call
     is discarded: the factors are reset to zero, the bases are provisional (identity) and
     ``bases_ready`` stays False, so the next call with a real gradient is the first call again
-    instead of freezing a meaningless basis (the public reference would keep it).
+    instead of freezing a meaningless basis (the public reference would keep it). A stack of
+    matrices (``stack_dims``) starts together: the call is discarded unless every matrix's
+    gradient is usable (an expert that got no tokens makes the whole stack wait a step).
 
     If the eigendecomposition of a factor fails every retry (:mod:`distsoap.math.bases`), the
     call is discarded the same way and reported.
 
     Args:
         state: the block's state dict, filled in place.
-        factored: per block dim, whether it has a factor.
-        grad: the block's gradient in block shape, in the factors' dtype.
+        spec: the block's layout.
+        grads: the block's gradient as rows, ``(rows, *block_shape)``, in the factors' dtype.
         moment_dtype: dtype of ``exp_avg`` and ``exp_avg_sq``.
 
     Returns:
@@ -179,15 +187,21 @@ def first_call(
 
     """
     if "exp_avg" not in state:
-        spec = BlockSpec(tuple(grad.shape), False, tuple(grad.shape), factored)
-        state.update(new_block_tensors(spec, grad.dtype, moment_dtype, grad.device))
+        state.update(new_block_tensors(spec, grads.dtype, moment_dtype, grads.device))
+
+    def as_rows(tensor: torch.Tensor) -> torch.Tensor:  # a view: writes reach the state
+        return tensor if spec.stacked else tensor.unsqueeze(0)
+
     factors = [
-        state[f"factor_{dim}"].unsqueeze(0) if has_factor else None
-        for dim, has_factor in enumerate(factored)
+        as_rows(state[f"factor_{dim}"]) if has_factor else None
+        for dim, has_factor in enumerate(spec.factored)
     ]
-    update_factors(factors, grad.unsqueeze(0), state["shampoo_beta"])
-    usable = [grad] + [f for f in factors if f is not None]
-    ready = all(bool(torch.isfinite(t).all()) and bool(t.abs().amax() > 0) for t in usable)
+    update_factors(factors, grads, state["shampoo_beta"])
+    usable = [grads] + [f for f in factors if f is not None]
+    ready = all(
+        bool(torch.isfinite(t).all()) and bool((t.reshape(t.shape[0], -1).abs().amax(dim=1) > 0).all())
+        for t in usable
+    )
     decomposed = True
     new_bases = {}
     if ready:
@@ -195,13 +209,13 @@ def first_call(
             if factor is not None:
                 basis, failed = initial_basis(factor)
                 decomposed = decomposed and not failed
-                new_bases[dim] = basis[0]
+                new_bases[dim] = basis
     ready = ready and decomposed
     for dim, factor in enumerate(factors):
         if factor is None:
             continue
         if ready:
-            state[f"basis_{dim}"].copy_(new_bases[dim])
+            as_rows(state[f"basis_{dim}"]).copy_(new_bases[dim])
         else:
             factor.zero_()  # discard this call: the next one starts from zero factors again
     state["bases_ready"] = ready

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from distsoap.checkpointing.stack_rows import has_rows, join_rows
 from distsoap.comm import CommStats, raise_if_aborted, read_flag
 from distsoap.engine.block_engine import BlockEngine, Updates
 from distsoap.engine.update import apply_deltas
@@ -98,6 +99,18 @@ class Strategy:
     def state_key_suffix(self) -> str:
         """Appended to state keys in state dicts ('' unless the state depends on the rank)."""
         return ""
+
+    def export_state(self, param: torch.Tensor, entry: dict[str, Any]) -> dict[str, Any]:
+        """A block's state as state dicts hold it (unchanged unless the strategy splits it)."""
+        return entry
+
+    def import_state(self, param: torch.Tensor, saved: dict[str, Any]) -> dict[str, Any]:
+        """The inverse of :meth:`export_state`: a saved entry as this rank keeps it.
+
+        By default, an expert stack saved one matrix per key (by ranks that each held some of
+        its experts, :mod:`distsoap.checkpointing.stack_rows`) is put back together whole.
+        """
+        return join_rows(saved) if has_rows(saved) else saved
 
     def model_view(self) -> AbstractContextManager:
         """Context in which the param groups hold the model's parameters (see SOAP)."""

@@ -28,11 +28,13 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from distsoap.checkpointing.stack_rows import join_rows, split_rows
 from distsoap.checks.replicas import check_copies
 from distsoap.comm import pack_flagged, unpack_flagged, update_flag
 from distsoap.engine.block_engine import BlockEngine
+from distsoap.engine.blocks import layout_signature
 from distsoap.placement import assign_owners, block_cost
-from distsoap.sharding import Layout, local_view
+from distsoap.sharding import Layout, held_stack_rows, local_view
 from distsoap.strategies.base import Strategy, apply_updates, groups_by_param
 from distsoap.strategies.frozen import check_still_frozen, frozen_params
 
@@ -162,6 +164,9 @@ class ShardedLossless(Strategy):
         self.params: list[torch.Tensor] = []
         self.layouts: list[Layout] = []
         self.costs = []
+        self.held_rows: list[tuple[int, ...] | None] = []
+        """Per parameter, the matrices of its expert stack this rank holds whole (stepped here,
+        no exchange; :func:`~distsoap.sharding.held_stack_rows`), or None: it has an owner."""
         if param_lists is None:
             param_lists = [(g, list(g["params"])) for g in engine.param_groups]
         pairs = param_lists
@@ -176,7 +181,15 @@ class ShardedLossless(Strategy):
                 spec = engine.block_spec(p, group_, layout.full_shape)
                 frequency = group_["precondition_frequency"]
                 self.costs.append(block_cost(spec, frequency, *engine.state_element_bytes(p)))
-        self.owners = assign_owners(self.costs, self.world)
+                self.held_rows.append(held_stack_rows(p, group_.get("stack_dims", 0)))
+        exchanged = [i for i, rows in enumerate(self.held_rows) if rows is None]
+        self.owners = [-1] * len(self.params)
+        """Per parameter, its owner rank (-1: stepped in place by every rank holding it)."""
+        for i, owner in zip(
+            exchanged, assign_owners([self.costs[i] for i in exchanged], self.world)
+        ):
+            self.owners[i] = owner
+        self.in_place = tuple(i for i, rows in enumerate(self.held_rows) if rows is not None)
         self._index = {id(p): i for i, p in enumerate(self.params)}
         self.exact = (
             torch.float64 if any(p.dtype == torch.float64 for p in self.params) else (torch.float32)
@@ -196,16 +209,46 @@ class ShardedLossless(Strategy):
 
     def owned_params(self) -> list[torch.Tensor]:
         """The parameters whose SOAP state lives on this rank."""
-        return [self.params[i] for i in self.mine]
+        return [p for p in self.params if self.owns(p)]
 
     def state_shape(self, param: torch.Tensor) -> tuple[int, ...]:
-        """Lossless: the whole parameter's shape."""
-        return self.layouts[self._index[id(param)]].full_shape
+        """Lossless: the whole parameter's shape; an expert stack stepped in place: the shard's."""
+        index = self._index[id(param)]
+        if self.held_rows[index] is not None:
+            return tuple(local_view(param).shape)
+        return self.layouts[index].full_shape
 
     def owns(self, param: torch.Tensor) -> bool:
-        """Whether this rank is ``param``'s owner."""
+        """Whether this rank is ``param``'s owner (or holds experts of a stack stepped in place)."""
         index = self._index.get(id(param))
-        return index is not None and self.owners[index] == self.rank
+        if index is None:
+            return False
+        if self.held_rows[index] is not None:
+            return len(self.held_rows[index]) > 0 and local_view(param).numel() > 0
+        return self.owners[index] == self.rank
+
+    def _stack_layouts(self, param: torch.Tensor) -> tuple[str, str]:
+        """Layout signatures of a stack stepped in place: the whole stack's and this rank's."""
+        group = groups_by_param(self.engine.param_groups)[id(param)]
+        full = self.layouts[self._index[id(param)]].full_shape
+        return (
+            layout_signature(self.engine.block_spec(param, group, full)),
+            layout_signature(self.engine.block_spec(param, group, self.state_shape(param))),
+        )
+
+    def export_state(self, param: torch.Tensor, entry: dict[str, Any]) -> dict[str, Any]:
+        """An expert stack stepped in place is saved one key per matrix (any split loads it)."""
+        rows = self.held_rows[self._index[id(param)]]
+        if rows is None:
+            return entry
+        return split_rows(entry, rows, self._stack_layouts(param)[0])
+
+    def import_state(self, param: torch.Tensor, saved: dict[str, Any]) -> dict[str, Any]:
+        """The state of the experts held here, from per-matrix or whole-stack entries."""
+        rows = self.held_rows[self._index[id(param)]]
+        if rows is None:
+            return super().import_state(param, saved)
+        return join_rows(saved, rows, self._stack_layouts(param))
 
     def param_groups_changed(self) -> None:
         """Layouts come with the model; adding groups later is not supported."""
@@ -273,6 +316,9 @@ class ShardedLossless(Strategy):
 
     def step_items(self, items: tuple[int, ...]) -> None:
         """One step of the parameters ``items`` (every rank passes the same ones)."""
+        in_place = [i for i in items if self.held_rows[i] is not None]
+        if in_place:
+            items = tuple(i for i in items if self.held_rows[i] is None)
         plan = self._plan(items)
         device = self._device()
         # 1. gradient pieces to owners
@@ -292,6 +338,10 @@ class ShardedLossless(Strategy):
                 present[i] = present[i] or flag != 0
                 pieces[i][source] = piece
         grads = self._assemble([i for i in plan.mine if present[i]], pieces)
+        for i in in_place:  # whole experts held here: SOAP on the local shard is exact
+            piece = self._local_grad(i)
+            if piece is not None and piece.numel() > 0:
+                grads[id(self.params[i])] = piece
         updates = self.engine.compute_updates(grads, defer_refresh=True)
         error = self.engine.faults.take_pending()
         # 3. update pieces back to every rank
@@ -328,7 +378,24 @@ class ShardedLossless(Strategy):
         )
         groups = groups_by_param(self.engine.param_groups)
         aborting = self.apply_flagged(received_blocks, self.params, self._local_target, groups)
+        if in_place:
+            targets = {id(self.params[i]): self._local_target(i) for i in in_place}
+            local = {k: updates[k] for k in targets if k in updates}
+            apply_updates(self.engine.param_groups, local, targets)
+            aborting |= self._stop_flags(error)
         self.finish(error, aborting)
+
+    def _stop_flags(self, error: str | None) -> set[int]:
+        """The ranks that must stop (one flag each, all-reduced).
+
+        A fault in an expert stack stepped in place is known only where it happened, and no
+        update of it travels to carry the news.
+        """
+        stop = torch.zeros(self.world, device=self.comm_device())
+        stop[self.rank].fill_(float(error is not None))  # a scalar fill, no host-to-device copy
+        dist.all_reduce(stop, group=self.group)
+        self.stats.add("fault_check", stop.element_size() * 2 * (self.world - 1))  # ring volume
+        return {r for r, s in enumerate(stop.tolist()) if s > 0}
 
     def _assemble(
         self, items: list[int], pieces: dict[int, dict[int, torch.Tensor]]
