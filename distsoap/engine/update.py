@@ -198,8 +198,8 @@ def first_call(
     ]
     update_factors(factors, grads, state["shampoo_beta"])
     usable = [grads] + [f for f in factors if f is not None]
-    ready = all(
-        bool(torch.isfinite(t).all()) and bool((t.reshape(t.shape[0], -1).abs().amax(dim=1) > 0).all())
+    ready = all(  # every row (matrix of a stack) finite and not all zero
+        bool(torch.isfinite(t).all()) and bool(t.reshape(t.shape[0], -1).abs().amax(1).gt(0).all())
         for t in usable
     )
     decomposed = True

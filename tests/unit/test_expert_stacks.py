@@ -199,3 +199,38 @@ def test_state_rows_split_and_join_by_global_expert_index():
     assert join_rows(whole, (4, 1), ("whole", "local"))["exp_avg"].flatten().tolist() == [4, 1]
     other = {"block_layout": "another", "exp_avg": torch.arange(6.0).view(6, 1)}
     assert join_rows(other, (4, 1), ("whole", "local")) == other  # left for the layout check
+
+
+def test_torchtitan_config_gives_its_grouped_experts_a_stack_group():
+    """torchtitan's own GroupedExperts weights, selected by pattern into a stack_dims=1 group."""
+    pytest.importorskip("torchtitan")
+    from torchtitan.components.optimizer import OptimizersContainer, ParamGroupConfig
+    from torchtitan.models.common.moe import GroupedExperts
+
+    import distsoap.integrations.torchtitan  # noqa: F401  (registers "SOAP")
+
+    model = torch.nn.Module()
+    model.experts = GroupedExperts(GroupedExperts.Config(dim=4, hidden_dim=6, num_experts=3))
+    model.router = torch.nn.Linear(4, 3, bias=False)
+    for p in model.experts.parameters():
+        torch.nn.init.normal_(p)
+    config = OptimizersContainer.Config(
+        param_groups=[
+            ParamGroupConfig(
+                pattern=r".*experts\..*",
+                optimizer_name="SOAP",
+                optimizer_kwargs={"lr": 1e-3, "stack_dims": 1},
+            ),
+            ParamGroupConfig(pattern=r".*", optimizer_name="SOAP", optimizer_kwargs={"lr": 1e-3}),
+        ]
+    )
+    container = config.build(model_parts=[model])
+    soap = container.optimizers[0]
+    stacks = [g for g in soap.param_groups if g["stack_dims"] == 1]
+    assert [len(g["params"]) for g in stacks] == [3]  # w1, w2, w3
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    container.step()
+    state = soap.state[model.experts.w1_EFD]
+    assert state["factor_0"].shape == (3, 6, 6) and state["factor_1"].shape == (3, 4, 4)
+    assert soap.state[model.router.weight]["factor_0"].shape == (3, 3)
