@@ -100,9 +100,23 @@ def default_soap(lr: float = 3e-3, **kwargs: Any) -> OptimizersContainer.Config:
 def llama3_debugmodel_soap():
     """The llama3 debug-model config of torchtitan, with SOAP in place of AdamW.
 
-    For ``--module distsoap.integrations.torchtitan --config llama3_debugmodel_soap``.
+    For ``--module distsoap.integrations.torchtitan --config llama3_debugmodel_soap``. Imported
+    when called: torchtitan's config registry imports its trainer, data and logging modules,
+    which need torchtitan's full requirements (datasets, torchdata, tensorboard); this module's
+    other functions need none of them.
+
+    Raises:
+        ImportError: naming what is missing, when torchtitan is installed without them.
     """
-    from torchtitan.models.llama3.config_registry import llama3_debugmodel
+    try:
+        from torchtitan.models.llama3.config_registry import llama3_debugmodel
+    except ImportError as error:
+        raise ImportError(
+            f"llama3_debugmodel_soap needs torchtitan's llama3 config registry, which imports "
+            f"torchtitan's data and logging requirements (datasets, torchdata, tensorboard): "
+            f"{error}. Install torchtitan with its dependencies (pip install "
+            f"'distsoap[torchtitan]')."
+        ) from error
 
     config = llama3_debugmodel()
     config.optimizer = default_soap(lr=3e-3)
