@@ -115,6 +115,15 @@ class FaultPolicy:
                 "corrupt (non-finite or overflowed)"
             )
 
+    def basis_fallback(self, name: str, state: dict[str, Any]) -> None:
+        """Count a block whose low-precision bases the drift guard moved to fp32."""
+        state["basis_fallbacks"] = state.get("basis_fallbacks", 0) + 1
+        logger.warning(
+            "SOAP keeps the eigenbases of %s in fp32 from now on: stored in basis_dtype they "
+            "would lose more orthogonality than basis_orthogonality_tol allows",
+            name,
+        )
+
     def take_pending(self) -> str | None:
         """The error collected during this step, if any (cleared)."""
         message, self.pending = self.pending, None

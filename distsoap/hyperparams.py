@@ -117,6 +117,9 @@ def validate_group(group: dict[str, Any], data_format: str = "channels_first") -
     maximize = group.get("maximize", False)  # torch's name; the reference has no such option
     if not isinstance(maximize, bool):
         raise ValueError(f"maximize must be True or False, got {maximize!r}")
+    one_sided = group.get("one_sided", False)  # distsoap's own, as stack_dims below
+    if not isinstance(one_sided, bool):
+        raise ValueError(f"one_sided must be True or False, got {one_sided!r}")
     stack_dims = group.get("stack_dims", 0)  # distsoap's own: leading dims of matrix stacks
     if not _is_int(stack_dims) or stack_dims < 0:
         raise ValueError(

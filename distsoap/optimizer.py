@@ -10,6 +10,7 @@ of one shape into buckets and steps each with batched matmuls.
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
@@ -27,6 +28,7 @@ from distsoap.engine.block_engine import BlockEngine
 from distsoap.engine.blocks import BlockSpec
 from distsoap.engine.elementwise import choose_elementwise
 from distsoap.engine.schedule import SCHEDULES
+from distsoap.engine.storage import STORAGE_DTYPES
 from distsoap.faults import FaultPolicy
 from distsoap.hyperparams import (
     DEFAULTS,
@@ -100,6 +102,9 @@ class SOAP(torch.optim.Optimizer):
         correct_bias: fold Adam's bias correction into the step size.
         maximize: keyword-only; maximise the objective (torch's name): the gradient is negated
             before everything else (moments, Kronecker factors). A param-group option.
+        one_sided: keyword-only; rotate only the smallest factored dim of each block (the SOAP
+            paper's one-sided variant: a ``(m, n)`` matrix with ``m <= n`` keeps an ``m x m``
+            factor and basis, its other side unrotated). A param-group option.
         stack_dims: keyword-only; the number of leading dims of each parameter that index a
             stack of independent matrices (default 0: none). With ``stack_dims=1`` an MoE
             expert weight ``(num_experts, d_in, d_out)`` is preconditioned as ``num_experts``
@@ -109,6 +114,14 @@ class SOAP(torch.optim.Optimizer):
         moment_dtype: keyword-only; dtype of ``exp_avg`` and ``exp_avg_sq`` (fp32 default;
             bf16 halves their memory at some accuracy cost; fp64 parameters always use fp64).
             Dtypes may also be given by name (``"bf16"``, ``"float32"``), as JSON configs do.
+        factor_dtype: keyword-only; storage dtype of the Kronecker factors (fp32 default; bf16
+            or fp16 halve them; the math stays fp32, the result is rounded once per update).
+        basis_dtype: keyword-only; storage dtype of the eigenbases (fp32 default; bf16 / fp16
+            as ``factor_dtype``), guarded by ``basis_orthogonality_tol``.
+        basis_orthogonality_tol: keyword-only; the drift guard of bases stored below fp32: a
+            block whose new basis, rounded to ``basis_dtype``, has ``||Q^T Q - I||_F /
+            sqrt(d)`` above this keeps fp32 bases from then on (counted in its
+            ``basis_fallbacks`` state; bf16 rounding alone gives about 0.0024).
         strategy: keyword-only; ``"auto"`` (``"fsdp2"`` for DTensor parameters, ``"ddp"``
             when a process group of more than one rank is initialised, else ``"single"``),
             ``"single"`` (every rank computes everything), ``"ddp"`` (model wrapped in
@@ -164,7 +177,11 @@ class SOAP(torch.optim.Optimizer):
         *,
         maximize: bool = False,
         stack_dims: int = 0,
+        one_sided: bool = False,
         moment_dtype: torch.dtype | str = torch.float32,
+        factor_dtype: torch.dtype | str = torch.float32,
+        basis_dtype: torch.dtype | str = torch.float32,
+        basis_orthogonality_tol: float = 0.01,
         strategy: str = "auto",
         process_group: dist.ProcessGroup | None = None,
         comm_dtype: torch.dtype | str | None = None,
@@ -181,6 +198,20 @@ class SOAP(torch.optim.Optimizer):
         comm_dtype = parse_dtype(comm_dtype, "comm_dtype")
         if moment_dtype not in _MOMENT_DTYPES:
             raise ValueError(f"moment_dtype must be one of {_MOMENT_DTYPES}, got {moment_dtype}")
+        factor_dtype = parse_dtype(factor_dtype, "factor_dtype")
+        basis_dtype = parse_dtype(basis_dtype, "basis_dtype")
+        for name, dtype in (("factor_dtype", factor_dtype), ("basis_dtype", basis_dtype)):
+            if dtype not in STORAGE_DTYPES:
+                raise ValueError(f"{name} must be one of {STORAGE_DTYPES}, got {dtype}")
+        if not (
+            isinstance(basis_orthogonality_tol, (int, float))
+            and not isinstance(basis_orthogonality_tol, bool)
+            and 0 <= basis_orthogonality_tol < math.inf
+        ):
+            raise ValueError(
+                "basis_orthogonality_tol must be a real number >= 0 and finite, got "
+                f"{basis_orthogonality_tol!r}"
+            )
         faults = FaultPolicy(nonfinite_grads, max_basis_failures)
         if refresh_schedule not in SCHEDULES:
             raise ValueError(
@@ -197,6 +228,9 @@ class SOAP(torch.optim.Optimizer):
             faults=faults,
             refresh_schedule=refresh_schedule,
             elementwise=choose_elementwise(elementwise),
+            factor_dtype=factor_dtype,
+            basis_dtype=basis_dtype,
+            basis_orthogonality_tol=float(basis_orthogonality_tol),
         )
         """Buckets, step plans and due refreshes: the SOAP math strategies call."""
         self._consolidated: dict[int, dict[str, Any]] | None = None
@@ -219,6 +253,7 @@ class SOAP(torch.optim.Optimizer):
             correct_bias=correct_bias,
             maximize=maximize,
             stack_dims=stack_dims,
+            one_sided=one_sided,
         )
         super().__init__(params, defaults)
         self.register_state_dict_post_hook(complete_state_dict)
@@ -243,6 +278,21 @@ class SOAP(torch.optim.Optimizer):
     def moment_dtype(self) -> torch.dtype:
         """Dtype of ``exp_avg`` and ``exp_avg_sq`` (fp64 parameters use fp64)."""
         return self.engine.moment_dtype
+
+    @property
+    def factor_dtype(self) -> torch.dtype:
+        """Storage dtype of the Kronecker factors (fp64 parameters use fp64)."""
+        return self.engine.factor_dtype
+
+    @property
+    def basis_dtype(self) -> torch.dtype:
+        """Storage dtype of the eigenbases (fp64 parameters use fp64)."""
+        return self.engine.basis_dtype
+
+    @property
+    def basis_orthogonality_tol(self) -> float:
+        """The drift guard's tolerance for bases stored below fp32."""
+        return self.engine.basis_orthogonality_tol
 
     @property
     def faults(self) -> FaultPolicy:
@@ -346,6 +396,9 @@ class SOAP(torch.optim.Optimizer):
         state.update(
             data_format=engine.data_format,
             moment_dtype=engine.moment_dtype,
+            factor_dtype=engine.factor_dtype,
+            basis_dtype=engine.basis_dtype,
+            basis_orthogonality_tol=engine.basis_orthogonality_tol,
             faults=engine.faults,
             refresh_schedule=engine.refresh_schedule,
             elementwise=self.elementwise,
@@ -375,11 +428,15 @@ class SOAP(torch.optim.Optimizer):
                 faults=state.pop("faults", None) or FaultPolicy("skip", 3),
                 refresh_schedule=state.pop("refresh_schedule", "aligned"),
                 elementwise=choose_elementwise(state["elementwise"]),
+                factor_dtype=state.pop("factor_dtype", torch.float32),
+                basis_dtype=state.pop("basis_dtype", torch.float32),
+                basis_orthogonality_tol=state.pop("basis_orthogonality_tol", 0.01),
             )
         super().__setstate__(state)
         for group in self.param_groups:  # pickles and state dicts from before maximize existed
             group.setdefault("maximize", False)
             group.setdefault("stack_dims", 0)
+            group.setdefault("one_sided", False)
         self._layouts = {id(p): (p.shape, p.device) for g in self.param_groups for p in g["params"]}
         if unpickling:  # an unpickled optimizer is a local copy: it steps on this process only
             self.engine = engine

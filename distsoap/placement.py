@@ -32,7 +32,11 @@ class BlockCost:
 
 
 def block_cost(
-    spec: BlockSpec, precondition_frequency: int, moment_bytes: int = 4, factor_bytes: int = 4
+    spec: BlockSpec,
+    precondition_frequency: int,
+    moment_bytes: int = 4,
+    factor_bytes: int = 4,
+    basis_bytes: int | None = None,
 ) -> BlockCost:
     """Cost model of one block (see the module docstring).
 
@@ -40,15 +44,17 @@ def block_cost(
         spec: the block's layout.
         precondition_frequency: refresh interval of the block's bases.
         moment_bytes: bytes per element of ``exp_avg`` / ``exp_avg_sq``.
-        factor_bytes: bytes per element of factors and bases.
+        factor_bytes: bytes per element of the factors.
+        basis_bytes: bytes per element of the bases (default: ``factor_bytes``).
 
     """
+    basis_bytes = factor_bytes if basis_bytes is None else basis_bytes
     numel = spec.numel
     flops = float(numel) * 4  # elementwise Adam, applying the update: never zero
     state = 2 * numel * moment_bytes
     for d in spec.factor_dims:  # a stack of matrices has a factor and a basis per matrix
         flops += 3.0 * numel * d + spec.rows * 2.0 * d**3 / precondition_frequency
-        state += spec.rows * 2 * d * d * factor_bytes
+        state += spec.rows * d * d * (factor_bytes + basis_bytes)
     return BlockCost(flops, state)
 
 

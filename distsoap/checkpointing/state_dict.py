@@ -14,8 +14,8 @@ owns under the new placement. Two details make that hold:
   rank (``exp_avg@rank1``): it loads only at the same world size.
 
 Loading checks the layout hyperparameters (``max_precond_dim``, ``merge_dims``,
-``precondition_1d``, ``stack_dims``) against the optimizer's and each block's saved layout
-against the one it expects, and raises ValueError naming the difference.
+``precondition_1d``, ``stack_dims``, ``one_sided``) against the optimizer's and each block's
+saved layout against the one it expects, and raises ValueError naming the difference.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     from distsoap.optimizer import SOAP
 
 # Hyperparameters that fix a parameter's state layout; a checkpoint must agree on them.
-LAYOUT_KEYS = ("max_precond_dim", "merge_dims", "precondition_1d", "stack_dims")
+LAYOUT_KEYS = ("max_precond_dim", "merge_dims", "precondition_1d", "stack_dims", "one_sided")
 
 
 def new_state_header(group: dict[str, Any], spec: BlockSpec, offset: int) -> dict[str, Any]:
@@ -46,6 +46,7 @@ def new_state_header(group: dict[str, Any], spec: BlockSpec, offset: int) -> dic
         "block_layout": layout_signature(spec),
         "nonfinite_skips": 0,
         "basis_failures": 0,
+        "basis_fallbacks": 0,
     }
 
 
@@ -53,10 +54,9 @@ def initial_state(optimizer: SOAP, param: torch.Tensor, group: dict[str, Any]) -
     """The complete state of a block that has not had a usable gradient yet."""
     spec = optimizer.block_spec(param, group, optimizer.strategy.state_shape(param))
     dtype = torch.float64 if param.dtype == torch.float64 else torch.float32
-    moments = torch.float64 if dtype == torch.float64 else optimizer.moment_dtype
-    device = param.device
+    storage = optimizer.engine.storage_dtypes(param)
     state = new_state_header(group, spec, optimizer.engine.refresh_offset(param))
-    state.update(new_block_tensors(spec, dtype, moments, device))
+    state.update(new_block_tensors(spec, dtype, storage.moments, param.device, storage))
     state["bases_ready"] = False
     return state
 
@@ -151,7 +151,7 @@ def check_block_layout(
             f"{saved['block_layout']}, but this optimizer lays it out as {expected} (from the "
             f"shape {shape} and max_precond_dim={group['max_precond_dim']}, merge_dims="
             f"{group['merge_dims']}, precondition_1d={group['precondition_1d']}, stack_dims="
-            f"{group.get('stack_dims', 0)}): the "
+            f"{group.get('stack_dims', 0)}, one_sided={group.get('one_sided', False)}): the "
             "parameter's shape or one of these settings differs from the run that saved it"
         )
 

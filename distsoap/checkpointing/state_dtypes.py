@@ -1,11 +1,11 @@
 """The dtypes of a block's saved state, made those SOAP allocates for its parameter now.
 
 torch's ``Optimizer.load_state_dict`` casts floating-point state to the parameter's dtype; SOAP
-keeps its own: factors and bases in the compute dtype (fp64 for fp64 parameters, else fp32),
-``exp_avg`` / ``exp_avg_sq`` in the moment dtype (fp64 for fp64 parameters, else the
-optimizer's ``moment_dtype``). A checkpoint saved with other dtypes (fp32 state loaded into fp64
-parameters, or back; another ``moment_dtype``) is converted to these on load, so the next step
-does not mix dtypes.
+keeps its own (:class:`~distsoap.engine.storage.StorageDtypes`): fp64 throughout for fp64
+parameters, else the optimizer's ``moment_dtype``, ``factor_dtype`` and ``basis_dtype`` (fp32 bases
+for a block the drift guard moved, as its saved ``basis_fallbacks`` says). A checkpoint saved
+with other dtypes (fp32 state loaded into fp64 parameters, or back; other storage dtypes) is
+converted to these on load, so the next step does not mix dtypes.
 """
 
 from __future__ import annotations
@@ -18,14 +18,6 @@ if TYPE_CHECKING:
     from distsoap.optimizer import SOAP
 
 MOMENT_KEYS = ("exp_avg", "exp_avg_sq")
-FACTOR_PREFIXES = ("factor_", "basis_")
-
-
-def block_state_dtypes(optimizer: SOAP, param: torch.Tensor) -> tuple[torch.dtype, torch.dtype]:
-    """(moment dtype, factor and basis dtype) SOAP allocates for ``param``'s block."""
-    if param.dtype == torch.float64:
-        return torch.float64, torch.float64
-    return optimizer.moment_dtype, torch.float32
 
 
 def convert_block_state(optimizer: SOAP, param: torch.Tensor, saved: dict) -> dict:
@@ -40,17 +32,19 @@ def convert_block_state(optimizer: SOAP, param: torch.Tensor, saved: dict) -> di
             a rank suffix (``exp_avg@rank1``, local-shard state).
 
     Returns:
-        A new dict: moments in the moment dtype, factors and bases in the compute dtype, other
+        A new dict: moments, factors and bases in their storage dtypes, other
         entries (non-tensors, unknown keys) as saved. Tensors stay on their device; one already
         in its dtype is returned as is, not copied.
     """
-    moments, factors = block_state_dtypes(optimizer, param)
+    dtypes = optimizer.engine.storage_dtypes(param, saved)
     converted = {}
     for key, value in saved.items():
         name = key.split("@", 1)[0]
         if isinstance(value, torch.Tensor) and name in MOMENT_KEYS:
-            value = value.to(moments)
-        elif isinstance(value, torch.Tensor) and name.startswith(FACTOR_PREFIXES):
-            value = value.to(factors)
+            value = value.to(dtypes.moments)
+        elif isinstance(value, torch.Tensor) and name.startswith("factor_"):
+            value = value.to(dtypes.factors)
+        elif isinstance(value, torch.Tensor) and name.startswith("basis_"):
+            value = value.to(dtypes.bases)
         converted[key] = value
     return converted

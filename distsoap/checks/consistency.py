@@ -37,6 +37,9 @@ def optimizer_fingerprint(
         repr(float(bucket_cap_mb)),
         engine.data_format,
         str(engine.moment_dtype),
+        str(engine.factor_dtype),
+        str(engine.basis_dtype),
+        repr(engine.basis_orthogonality_tol),
     ]
     for group in engine.param_groups:
         hyper = sorted((k, hyperparameter_text(v)) for k, v in group.items() if k not in _NOT_HYPER)

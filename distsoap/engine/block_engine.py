@@ -26,6 +26,7 @@ from distsoap.engine.bucket import Bucket, block_tensor_keys
 from distsoap.engine.elementwise import ElementwiseFn
 from distsoap.engine.schedule import staggered_offsets
 from distsoap.engine.step_plan import BucketStep
+from distsoap.engine.storage import StorageDtypes
 from distsoap.engine.update import first_call, refresh_rows, soap_update
 from distsoap.faults import FaultPolicy, parameter_names
 
@@ -67,6 +68,8 @@ class BucketKey:
     """EMA coefficient of the factors (as recorded in each block's state)."""
     stacked: bool = False
     """Members are stacks of matrices (``stack_dims``), several rows each."""
+    basis_dtype: torch.dtype | None = None
+    """Storage dtype of the bases (a block the drift guard moved to fp32 leaves its bucket)."""
 
 
 def compute_dtype(param: torch.Tensor) -> torch.dtype:
@@ -93,6 +96,9 @@ class BlockEngine:
         faults: what to do on non-finite gradients and failed eigenbases.
         refresh_schedule: ``"aligned"`` or ``"staggered"`` (:mod:`distsoap.engine.schedule`).
         elementwise: the rotated-Adam implementation (:mod:`distsoap.engine.elementwise`).
+        factor_dtype: storage dtype of the factors (:mod:`distsoap.engine.storage`).
+        basis_dtype: storage dtype of the bases.
+        basis_orthogonality_tol: the drift guard's tolerance for bases stored below fp32.
     """
 
     def __init__(
@@ -104,6 +110,9 @@ class BlockEngine:
         faults: FaultPolicy,
         refresh_schedule: str,
         elementwise: ElementwiseFn,
+        factor_dtype: torch.dtype = torch.float32,
+        basis_dtype: torch.dtype = torch.float32,
+        basis_orthogonality_tol: float = 0.01,
     ):
         self.host = host
         self.data_format = data_format
@@ -111,6 +120,9 @@ class BlockEngine:
         self.faults = faults
         self.refresh_schedule = refresh_schedule
         self.elementwise = elementwise
+        self.factor_dtype = factor_dtype
+        self.basis_dtype = basis_dtype
+        self.basis_orthogonality_tol = basis_orthogonality_tol
         self.state_shape: Callable[[torch.Tensor], tuple[int, ...]] = lambda p: tuple(p.shape)
         """Shape of the tensor whose state is kept for a parameter (set by the strategy)."""
         self._buckets: dict[BucketKey, Bucket] = {}
@@ -147,13 +159,28 @@ class BlockEngine:
             precondition_1d=group["precondition_1d"],
             data_format=self.data_format,
             stack_dims=group.get("stack_dims", 0),
+            one_sided=group.get("one_sided", False),
         )
 
-    def state_element_bytes(self, param: torch.Tensor) -> tuple[int, int]:
-        """Bytes per element of ``param``'s moments and of its factors / bases (placement)."""
+    def storage_dtypes(
+        self, param: torch.Tensor, state: dict[str, Any] | None = None
+    ) -> StorageDtypes:
+        """The dtypes ``param``'s state is stored in (fp64 parameters: fp64 throughout).
+
+        ``state``: the block's state, if it has one (a block the drift guard moved keeps fp32
+        bases).
+        """
         if param.dtype == torch.float64:
-            return 8, 8
-        return self.moment_dtype.itemsize, 4
+            return StorageDtypes(torch.float64, torch.float64, torch.float64)
+        kept = state is not None and state.get("basis_fallbacks", 0) > 0
+        return StorageDtypes(
+            self.moment_dtype, self.factor_dtype, torch.float32 if kept else self.basis_dtype
+        )
+
+    def state_element_bytes(self, param: torch.Tensor) -> tuple[int, int, int]:
+        """Bytes per element of ``param``'s moments, factors and bases (placement)."""
+        dtypes = self.storage_dtypes(param)
+        return dtypes.moments.itemsize, dtypes.factors.itemsize, dtypes.bases.itemsize
 
     def param_name(self, param: torch.Tensor) -> str:
         """A name for ``param`` in messages (from named_parameters() input when given).
@@ -177,6 +204,7 @@ class BlockEngine:
                 g["merge_dims"],
                 g["precondition_1d"],
                 g.get("stack_dims", 0),
+                g.get("one_sided", False),
             )
             for g in self.param_groups
         )
@@ -246,17 +274,46 @@ class BlockEngine:
         step's updates are on the wire.
         """
         due, self._due_refreshes = self._due_refreshes, []
-        for bucket, rows, rank in due:
+        drifted_any = False
+        for bucket, rows, key in due:
             tensors = bucket.select(rows)
-            failed = set(refresh_rows(tensors, list(range(len(rows))), rank))
+            failed, drifted, new_bases = refresh_rows(
+                tensors,
+                list(range(len(rows))),
+                len(key.block_shape),
+                key.dtype,
+                self.basis_orthogonality_tol,
+            )
             bucket.write_back(rows, tensors)
-            members: dict[int, bool] = {}  # a stack's matrices count as one block's failure
+            members: dict[int, list[int]] = {}  # a stack's matrices count as one block
             for i, row in enumerate(rows):
-                member = bucket.owner_of_row[row]
-                members[member] = members.get(member, False) or i in failed
-            for member, member_failed in members.items():
+                members.setdefault(bucket.owner_of_row[row], []).append(i)
+            for member, positions in members.items():
                 param = bucket.params[member]
-                self.faults.basis(self.param_name(param), self.state[param], member_failed)
+                state = self.state[param]
+                member_failed = any(i in failed for i in positions)
+                self.faults.basis(self.param_name(param), state, member_failed)
+                if any(i in drifted for i in positions):
+                    self._keep_fp32_bases(param, state, new_bases, positions)
+                    drifted_any = True
+        if drifted_any:
+            self.reset()  # those blocks move to buckets of fp32 bases
+
+    def _keep_fp32_bases(
+        self,
+        param: torch.Tensor,
+        state: dict[str, Any],
+        new_bases: list[torch.Tensor | None],
+        positions: list[int],
+    ) -> None:
+        """The drift guard: store this block's new bases in the compute dtype from now on."""
+        index = torch.tensor(positions, device=state["exp_avg"].device)
+        stacked = state["exp_avg"].dim() > len(new_bases)  # a stack leads with its rows
+        for dim, basis in enumerate(new_bases):
+            if basis is not None:
+                mine = basis.index_select(0, index)
+                state[f"basis_{dim}"] = mine if stacked else mine[0]
+        self.faults.basis_fallback(self.param_name(param), state)
 
     def _plan_step(
         self, grads: dict[int, torch.Tensor], finite: dict[int, bool], result: Updates
@@ -305,6 +362,11 @@ class BlockEngine:
                     precondition_frequency=state["precondition_frequency"],
                     shampoo_beta=state["shampoo_beta"],
                     stacked=spec.stacked,
+                    basis_dtype=(
+                        state[f"basis_{spec.factored.index(True)}"].dtype
+                        if any(spec.factored)
+                        else None
+                    ),
                 )
                 ready[key].append(param)
             for key, params in ready.items():
@@ -339,13 +401,15 @@ class BlockEngine:
             for key, value in header.items():
                 state.setdefault(key, value)  # keeps a non-finite skip counted before
         dtype = compute_dtype(param)
-        moments = torch.float64 if dtype == torch.float64 else self.moment_dtype
         block = spec.to_rows(grad).to(dtype)
         if group.get("maximize", False):
             block = block.neg()  # not in place: it may be the caller's gradient
-        decomposed = first_call(state, spec, block, moments)
+        storage = self.storage_dtypes(param, state)
+        decomposed, drifted = first_call(state, spec, block, storage, self.basis_orthogonality_tol)
         if not decomposed or state["bases_ready"]:
             self.faults.basis(self.param_name(param), state, failed=not decomposed)
+        if drifted:
+            self.faults.basis_fallback(self.param_name(param), state)
 
     def _bucket(self, key: BucketKey, params: list[torch.Tensor]) -> Bucket:
         """The bucket for ``key``, (re)built if some of ``params`` are not members yet."""
@@ -387,5 +451,5 @@ class BlockEngine:
         )
         bucket.write_back(rows, tensors)
         if due:
-            self._due_refreshes.append((bucket, [rows[i] for i in due], len(key.block_shape)))
+            self._due_refreshes.append((bucket, [rows[i] for i in due], key))
         return bucket_step.split_deltas(deltas)

@@ -5,6 +5,9 @@ A *block* is a parameter tensor as the preconditioner sees it: optionally permut
 size <= ``max_precond_dim`` is *factored*: it gets a Kronecker factor and an eigenbasis; larger
 dims are left unrotated. The rules follow docs/algorithm.md ("Shapes").
 
+A param group's ``one_sided`` (default False) keeps only the smallest factored dim of each block
+(the SOAP paper's one-sided variant: the memory and refresh cost of the larger side saved).
+
 A param group's ``stack_dims`` (default 0) makes a parameter's leading dims index a *stack* of
 independent matrices (MoE experts stored as ``(num_experts, d_in, d_out)``): the rules above
 apply to the trailing dims, and every matrix of the stack gets its own factors and bases, as if
@@ -140,6 +143,7 @@ def make_block_spec(
     precondition_1d: bool,
     data_format: str,
     stack_dims: int = 0,
+    one_sided: bool = False,
 ) -> BlockSpec:
     """Describe how SOAP preconditions a parameter of the given shape.
 
@@ -153,6 +157,8 @@ def make_block_spec(
             reference implementation).
         stack_dims: leading dims of ``shape`` that index independent matrices; the rules above
             apply to the remaining dims, of which there must be at least one.
+        one_sided: of the factored dims, keep only the smallest (the first of equal ones): the
+            SOAP paper's one-sided variant, the other dims left unrotated.
 
     Returns:
         The block spec.
@@ -173,6 +179,7 @@ def make_block_spec(
             merge_dims=merge_dims,
             precondition_1d=precondition_1d,
             data_format=data_format,
+            one_sided=one_sided,
         )
         return BlockSpec(
             shape, inner.channels_last, inner.block_shape, inner.factored, shape[:stack_dims]
@@ -189,6 +196,9 @@ def make_block_spec(
                 block_shape = (shape[0], shape[3], shape[1], shape[2])
             block_shape = merge_shape(block_shape, max_precond_dim)
         factored = tuple(d <= max_precond_dim for d in block_shape)
+    if one_sided and sum(factored) > 1:
+        smallest = min((d, i) for i, (d, f) in enumerate(zip(block_shape, factored)) if f)[1]
+        factored = tuple(i == smallest for i in range(len(block_shape)))
     return BlockSpec(shape, channels_last, block_shape, factored)
 
 

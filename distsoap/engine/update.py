@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from distsoap.engine.blocks import BlockSpec
+from distsoap.engine.storage import StorageDtypes, drifting_rows, store_back, widened
 from distsoap.hyperparams import group_lr
 from distsoap.kernels import rotated_adam_direction
 from distsoap.math.bases import initial_basis, refresh_bases
@@ -76,8 +77,9 @@ def soap_update(
 
     """
     rank = grads.dim() - 1
-    bases = _stacked(tensors, "basis", rank)
-    factors = _stacked(tensors, "factor", rank)
+    bases = widened(_stacked(tensors, "basis", rank), grads.dtype)  # stored low: read once
+    stored_factors = _stacked(tensors, "factor", rank)
+    factors = widened(stored_factors, grads.dtype)
     beta1, beta2 = group["betas"]
 
     sizes = [-step_size(group, t) for t in steps]
@@ -96,6 +98,7 @@ def soap_update(
         delta = delta * (per_block / rms).view(-1, *[1] * rank)
 
     update_factors(factors, grads, shampoo_beta)
+    store_back(stored_factors, factors)  # rounded once where stored low
     if not any(b is not None for b in bases):
         return delta, []
     offsets = offsets or [0] * len(steps)
@@ -107,16 +110,35 @@ def soap_update(
     return delta, due
 
 
-def refresh_rows(tensors: dict[str, torch.Tensor], rows: list[int], rank: int) -> list[int]:
+def refresh_rows(
+    tensors: dict[str, torch.Tensor],
+    rows: list[int],
+    rank: int,
+    compute: torch.dtype = torch.float32,
+    drift_tol: float | None = None,
+) -> tuple[list[int], list[int], list[torch.Tensor | None]]:
     """Refresh the bases of some rows of the stack, carrying the moments into the new bases.
 
-    Returns the rows (of the whole stack) for which a refresh failed every retry.
+    Args:
+        tensors: the stacked state (see :func:`soap_update`), updated in place.
+        rows: the rows to refresh.
+        rank: the number of block dims.
+        compute: the dtype of the math (factors and bases stored lower are widened to it).
+        drift_tol: report rows whose new bases, rounded to their storage dtype, lose more
+            orthogonality than this (:mod:`distsoap.engine.storage`); None: do not measure.
+
+    Returns:
+        The rows (of the whole stack) for which a refresh failed every retry; the rows (indices
+        into ``rows``) whose bases drift past ``drift_tol``; and the new bases per block dim in
+        the compute dtype, ``(len(rows), d, d)`` (None where not factored).
     """
     everything = len(rows) == tensors["exp_avg"].shape[0]
     index = None if everything else torch.tensor(rows, device=tensors["exp_avg"].device)
 
     def pick(t: torch.Tensor | None) -> torch.Tensor | None:
-        return t if t is None or index is None else t.index_select(0, index)
+        if t is None:
+            return None
+        return (t if index is None else t.index_select(0, index)).to(compute)
 
     def put(key: str, value: torch.Tensor) -> None:
         current = tensors[key]
@@ -125,43 +147,56 @@ def refresh_rows(tensors: dict[str, torch.Tensor], rows: list[int], rank: int) -
         else:
             current.index_copy_(0, index, value.to(current.dtype))
 
+    stored = [b.dtype if b is not None else None for b in _stacked(tensors, "basis", rank)]
     bases = [pick(b) for b in _stacked(tensors, "basis", rank)]
     factors = [pick(f) for f in _stacked(tensors, "factor", rank)]
-    compute = next(b for b in bases if b is not None).dtype
-    exp_avg = rotate_out(pick(tensors["exp_avg"]).to(compute), bases)  # a. back to weight space
+    exp_avg = rotate_out(pick(tensors["exp_avg"]), bases)  # a. back to weight space
     new_bases, exp_avg_sq, failed = refresh_bases(factors, bases, pick(tensors["exp_avg_sq"]))
     put("exp_avg", rotate_in(exp_avg, new_bases))  # d. into the new bases
     put("exp_avg_sq", exp_avg_sq)
     for dim, basis in enumerate(new_bases):
         if basis is not None:
             put(f"basis_{dim}", basis)
-    return sorted(rows[i] for i in failed)
+    drifted = [] if drift_tol is None else drifting_rows(new_bases, stored, drift_tol)
+    return sorted(rows[i] for i in failed), drifted, new_bases
 
 
 def new_block_tensors(
-    spec: BlockSpec, dtype: torch.dtype, moment_dtype: torch.dtype, device: torch.device
+    spec: BlockSpec,
+    dtype: torch.dtype,
+    moment_dtype: torch.dtype,
+    device: torch.device,
+    storage: StorageDtypes | None = None,
 ) -> dict[str, torch.Tensor]:
     """Zero moments, zero factors and identity bases for a block of this layout.
 
     A stacked block's tensors lead with its rows: moments ``(rows, *block_shape)``, factors and
-    bases ``(rows, d, d)``.
+    bases ``(rows, d, d)``. ``storage`` gives the dtypes (default: moments in ``moment_dtype``,
+    factors and bases in ``dtype``).
     """
+    storage = storage or StorageDtypes(moment_dtype, dtype, dtype)
     lead = (spec.rows,) if spec.stacked else ()
     tensors = {
-        "exp_avg": torch.zeros(spec.state_shape, dtype=moment_dtype, device=device),
-        "exp_avg_sq": torch.zeros(spec.state_shape, dtype=moment_dtype, device=device),
+        "exp_avg": torch.zeros(spec.state_shape, dtype=storage.moments, device=device),
+        "exp_avg_sq": torch.zeros(spec.state_shape, dtype=storage.moments, device=device),
     }
     for dim, size in enumerate(spec.block_shape):
         if spec.factored[dim]:
-            eye = torch.eye(size, dtype=dtype, device=device)
-            tensors[f"factor_{dim}"] = torch.zeros(*lead, size, size, dtype=dtype, device=device)
+            eye = torch.eye(size, dtype=storage.bases, device=device)
+            tensors[f"factor_{dim}"] = torch.zeros(
+                *lead, size, size, dtype=storage.factors, device=device
+            )
             tensors[f"basis_{dim}"] = eye.expand(*lead, size, size).clone() if lead else eye
     return tensors
 
 
 def first_call(
-    state: dict[str, Any], spec: BlockSpec, grads: torch.Tensor, moment_dtype: torch.dtype
-) -> bool:
+    state: dict[str, Any],
+    spec: BlockSpec,
+    grads: torch.Tensor,
+    storage: StorageDtypes,
+    drift_tol: float | None = None,
+) -> tuple[bool, bool]:
     """First call for a block: create its state, accumulate the factors, and compute the bases.
 
     No update is made and the step counter stays 0. The state must already hold ``step``,
@@ -179,23 +214,27 @@ def first_call(
     Args:
         state: the block's state dict, filled in place.
         spec: the block's layout.
-        grads: the block's gradient as rows, ``(rows, *block_shape)``, in the factors' dtype.
-        moment_dtype: dtype of ``exp_avg`` and ``exp_avg_sq``.
+        grads: the block's gradient as rows, ``(rows, *block_shape)``, in the compute dtype.
+        storage: the dtypes its state is stored in.
+        drift_tol: the drift guard's tolerance (:mod:`distsoap.engine.storage`); bases that
+            would drift past it are stored in the compute dtype instead. None: not measured.
 
     Returns:
-        False when an eigendecomposition failed, else True.
+        False when an eigendecomposition failed, else True; and whether the bases drifted
+        (then stored in the compute dtype).
 
     """
     if "exp_avg" not in state:
-        state.update(new_block_tensors(spec, grads.dtype, moment_dtype, grads.device))
+        state.update(new_block_tensors(spec, grads.dtype, storage.moments, grads.device, storage))
 
     def as_rows(tensor: torch.Tensor) -> torch.Tensor:  # a view: writes reach the state
         return tensor if spec.stacked else tensor.unsqueeze(0)
 
-    factors = [
+    stored = [
         as_rows(state[f"factor_{dim}"]) if has_factor else None
         for dim, has_factor in enumerate(spec.factored)
     ]
+    factors = widened(stored, grads.dtype)
     update_factors(factors, grads, state["shampoo_beta"])
     usable = [grads] + [f for f in factors if f is not None]
     ready = all(  # every row (matrix of a stack) finite and not all zero
@@ -203,7 +242,7 @@ def first_call(
         for t in usable
     )
     decomposed = True
-    new_bases = {}
+    new_bases: list[torch.Tensor | None] = [None] * len(factors)
     if ready:
         for dim, factor in enumerate(factors):
             if factor is not None:
@@ -211,15 +250,24 @@ def first_call(
                 decomposed = decomposed and not failed
                 new_bases[dim] = basis
     ready = ready and decomposed
+    basis_dtypes = [
+        state[f"basis_{d}"].dtype if f is not None else None for d, f in enumerate(factors)
+    ]
+    drifted = (
+        ready and drift_tol is not None and bool(drifting_rows(new_bases, basis_dtypes, drift_tol))
+    )
     for dim, factor in enumerate(factors):
         if factor is None:
             continue
-        if ready:
-            as_rows(state[f"basis_{dim}"]).copy_(new_bases[dim])
-        else:
+        if not ready:
             factor.zero_()  # discard this call: the next one starts from zero factors again
+        elif drifted:  # kept in the compute dtype from now on
+            state[f"basis_{dim}"] = new_bases[dim] if spec.stacked else new_bases[dim][0]
+        else:
+            as_rows(state[f"basis_{dim}"]).copy_(new_bases[dim])
+    store_back(stored, factors)
     state["bases_ready"] = ready
-    return decomposed
+    return decomposed, drifted
 
 
 APPLY_CHUNK_ELEMENTS = 1 << 25

@@ -37,20 +37,23 @@ def test_cost_model_terms():
 
 
 @pytest.mark.parametrize(
-    "dtype, moment_dtype, moment_bytes, factor_bytes",
+    "dtype, storage, expected_bytes",
     [
-        (torch.float32, torch.float32, 4, 4),
-        (torch.float32, torch.bfloat16, 2, 4),
-        (torch.bfloat16, torch.bfloat16, 2, 4),
-        (torch.float64, torch.bfloat16, 8, 8),  # fp64 parameters keep fp64 state
+        (torch.float32, {}, (4, 4, 4)),
+        (torch.float32, {"moment_dtype": torch.bfloat16}, (2, 4, 4)),
+        (torch.bfloat16, {"moment_dtype": torch.bfloat16}, (2, 4, 4)),
+        (torch.float32, {"factor_dtype": "bf16", "basis_dtype": "fp16"}, (4, 2, 2)),
+        (torch.float32, {"basis_dtype": "bf16", "basis_orthogonality_tol": 1.0}, (4, 4, 2)),
+        (torch.float64, {"moment_dtype": torch.bfloat16, "factor_dtype": "bf16"}, (8, 8, 8)),
     ],
 )
-def test_placement_counts_the_state_dtypes(dtype, moment_dtype, moment_bytes, factor_bytes):
-    """The cost model sees the moment dtype SOAP really allocates (bf16 moments: half)."""
+def test_placement_counts_the_state_dtypes(dtype, storage, expected_bytes):
+    """The cost model sees the dtypes SOAP really allocates (fp64 parameters: fp64 state)."""
     p = torch.nn.Parameter(torch.zeros(30, 20, dtype=dtype))
-    opt = SOAP([p], moment_dtype=moment_dtype)
-    assert opt.state_element_bytes(p) == (moment_bytes, factor_bytes)
+    opt = SOAP([p], **storage)
+    assert opt.state_element_bytes(p) == expected_bytes
     p.grad = torch.ones_like(p)
+    p.grad[0, 0] = 2.0
     opt.step()  # the first call allocates the state: the model's bytes are the real ones
     spec = opt.block_spec(p, opt.param_groups[0])
     cost = block_cost(spec, 10, *opt.state_element_bytes(p))

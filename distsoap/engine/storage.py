@@ -1,0 +1,76 @@
+"""Storage dtypes of SOAP's state: kept low, computed in fp32.
+
+``moment_dtype``, ``factor_dtype`` and ``basis_dtype`` choose how a block's moments, Kronecker
+factors and eigenbases are *stored*; the math always runs in the compute dtype (fp32, fp64 for
+fp64 parameters, whose state is fp64 throughout). A low-precision factor or basis is widened
+once where a step reads it and rounded once where the step writes it.
+
+A basis stored in bf16 is orthonormal only to bf16's precision: rounding an orthonormal matrix
+leaves ``||Q^T Q - I||_F / sqrt(d)`` near 0.0024 at any size (measured for d from 8 to 2048).
+The drift guard measures that loss on every new basis as it will be stored; past
+``basis_orthogonality_tol`` the block keeps its bases in fp32 from then on (counted in its
+``basis_fallbacks`` state and logged), so a compressed basis never rotates worse than the
+tolerance allows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+STORAGE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+"""What factors and bases may be stored in (fp64 parameters always keep fp64)."""
+
+
+@dataclass(frozen=True)
+class StorageDtypes:
+    """The dtypes one block's state is stored in."""
+
+    moments: torch.dtype
+    """``exp_avg`` and ``exp_avg_sq``."""
+    factors: torch.dtype
+    """The Kronecker factors ``factor_i``."""
+    bases: torch.dtype
+    """The eigenbases ``basis_i``."""
+
+
+def widened(tensors: Sequence[torch.Tensor | None], dtype: torch.dtype) -> list:
+    """The tensors in ``dtype`` (the same tensor when already in it)."""
+    return [None if t is None else t.to(dtype) for t in tensors]
+
+
+def store_back(stored: Sequence[torch.Tensor | None], computed: Sequence) -> None:
+    """Round computed values into their storage (nothing to do where they are the storage)."""
+    for target, value in zip(stored, computed, strict=True):
+        if target is not None and value is not target:
+            target.copy_(value)
+
+
+def orthogonality_loss(bases: torch.Tensor) -> torch.Tensor:
+    """``||Q^T Q - I||_F / sqrt(d)`` for each basis of a ``(B, d, d)`` stack, shape ``(B,)``."""
+    d = bases.shape[-1]
+    eye = torch.eye(d, dtype=bases.dtype, device=bases.device)
+    return (bases.mT @ bases - eye).flatten(1).norm(dim=1) / d**0.5
+
+
+def drifting_rows(
+    new_bases: Sequence[torch.Tensor | None], stored: Sequence[torch.dtype | None], tol: float
+) -> list[int]:
+    """Rows whose new bases, once rounded to their storage dtype, lose more than ``tol``.
+
+    Args:
+        new_bases: per block dim, the new ``(B, d, d)`` bases in the compute dtype, or None.
+        stored: per block dim, the dtype the basis is stored in, or None.
+        tol: the largest orthogonality loss allowed (:func:`orthogonality_loss`).
+    """
+    worst = None
+    for basis, dtype in zip(new_bases, stored, strict=True):
+        if basis is None or dtype is None or dtype == basis.dtype:
+            continue
+        loss = orthogonality_loss(basis.to(dtype).to(basis.dtype))
+        worst = loss if worst is None else torch.maximum(worst, loss)
+    if worst is None:
+        return []
+    return (~(worst <= tol)).nonzero().flatten().tolist()  # NaN counts as drifting

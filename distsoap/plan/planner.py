@@ -1,0 +1,288 @@
+"""The plan: which rank holds which SOAP state, in bytes and refresh FLOPs, next to AdamW's.
+
+Parameters are taken as SOAP's param groups would hold them: the trainable parameters whose
+names do not match ``stack_pattern`` in one group, then (with ``stack_dims`` > 0) the matching
+ones in a ``stack_dims`` group, the order the README's "MoE experts" example uses. Frozen
+parameters (``requires_grad=False``) have no state. Every parameter is assumed to get a
+gradient, so every block is allocated.
+
+Per strategy, as :mod:`distsoap.strategies` places the blocks:
+
+- ``single``: every rank holds every block.
+- ``ddp``, ``zero2``: each whole parameter has one owner, from
+  :func:`~distsoap.placement.assign_owners` over :func:`~distsoap.placement.block_cost`, with the
+  same costs, in the same order, as the strategy computes them: the per-rank numbers are exact.
+- ``fsdp2``: FSDP2's default layout, dim 0 of every parameter sharded in ``torch.chunk`` pieces
+  over a 1-D mesh of ``world`` ranks. Whole parameters are placed on owners as under ``ddp``,
+  except expert stacks (``stack_dims`` > 0), whose dim-0 shards are whole experts: each rank
+  steps those it holds in place (:func:`~distsoap.sharding.held_stack_rows`).
+- ``fsdp2_local``: every rank keeps the state of its own dim-0 shard of every parameter, blocked
+  as if the shard were the parameter.
+
+AdamW (``torch.optim.AdamW`` for the same strategy) keeps two moments per element, fp32 (fp64
+for fp64 parameters): replicated on every rank under ``single`` and ``ddp``; under ``zero2`` each
+dtype's flat buffer split evenly over the ranks (ZeRO's partition); under ``fsdp2`` and
+``fsdp2_local`` the state of each rank's dim-0 shards.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from distsoap.engine.blocks import BlockSpec, make_block_spec
+from distsoap.placement import assign_owners, block_cost
+from distsoap.plan.costs import NO_STATE, BlockState, block_state
+from distsoap.plan.options import PlanError, PlanOptions
+from distsoap.sharding import chunk_range
+
+EVERY_RANK = -1
+"""``ParamPlan.owner`` of a parameter held by every rank (``single``)."""
+SHARDED = -2
+"""``ParamPlan.owner`` of a parameter whose state is kept per shard, where the shard lives."""
+
+
+@dataclass(frozen=True)
+class ParamPlan:
+    """One parameter as the planner sees it."""
+
+    name: str
+    """Its name in ``model.named_parameters()``."""
+    shape: tuple[int, ...]
+    """Its full shape."""
+    dtype: torch.dtype
+    """Its dtype (``PlanOptions.param_dtype`` when given)."""
+    stack_dims: int
+    """The ``stack_dims`` of its param group."""
+    spec: BlockSpec
+    """Its block layout as a whole parameter (shards under ``fsdp2_local`` have their own)."""
+    owner: int
+    """The rank holding its state, or :data:`EVERY_RANK` / :data:`SHARDED`."""
+    state: BlockState
+    """Its state and refresh cost summed over the ranks holding it."""
+
+    @property
+    def numel(self) -> int:
+        """Number of elements."""
+        return math.prod(self.shape)
+
+
+@dataclass
+class RankPlan:
+    """What one rank holds."""
+
+    moments: int = 0
+    """Bytes of SOAP's ``exp_avg`` and ``exp_avg_sq``."""
+    factors: int = 0
+    """Bytes of SOAP's Kronecker factors."""
+    bases: int = 0
+    """Bytes of SOAP's eigenbases."""
+    refresh_flops: float = 0.0
+    """Modelled FLOPs per step of the eigenbasis refreshes (see :mod:`distsoap.plan.costs`)."""
+    blocks: int = 0
+    """Number of blocks (parameters or shards) whose state is here."""
+    adamw: int = 0
+    """Bytes of AdamW's state for the same strategy."""
+
+    @property
+    def soap(self) -> int:
+        """Bytes of all SOAP state."""
+        return self.moments + self.factors + self.bases
+
+    def add(self, state: BlockState) -> None:
+        """Hold one more block."""
+        if state.total == 0:
+            return
+        self.moments += state.moments
+        self.factors += state.factors
+        self.bases += state.bases
+        self.refresh_flops += state.refresh_flops
+        self.blocks += 1
+
+
+@dataclass
+class Plan:
+    """The plan of one model under one set of options."""
+
+    options: PlanOptions
+    """What was planned."""
+    params: list[ParamPlan] = field(default_factory=list)
+    """The trainable parameters, in param-group order."""
+    ranks: list[RankPlan] = field(default_factory=list)
+    """One entry per rank."""
+
+    @property
+    def numel(self) -> int:
+        """Trainable elements of the model."""
+        return sum(p.numel for p in self.params)
+
+
+def param_groups(
+    model: nn.Module, options: PlanOptions
+) -> list[tuple[int, list[tuple[str, nn.Parameter]]]]:
+    """The trainable parameters as SOAP's param groups: ``(stack_dims, named parameters)``.
+
+    One group, or two with ``stack_dims`` > 0: the parameters not matching ``stack_pattern``,
+    then those matching it (empty groups left out). Build the optimizer the plan is checked
+    against from these, in this order: placement depends on the order.
+    """
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not options.stack_dims:
+        return [(0, named)]
+    pattern = re.compile(options.stack_pattern)
+    stacked = [(n, p) for n, p in named if pattern.search(n)]
+    rest = [(n, p) for n, p in named if not pattern.search(n)]
+    groups = [(0, rest), (options.stack_dims, stacked)]
+    return [(dims, params) for dims, params in groups if params]
+
+
+def _chunk(size: int, parts: int, index: int) -> int:
+    """Length of the ``index``-th of ``parts`` ``torch.chunk`` pieces of ``size``."""
+    start, stop = chunk_range(size, parts, index)
+    return stop - start
+
+
+def shard_shape(shape: tuple[int, ...], world: int, rank: int) -> tuple[int, ...]:
+    """The shape of ``rank``'s ``torch.chunk`` piece of dim 0 (FSDP2's default sharding)."""
+    if not shape:
+        return shape
+    return (_chunk(shape[0], world, rank), *shape[1:])
+
+
+class _Specs:
+    """Block specs by shape, computed once per shape (many shards share one)."""
+
+    def __init__(self, options: PlanOptions):
+        self.options = options
+        self._cache: dict[tuple, BlockSpec] = {}
+
+    def __call__(self, name: str, shape: tuple[int, ...], stack_dims: int) -> BlockSpec:
+        key = (shape, stack_dims)
+        if key not in self._cache:
+            o = self.options
+            try:
+                self._cache[key] = make_block_spec(
+                    shape,
+                    max_precond_dim=o.max_precond_dim,
+                    merge_dims=o.merge_dims,
+                    precondition_1d=o.precondition_1d,
+                    data_format=o.data_format,
+                    stack_dims=stack_dims,
+                    one_sided=o.one_sided,
+                )
+            except ValueError as error:
+                raise PlanError(f"parameter {name!r}: {error}") from None
+        return self._cache[key]
+
+
+def _adamw_bytes(params: list[ParamPlan], options: PlanOptions) -> list[int]:
+    """AdamW's state bytes per rank for the strategy (see the module docstring)."""
+    world = options.world
+
+    def per_element(p: ParamPlan) -> int:
+        return 2 * (8 if p.dtype == torch.float64 else 4)
+
+    if options.strategy in ("single", "ddp"):
+        return [sum(p.numel * per_element(p) for p in params)] * world
+    if options.strategy == "zero2":
+        flat: dict[int, int] = {}
+        for p in params:
+            flat[per_element(p)] = flat.get(per_element(p), 0) + p.numel
+        return [
+            sum(size * _chunk(total, world, rank) for size, total in flat.items())
+            for rank in range(world)
+        ]
+    return [
+        sum(math.prod(shard_shape(p.shape, world, rank)) * per_element(p) for p in params)
+        for rank in range(world)
+    ]
+
+
+class _Entry(NamedTuple):
+    """A trainable parameter on its way through :func:`plan`."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    stack_dims: int
+    spec: BlockSpec
+
+
+def _owners(entries: list[_Entry], options: PlanOptions) -> list[int]:
+    """Each parameter's owner rank, as the strategy places it, or EVERY_RANK / SHARDED."""
+    if options.strategy == "single":
+        return [EVERY_RANK] * len(entries)
+    owners = [SHARDED] * len(entries)
+    if options.strategy == "fsdp2_local":
+        return owners
+    in_place = options.strategy == "fsdp2"  # expert stacks stepped where their shards live
+    placed = [i for i, e in enumerate(entries) if not (in_place and e.stack_dims > 0)]
+    costs = [
+        block_cost(
+            entries[i].spec,
+            options.precondition_frequency,
+            *options.element_bytes(entries[i].dtype),
+        )
+        for i in placed
+    ]
+    for i, owner in zip(placed, assign_owners(costs, options.world)):
+        owners[i] = owner
+    return owners
+
+
+def plan(model: nn.Module, options: PlanOptions) -> Plan:
+    """Plan SOAP's state for ``model`` (any device: meta is enough) under ``options``.
+
+    Args:
+        model: the model; only parameter names, shapes, dtypes and ``requires_grad`` are read.
+        options: the strategy, the number of ranks and SOAP's options.
+
+    Returns:
+        The plan: per parameter its layout and owner, per rank its state.
+
+    Raises:
+        PlanError: a parameter the options cannot lay out (``stack_dims`` too large for it).
+    """
+    world, frequency = options.world, options.precondition_frequency
+    specs = _Specs(options)
+    entries = [
+        _Entry(name, tuple(p.shape), options.param_dtype or p.dtype, stack_dims, spec)
+        for stack_dims, named in param_groups(model, options)
+        for name, p in named
+        for spec in [specs(name, tuple(p.shape), stack_dims)]
+    ]
+    ranks = [RankPlan() for _ in range(world)]
+    params: list[ParamPlan] = []
+    for entry, owner in zip(entries, _owners(entries, options)):
+        element_bytes = options.element_bytes(entry.dtype)
+        if owner == EVERY_RANK:
+            state = block_state(entry.spec, element_bytes, frequency)
+            for rank in ranks:
+                rank.add(state)
+            total = state.times(world)
+        elif owner >= 0:
+            total = block_state(entry.spec, element_bytes, frequency)
+            ranks[owner].add(total)
+        else:  # each rank its dim-0 shard (at most three distinct shard shapes)
+            total = NO_STATE
+            pieces: dict[tuple[int, ...], BlockState] = {}
+            for r, rank in enumerate(ranks):
+                local = shard_shape(entry.shape, world, r)
+                if local not in pieces:
+                    local_spec = specs(entry.name, local, entry.stack_dims)
+                    pieces[local] = block_state(local_spec, element_bytes, frequency)
+                rank.add(pieces[local])
+                total = total + pieces[local]
+        params.append(
+            ParamPlan(
+                entry.name, entry.shape, entry.dtype, entry.stack_dims, entry.spec, owner, total
+            )
+        )
+    for rank, adamw in zip(ranks, _adamw_bytes(params, options)):
+        rank.adamw = adamw
+    return Plan(options, params, ranks)
