@@ -117,7 +117,16 @@ def validate_group(group: dict[str, Any], data_format: str = "channels_first") -
     maximize = group.get("maximize", False)  # torch's name; the reference has no such option
     if not isinstance(maximize, bool):
         raise ValueError(f"maximize must be True or False, got {maximize!r}")
-    one_sided = group.get("one_sided", False)  # distsoap's own, as stack_dims below
+    tolerance = group.get("refresh_tolerance", 0.0)  # distsoap's own, as the keys below
+    if not _is_finite_nonnegative(tolerance):
+        raise ValueError(
+            f"refresh_tolerance must be a real number >= 0 and finite (0: never skip a "
+            f"refresh), got {tolerance!r}"
+        )
+    max_skips = group.get("max_skipped_refreshes", 4)
+    if not _is_int(max_skips) or max_skips < 0:
+        raise ValueError(f"max_skipped_refreshes must be an integer >= 0, got {max_skips!r}")
+    one_sided = group.get("one_sided", False)
     if not isinstance(one_sided, bool):
         raise ValueError(f"one_sided must be True or False, got {one_sided!r}")
     stack_dims = group.get("stack_dims", 0)  # distsoap's own: leading dims of matrix stacks

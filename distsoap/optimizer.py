@@ -102,6 +102,12 @@ class SOAP(torch.optim.Optimizer):
         correct_bias: fold Adam's bias correction into the step size.
         maximize: keyword-only; maximise the objective (torch's name): the gradient is negated
             before everything else (moments, Kronecker factors). A param-group option.
+        refresh_tolerance: keyword-only; the adaptive refresh (0, the default, never skips): a
+            due eigenbasis refresh is skipped while the current bases still diagonalise the
+            factors, their relative off-diagonal mass ``||Q^T GG Q - diag||_F^2 / ||Q^T GG
+            Q||_F^2`` below this for every factored dim. A param-group option.
+        max_skipped_refreshes: keyword-only; the most refreshes a block skips in a row (then
+            it refreshes whatever the mass). A param-group option.
         one_sided: keyword-only; rotate only the smallest factored dim of each block (the SOAP
             paper's one-sided variant: a ``(m, n)`` matrix with ``m <= n`` keeps an ``m x m``
             factor and basis, its other side unrotated). A param-group option.
@@ -178,6 +184,8 @@ class SOAP(torch.optim.Optimizer):
         maximize: bool = False,
         stack_dims: int = 0,
         one_sided: bool = False,
+        refresh_tolerance: float = 0.0,
+        max_skipped_refreshes: int = 4,
         moment_dtype: torch.dtype | str = torch.float32,
         factor_dtype: torch.dtype | str = torch.float32,
         basis_dtype: torch.dtype | str = torch.float32,
@@ -254,6 +262,8 @@ class SOAP(torch.optim.Optimizer):
             maximize=maximize,
             stack_dims=stack_dims,
             one_sided=one_sided,
+            refresh_tolerance=refresh_tolerance,
+            max_skipped_refreshes=max_skipped_refreshes,
         )
         super().__init__(params, defaults)
         self.register_state_dict_post_hook(complete_state_dict)
@@ -437,6 +447,8 @@ class SOAP(torch.optim.Optimizer):
             group.setdefault("maximize", False)
             group.setdefault("stack_dims", 0)
             group.setdefault("one_sided", False)
+            group.setdefault("refresh_tolerance", 0.0)
+            group.setdefault("max_skipped_refreshes", 4)
         self._layouts = {id(p): (p.shape, p.device) for g in self.param_groups for p in g["params"]}
         if unpickling:  # an unpickled optimizer is a local copy: it steps on this process only
             self.engine = engine

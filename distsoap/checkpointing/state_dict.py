@@ -47,6 +47,8 @@ def new_state_header(group: dict[str, Any], spec: BlockSpec, offset: int) -> dic
         "nonfinite_skips": 0,
         "basis_failures": 0,
         "basis_fallbacks": 0,
+        "refresh_skips": 0,
+        "skipped_refreshes": 0,
     }
 
 

@@ -29,6 +29,7 @@ from distsoap.engine.step_plan import BucketStep
 from distsoap.engine.storage import StorageDtypes
 from distsoap.engine.update import first_call, refresh_rows, soap_update
 from distsoap.faults import FaultPolicy, parameter_names
+from distsoap.math.adaptive import off_diagonal_mass
 
 MAX_STEP_PLANS = 8
 """Step plans kept (one per set of parameters with gradients; usually one is enough, but models
@@ -276,6 +277,11 @@ class BlockEngine:
         due, self._due_refreshes = self._due_refreshes, []
         drifted_any = False
         for bucket, rows, key in due:
+            group = self.param_groups[key.group_index]
+            if group.get("refresh_tolerance", 0.0) > 0:
+                rows = self._rows_still_off_diagonal(bucket, rows, key, group)
+                if not rows:
+                    continue
             tensors = bucket.select(rows)
             failed, drifted, new_bases = refresh_rows(
                 tensors,
@@ -298,6 +304,41 @@ class BlockEngine:
                     drifted_any = True
         if drifted_any:
             self.reset()  # those blocks move to buckets of fp32 bases
+
+    def _rows_still_off_diagonal(
+        self, bucket: Bucket, rows: list[int], key: BucketKey, group: dict[str, Any]
+    ) -> list[int]:
+        """The adaptive refresh: the due rows whose block must refresh now.
+
+        A block skips its refresh while its current bases still diagonalise its factors
+        (:func:`~distsoap.math.adaptive.off_diagonal_mass` below the group's
+        ``refresh_tolerance`` for every matrix of it), at most ``max_skipped_refreshes`` times
+        in a row; ``refresh_skips`` (in a row) and ``skipped_refreshes`` (in all) count them.
+        """
+        tensors = bucket.select(rows)
+        rank = len(key.block_shape)
+        mass = off_diagonal_mass(
+            [tensors.get(f"factor_{d}") for d in range(rank)],
+            [tensors.get(f"basis_{d}") for d in range(rank)],
+            key.dtype,
+        )
+        if mass is None:
+            return rows
+        below = (mass < group["refresh_tolerance"]).tolist()
+        members: dict[int, list[int]] = {}
+        for i, row in enumerate(rows):
+            members.setdefault(bucket.owner_of_row[row], []).append(i)
+        kept = []
+        for member, positions in members.items():
+            state = self.state[bucket.params[member]]
+            skips = state.get("refresh_skips", 0)
+            if all(below[i] for i in positions) and skips < group["max_skipped_refreshes"]:
+                state["refresh_skips"] = skips + 1
+                state["skipped_refreshes"] = state.get("skipped_refreshes", 0) + 1
+            else:
+                state["refresh_skips"] = 0
+                kept += [rows[i] for i in positions]
+        return sorted(kept)
 
     def _keep_fp32_bases(
         self,

@@ -20,7 +20,8 @@ EPILOG = "models:\n" + "\n".join(f"  {name:<12} {text}" for name, (text, _) in P
 EPILOG += """
   PATH.py      a file defining build_model() -> nn.Module (called under torch.device("meta"))
 
-The table shows, per rank, the max, mean and min over ranks and the total of each quantity.
+The table shows, per rank, the max, mean and min over ranks and the total of each quantity
+(each row on its own); "SOAP / AdamW" divides the SOAP row by the AdamW row, column by column.
 Refresh FLOPs are modelled (distsoap/plan/costs.py): (14/3) d^3 per factored dim of size d per
 matrix and refresh, divided by the precondition frequency; "on a refresh step" is the step on
 which, under the default aligned schedule, every block refreshes."""

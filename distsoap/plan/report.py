@@ -110,17 +110,17 @@ def _cell(value: float, unit: str) -> str:
     return f"{value:.3g}" if value != int(value) else str(int(value))
 
 
-def options_line(plan: Plan) -> str:
-    """The options that decide the layout, and the parameters' dtypes, in one line."""
+def options_lines(plan: Plan) -> list[str]:
+    """The options that decide the layout, then the storage dtypes and the parameters' dtypes."""
     o = plan.options
     params = "/".join(sorted({dtype_name(p.dtype) for p in plan.params})) or "none"
-    return (
-        f"max_precond_dim={o.max_precond_dim} merge_dims={o.merge_dims} "
+    return [
+        f"SOAP: max_precond_dim={o.max_precond_dim} merge_dims={o.merge_dims} "
         f"precondition_1d={o.precondition_1d} one_sided={o.one_sided} "
-        f"stack_dims={o.stack_dims} precondition_frequency={o.precondition_frequency}; "
-        f"moments {dtype_name(o.moment_dtype)}, factors {dtype_name(o.factor_dtype)}, "
-        f"bases {dtype_name(o.basis_dtype)}, params {params}"
-    )
+        f"stack_dims={o.stack_dims} precondition_frequency={o.precondition_frequency}",
+        f"state: moments {dtype_name(o.moment_dtype)}, factors {dtype_name(o.factor_dtype)}, "
+        f"bases {dtype_name(o.basis_dtype)}; parameters {params}",
+    ]
 
 
 def table(plan: Plan, model_name: str) -> str:
@@ -139,7 +139,7 @@ def table(plan: Plan, model_name: str) -> str:
         f"{model_name}: {format_count(plan.numel)} trainable parameters in {len(plan.params)} "
         f"tensors; strategy {o.strategy}, {world} rank{'s' if world > 1 else ''} "
         f"({holding} holding SOAP state)",
-        f"SOAP: {options_line(plan)}",
+        *options_lines(plan),
         "",
         f"{'per rank':<22}" + "".join(f"{c:>13}" for c in columns),
     ]

@@ -24,6 +24,10 @@ OPTION_SETS = {
     # fp32 summation-order difference (1e-7) can flip one bf16 rounding (4e-3) of a factor
     # entry on another CPU; 1e-3 allows that and still sees the option (it changes 1e-2)
     "bf16_storage": ({"factor_dtype": "bf16", "basis_dtype": "bf16"}, FP32, 1e-3),
+    # a tolerance above any mass: every due refresh measured, the skips decided per block on
+    # its owner exactly as in one process (a tolerance near a mass could tip either way on
+    # summation order, which is why the decision is compared where it is certain)
+    "adaptive_refresh": ({"refresh_tolerance": 1.5, "max_skipped_refreshes": 1}, FP64, 1e-10),
 }
 
 
