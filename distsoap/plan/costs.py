@@ -17,7 +17,11 @@ so ``(14/3) d^3`` in all. Each block refreshes once every ``precondition_frequen
 the per-step figure divides by it. Under the default ``"aligned"`` schedule every block
 refreshes on the same step: that step carries ``precondition_frequency`` times the per-step
 figure, and the others none. Rotations, factor updates and the elementwise Adam (every step,
-``O(numel * d)``) are not included; nor are retries of a failed QR.
+``O(numel * d)``) are not included; nor are retries of a failed QR. With the adaptive refresh
+(``refresh_tolerance`` > 0) a due refresh may be skipped, so the figure is then an upper bound.
+
+Bases stored below fp32 (``basis_dtype``) that the drift guard moves back to fp32
+(``basis_orthogonality_tol``) grow at run time; the planned bytes assume no such fallback.
 """
 
 from __future__ import annotations
