@@ -126,6 +126,11 @@ def validate_group(group: dict[str, Any], data_format: str = "channels_first") -
     max_skips = group.get("max_skipped_refreshes", 4)
     if not _is_int(max_skips) or max_skips < 0:
         raise ValueError(f"max_skipped_refreshes must be an integer >= 0, got {max_skips!r}")
+    block_size = group.get("block_size")
+    if block_size is not None and (not _is_int(block_size) or block_size < 1):
+        raise ValueError(
+            f"block_size must be None (no blocking) or an integer >= 1, got {block_size!r}"
+        )
     one_sided = group.get("one_sided", False)
     if not isinstance(one_sided, bool):
         raise ValueError(f"one_sided must be True or False, got {one_sided!r}")

@@ -108,6 +108,11 @@ class SOAP(torch.optim.Optimizer):
             Q||_F^2`` below this for every factored dim. A param-group option.
         max_skipped_refreshes: keyword-only; the most refreshes a block skips in a row (then
             it refreshes whatever the mass). A param-group option.
+        block_size: keyword-only; cut every dim larger than this into the fewest equal blocks
+            of at most this size (the last zero-padded), each its own SOAP block with its own
+            factors and bases, instead of leaving dims above ``max_precond_dim`` unrotated
+            (None, the default: no blocking). A parameter's blocks stay on one owner. A
+            param-group option.
         one_sided: keyword-only; rotate only the smallest factored dim of each block (the SOAP
             paper's one-sided variant: a ``(m, n)`` matrix with ``m <= n`` keeps an ``m x m``
             factor and basis, its other side unrotated). A param-group option.
@@ -184,6 +189,7 @@ class SOAP(torch.optim.Optimizer):
         maximize: bool = False,
         stack_dims: int = 0,
         one_sided: bool = False,
+        block_size: int | None = None,
         refresh_tolerance: float = 0.0,
         max_skipped_refreshes: int = 4,
         moment_dtype: torch.dtype | str = torch.float32,
@@ -262,6 +268,7 @@ class SOAP(torch.optim.Optimizer):
             maximize=maximize,
             stack_dims=stack_dims,
             one_sided=one_sided,
+            block_size=block_size,
             refresh_tolerance=refresh_tolerance,
             max_skipped_refreshes=max_skipped_refreshes,
         )
@@ -447,6 +454,7 @@ class SOAP(torch.optim.Optimizer):
             group.setdefault("maximize", False)
             group.setdefault("stack_dims", 0)
             group.setdefault("one_sided", False)
+            group.setdefault("block_size", None)
             group.setdefault("refresh_tolerance", 0.0)
             group.setdefault("max_skipped_refreshes", 4)
         self._layouts = {id(p): (p.shape, p.device) for g in self.param_groups for p in g["params"]}

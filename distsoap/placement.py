@@ -49,7 +49,7 @@ def block_cost(
 
     """
     basis_bytes = factor_bytes if basis_bytes is None else basis_bytes
-    numel = spec.numel
+    numel = spec.state_numel  # the padding of blocks (block_size) included
     flops = float(numel) * 4  # elementwise Adam, applying the update: never zero
     state = 2 * numel * moment_bytes
     for d in spec.factor_dims:  # a stack of matrices has a factor and a basis per matrix

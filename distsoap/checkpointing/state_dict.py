@@ -14,8 +14,8 @@ owns under the new placement. Two details make that hold:
   rank (``exp_avg@rank1``): it loads only at the same world size.
 
 Loading checks the layout hyperparameters (``max_precond_dim``, ``merge_dims``,
-``precondition_1d``, ``stack_dims``, ``one_sided``) against the optimizer's and each block's
-saved layout against the one it expects, and raises ValueError naming the difference.
+``precondition_1d``, ``stack_dims``, ``one_sided``, ``block_size``) against the optimizer's and
+each block's saved layout against the one it expects, and raises ValueError naming the difference.
 """
 
 from __future__ import annotations
@@ -33,7 +33,14 @@ if TYPE_CHECKING:
     from distsoap.optimizer import SOAP
 
 # Hyperparameters that fix a parameter's state layout; a checkpoint must agree on them.
-LAYOUT_KEYS = ("max_precond_dim", "merge_dims", "precondition_1d", "stack_dims", "one_sided")
+LAYOUT_KEYS = (
+    "max_precond_dim",
+    "merge_dims",
+    "precondition_1d",
+    "stack_dims",
+    "one_sided",
+    "block_size",
+)
 
 
 def new_state_header(group: dict[str, Any], spec: BlockSpec, offset: int) -> dict[str, Any]:
@@ -153,7 +160,8 @@ def check_block_layout(
             f"{saved['block_layout']}, but this optimizer lays it out as {expected} (from the "
             f"shape {shape} and max_precond_dim={group['max_precond_dim']}, merge_dims="
             f"{group['merge_dims']}, precondition_1d={group['precondition_1d']}, stack_dims="
-            f"{group.get('stack_dims', 0)}, one_sided={group.get('one_sided', False)}): the "
+            f"{group.get('stack_dims', 0)}, one_sided={group.get('one_sided', False)}, "
+            f"block_size={group.get('block_size')}): the "
             "parameter's shape or one of these settings differs from the run that saved it"
         )
 

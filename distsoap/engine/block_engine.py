@@ -161,6 +161,7 @@ class BlockEngine:
             data_format=self.data_format,
             stack_dims=group.get("stack_dims", 0),
             one_sided=group.get("one_sided", False),
+            block_size=group.get("block_size"),
         )
 
     def storage_dtypes(
@@ -206,6 +207,7 @@ class BlockEngine:
                 g["precondition_1d"],
                 g.get("stack_dims", 0),
                 g.get("one_sided", False),
+                g.get("block_size"),
             )
             for g in self.param_groups
         )
@@ -289,6 +291,7 @@ class BlockEngine:
                 len(key.block_shape),
                 key.dtype,
                 self.basis_orthogonality_tol,
+                bucket.padding_of(rows),
             )
             bucket.write_back(rows, tensors)
             members: dict[int, list[int]] = {}  # a stack's matrices count as one block
@@ -452,6 +455,27 @@ class BlockEngine:
         if drifted:
             self.faults.basis_fallback(self.param_name(param), state)
 
+    def _padding(
+        self, key: BucketKey, members: list[torch.Tensor]
+    ) -> list[torch.Tensor | None] | None:
+        """Per block dim, the members' padding masks row by row (None: nobody is padded)."""
+        group = self.param_groups[key.group_index]
+        specs = [self.block_spec(p, group, self.state_shape(p)) for p in members]
+        per_member = [s.padding() if s.blocked else None for s in specs]
+        if all(m is None or all(d is None for d in m) for m in per_member):
+            return None
+        masks: list[torch.Tensor | None] = []
+        for dim, size in enumerate(key.block_shape):
+            rows = [
+                m[dim]
+                if m is not None and m[dim] is not None
+                else torch.zeros(s.rows, size, dtype=torch.bool)
+                for s, m in zip(specs, per_member, strict=True)
+            ]
+            mask = torch.cat(rows).to(key.device)
+            masks.append(mask if bool(mask.any()) else None)
+        return masks
+
     def _bucket(self, key: BucketKey, params: list[torch.Tensor]) -> Bucket:
         """The bucket for ``key``, (re)built if some of ``params`` are not members yet."""
         bucket = self._buckets.get(key)
@@ -463,6 +487,12 @@ class BlockEngine:
         states = [self.state[p] for p in members]
         counts = [s["exp_avg"].shape[0] if key.stacked else None for s in states]
         bucket = Bucket(members, states, block_tensor_keys(key.factored), counts)
+        bucket.padding = self._padding(key, members)
+        if bucket.padding is not None:
+            real = torch.ones(len(bucket), dtype=key.dtype, device=key.device)
+            for size, mask in zip(key.block_shape, bucket.padding, strict=True):
+                real *= size if mask is None else size - mask.sum(dim=1)
+            bucket.real_numels = real
         self._buckets[key] = bucket
         return bucket
 
@@ -489,6 +519,7 @@ class BlockEngine:
             key.precondition_frequency,
             bucket_step.per_row(bucket_step.offsets),
             self.elementwise,
+            bucket.real_numels_of(rows),
         )
         bucket.write_back(rows, tensors)
         if due:

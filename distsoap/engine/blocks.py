@@ -8,6 +8,11 @@ dims are left unrotated. The rules follow docs/algorithm.md ("Shapes").
 A param group's ``one_sided`` (default False) keeps only the smallest factored dim of each block
 (the SOAP paper's one-sided variant: the memory and refresh cost of the larger side saved).
 
+A param group's ``block_size`` (default None) cuts dims larger than it into blocks, each its own
+SOAP block with its own factors and bases (stored as rows, like a stack), instead of leaving a
+large dim unrotated: blocks of a d x d factor cost ``k (d/k)^2`` memory and ``k (d/k)^3``
+refresh work. Padding never mixes into a block's real part (see ``BlockSpec.padding``).
+
 A param group's ``stack_dims`` (default 0) makes a parameter's leading dims index a *stack* of
 independent matrices (MoE experts stored as ``(num_experts, d_in, d_out)``): the rules above
 apply to the trailing dims, and every matrix of the stack gets its own factors and bases, as if
@@ -16,7 +21,8 @@ it were a parameter of its own. Such a block is stored as rows: ``(rows, *block_
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -57,15 +63,20 @@ def merge_shape(shape: tuple[int, ...], max_precond_dim: int) -> tuple[int, ...]
 
 @dataclass(frozen=True)
 class BlockSpec:
-    """The layout of one parameter as a SOAP block.
+    """The layout of one parameter as a SOAP block (or a stack of them).
 
     Attributes:
         param_shape: shape of the parameter (and of its gradient).
         channels_last: the 4-D parameter is stored NHWC and is permuted to NCHW before merging.
-        block_shape: shape after the permutation and merging; moments are stored in this shape.
+        block_shape: shape of one block after the permutation, merging and blocking; moments
+            are stored in this shape (led by the rows when there are several blocks).
         factored: one flag per block dim: True when that dim has a factor and an eigenbasis.
         stack_shape: the parameter's leading dims that index independent matrices (empty: the
-            parameter is one block).
+            parameter is one matrix).
+        grid: per block dim, how many blocks ``block_size`` cuts it into (empty: no blocking).
+            Each block of the grid is its own SOAP block; the last ones along a dim may be
+            zero-padded to the common size (see :mod:`distsoap.engine.blocking`).
+        merged_shape: with a grid, the shape before blocking (after permutation and merging).
 
     """
 
@@ -74,19 +85,23 @@ class BlockSpec:
     block_shape: tuple[int, ...]
     factored: tuple[bool, ...]
     stack_shape: tuple[int, ...] = ()
+    grid: tuple[int, ...] = ()
+    merged_shape: tuple[int, ...] = ()
+
+    @property
+    def blocked(self) -> bool:
+        """Some dim is cut into several blocks (``block_size``)."""
+        return math.prod(self.grid) > 1
 
     @property
     def stacked(self) -> bool:
-        """The parameter is a stack of independent matrices (its state has a leading row dim)."""
-        return bool(self.stack_shape)
+        """The parameter is several blocks (a stack, or blocked): its state leads with rows."""
+        return bool(self.stack_shape) or self.blocked
 
     @property
     def rows(self) -> int:
-        """Number of independent blocks: the product of the stack dims (1 when not stacked)."""
-        n = 1
-        for d in self.stack_shape:
-            n *= d
-        return n
+        """Number of independent blocks: stack matrices times blocks per matrix."""
+        return math.prod(self.stack_shape) * math.prod(self.grid)
 
     @property
     def state_shape(self) -> tuple[int, ...]:
@@ -100,26 +115,38 @@ class BlockSpec:
 
     @property
     def numel(self) -> int:
-        """Number of elements of the block (equal to the parameter's)."""
-        n = 1
-        for d in self.param_shape:
-            n *= d
-        return n
+        """Number of elements of the parameter."""
+        return math.prod(self.param_shape)
+
+    @property
+    def state_numel(self) -> int:
+        """Elements of each moment (the parameter's, plus the padding of blocks)."""
+        return math.prod(self.state_shape)
+
+    def _matrix_shape(self) -> tuple[int, ...]:
+        """One matrix of the stack before blocking (``block_shape`` without a grid)."""
+        return self.merged_shape if self.grid else self.block_shape
 
     def to_block(self, tensor: torch.Tensor) -> torch.Tensor:
         """View (or copy, if the layout demands it) a parameter-shaped tensor as a block.
 
-        A stacked parameter gives ``(rows, *block_shape)``.
+        A stacked or blocked parameter gives ``(rows, *block_shape)``.
         """
+        lead = len(self.stack_shape)
         if self.channels_last:
-            lead = len(self.stack_shape)
             tensor = tensor.permute(*range(lead), lead, lead + 3, lead + 1, lead + 2)
-        return tensor.reshape(self.state_shape)
+        matrices = math.prod(self.stack_shape)
+        tensor = tensor.reshape(matrices, *self._matrix_shape())
+        if self.blocked:
+            tensor = split_blocks(tensor, self.grid, self.block_shape)
+        return tensor if self.stacked else tensor.squeeze(0)
 
     def from_block(self, tensor: torch.Tensor) -> torch.Tensor:
         """Bring a block-shaped tensor back to the parameter's shape (a view where possible)."""
+        lead = len(self.stack_shape)
+        if self.blocked:
+            tensor = join_blocks(tensor, self.grid, self.block_shape, self.merged_shape)
         if self.channels_last:
-            lead = len(self.stack_shape)
             n, h, w, c = self.param_shape[lead:]
             tensor = tensor.reshape(*self.stack_shape, n, c, h, w)
             return tensor.permute(*range(lead), lead, lead + 2, lead + 3, lead + 1)
@@ -134,6 +161,24 @@ class BlockSpec:
         """A ``(rows, *block_shape)`` tensor back in the parameter's shape."""
         return self.from_block(tensor if self.stacked else tensor.squeeze(0))
 
+    def padding(self) -> list[torch.Tensor | None]:
+        """Per block dim, which indices of each row's block are padding, ``(rows, d)`` bool.
+
+        None for a dim without padding (every dim of an unblocked parameter).
+        """
+        masks: list[torch.Tensor | None] = []
+        for dim, size in enumerate(self.block_shape):
+            if not self.grid or self.grid[dim] * size == self.merged_shape[dim]:
+                masks.append(None)
+                continue
+            index = torch.arange(self.grid[dim] * size).view(self.grid[dim], size)
+            per_block = index >= self.merged_shape[dim]  # (grid[dim], size)
+            shape = [1] * len(self.grid)
+            shape[dim] = self.grid[dim]
+            per_row = per_block.view(*shape, size).expand(*self.grid, size).reshape(-1, size)
+            masks.append(per_row.repeat(math.prod(self.stack_shape), 1))
+        return masks
+
 
 def make_block_spec(
     shape: tuple[int, ...] | torch.Size,
@@ -144,6 +189,7 @@ def make_block_spec(
     data_format: str,
     stack_dims: int = 0,
     one_sided: bool = False,
+    block_size: int | None = None,
 ) -> BlockSpec:
     """Describe how SOAP preconditions a parameter of the given shape.
 
@@ -159,6 +205,10 @@ def make_block_spec(
             apply to the remaining dims, of which there must be at least one.
         one_sided: of the factored dims, keep only the smallest (the first of equal ones): the
             SOAP paper's one-sided variant, the other dims left unrotated.
+        block_size: cut every dim larger than this (after merging) into the fewest blocks of at
+            most this size, of equal size, the last zero-padded (a dim of 1000 with 256: 4
+            blocks of 250); each block is its own SOAP block. None: no blocking. 1-D
+            parameters are blocked only with ``precondition_1d``.
 
     Returns:
         The block spec.
@@ -180,14 +230,12 @@ def make_block_spec(
             precondition_1d=precondition_1d,
             data_format=data_format,
             one_sided=one_sided,
+            block_size=block_size,
         )
-        return BlockSpec(
-            shape, inner.channels_last, inner.block_shape, inner.factored, shape[:stack_dims]
-        )
+        return replace(inner, param_shape=shape, stack_shape=shape[:stack_dims])
     channels_last = False
     if len(shape) == 1:
         block_shape = shape
-        factored = (precondition_1d and shape[0] <= max_precond_dim,)
     else:
         block_shape = shape
         if merge_dims and len(shape) >= 2:
@@ -195,16 +243,63 @@ def make_block_spec(
                 channels_last = True
                 block_shape = (shape[0], shape[3], shape[1], shape[2])
             block_shape = merge_shape(block_shape, max_precond_dim)
+    grid: tuple[int, ...] = ()
+    merged_shape: tuple[int, ...] = ()
+    if block_size is not None and (len(shape) > 1 or precondition_1d):
+        grid = tuple(max(1, -(-d // block_size)) for d in block_shape)
+        if math.prod(grid) > 1:
+            merged_shape = block_shape
+            block_shape = tuple(-(-d // g) for d, g in zip(block_shape, grid, strict=True))
+        else:
+            grid = ()
+    if len(shape) == 1:
+        factored = (precondition_1d and block_shape[0] <= max_precond_dim,)
+    else:
         factored = tuple(d <= max_precond_dim for d in block_shape)
     if one_sided and sum(factored) > 1:
         smallest = min((d, i) for i, (d, f) in enumerate(zip(block_shape, factored)) if f)[1]
         factored = tuple(i == smallest for i in range(len(block_shape)))
-    return BlockSpec(shape, channels_last, block_shape, factored)
+    return BlockSpec(shape, channels_last, block_shape, factored, (), grid, merged_shape)
+
+
+def split_blocks(
+    matrices: torch.Tensor, grid: tuple[int, ...], block_shape: tuple[int, ...]
+) -> torch.Tensor:
+    """``(M, *merged)`` matrices cut into a grid of blocks: ``(M * prod(grid), *block_shape)``.
+
+    Each dim is zero-padded at its end to ``grid * block`` first; blocks are ordered matrix by
+    matrix, then row-major over the grid.
+    """
+    pad = []
+    for dim in reversed(range(len(grid))):
+        pad += [0, grid[dim] * block_shape[dim] - matrices.shape[1 + dim]]
+    if any(pad):
+        matrices = torch.nn.functional.pad(matrices, pad)
+    k = len(grid)
+    interleaved = [n for g, b in zip(grid, block_shape, strict=True) for n in (g, b)]
+    order = [0, *(1 + 2 * i for i in range(k)), *(2 + 2 * i for i in range(k))]
+    blocks = matrices.reshape(matrices.shape[0], *interleaved).permute(order)
+    return blocks.reshape(-1, *block_shape)
+
+
+def join_blocks(
+    blocks: torch.Tensor,
+    grid: tuple[int, ...],
+    block_shape: tuple[int, ...],
+    merged_shape: tuple[int, ...],
+) -> torch.Tensor:
+    """The inverse of :func:`split_blocks`: ``(M, *merged_shape)``, the padding dropped."""
+    k = len(grid)
+    whole = blocks.reshape(-1, *grid, *block_shape)
+    order = [0] + [n for i in range(k) for n in (1 + i, 1 + k + i)]
+    padded = whole.permute(order).reshape(-1, *(g * b for g, b in zip(grid, block_shape)))
+    return padded[(slice(None), *(slice(0, m) for m in merged_shape))]
 
 
 def layout_signature(spec: BlockSpec) -> str:
     """A short text naming a block's state layout, stored with its state and checked on load."""
     if spec.stacked:
-        stack = f"stack_shape={spec.stack_shape} "
-        return f"{stack}block_shape={spec.block_shape} factored={spec.factored}"
+        stack = f"stack_shape={spec.stack_shape} " if spec.stack_shape else ""
+        grid = f"grid={spec.grid} " if spec.blocked else ""
+        return f"{stack}{grid}block_shape={spec.block_shape} factored={spec.factored}"
     return f"block_shape={spec.block_shape} factored={spec.factored}"

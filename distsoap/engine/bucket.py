@@ -69,6 +69,25 @@ class Bucket:
             for k in keys:
                 state[k] = self.storage[k][start : start + n] if n else self.storage[k][start]
         self._indices: dict[tuple[int, ...], torch.Tensor] = {}
+        self.padding: list[torch.Tensor | None] | None = None
+        """Per block dim, every row's padding mask (blocked members), or None: no padding."""
+        self.real_numels: torch.Tensor | None = None
+        """Per row, its elements that are not padding, or None: no padding."""
+
+    def padding_of(self, rows: list[int]) -> list[torch.Tensor | None] | None:
+        """The padding masks of these rows (None when the bucket has none)."""
+        if self.padding is None:
+            return None
+        if rows == list(range(len(self))):
+            return self.padding
+        index = self.row_index(rows)
+        return [None if m is None else m.index_select(0, index) for m in self.padding]
+
+    def real_numels_of(self, rows: list[int]) -> torch.Tensor | None:
+        """The real (not padding) element counts of these rows (None: no padding)."""
+        if self.real_numels is None or rows == list(range(len(self))):
+            return self.real_numels
+        return self.real_numels.index_select(0, self.row_index(rows))
 
     def __len__(self) -> int:
         return len(self.owner_of_row)

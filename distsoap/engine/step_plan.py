@@ -51,7 +51,9 @@ class BucketStep:
     def __post_init__(self) -> None:
         first = self.specs[0]
         self.uniform = all(
-            (s.param_shape, s.stacked) == (first.param_shape, first.stacked) and not s.channels_last
+            (s.param_shape, s.stacked) == (first.param_shape, first.stacked)
+            and not s.channels_last
+            and not s.blocked
             for s in self.specs
         )
 

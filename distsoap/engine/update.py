@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from distsoap.engine.blocking import shifted_for_padding
 from distsoap.engine.blocks import BlockSpec
 from distsoap.engine.storage import StorageDtypes, drifting_rows, store_back, widened
 from distsoap.hyperparams import group_lr
@@ -49,6 +50,7 @@ def soap_update(
     precondition_frequency: int,
     offsets: list[int] | None = None,
     elementwise: Callable = rotated_adam_direction,
+    real_numels: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, list[int]]:
     """One SOAP update for a stack of blocks whose bases are initialised.
 
@@ -70,6 +72,8 @@ def soap_update(
         offsets: each block's refresh phase in ``[0, precondition_frequency)`` (staggered
             schedule); None: all 0, the reference's aligned schedule.
         elementwise: the rotated-Adam implementation (eager, compiled or Triton dispatch).
+        real_numels: ``(B,)`` elements of each block that are not padding (blocked
+            parameters), for ``normalize_grads``' RMS; None: every element is real.
 
     Returns:
         The parameter deltas ``-step_size * U`` ``(B, *block)`` (weight decay not included) and
@@ -91,7 +95,10 @@ def soap_update(
     delta = rotate_out(direction, bases)
     if group["normalize_grads"]:
         flat = delta.reshape(delta.shape[0], -1)
-        rms = flat.square().mean(dim=1).sqrt().add_(1e-30)
+        if real_numels is None:
+            rms = flat.square().mean(dim=1).sqrt().add_(1e-30)
+        else:  # padding holds zeros: the mean over the real elements only
+            rms = (flat.square().sum(dim=1) / real_numels).sqrt().add_(1e-30)
         per_block = _per_block(sizes, delta)  # shared: a fill, no host-to-device copy
         if not isinstance(per_block, torch.Tensor):
             per_block = torch.full_like(rms, per_block)
@@ -116,6 +123,7 @@ def refresh_rows(
     rank: int,
     compute: torch.dtype = torch.float32,
     drift_tol: float | None = None,
+    padding: list[torch.Tensor | None] | None = None,
 ) -> tuple[list[int], list[int], list[torch.Tensor | None]]:
     """Refresh the bases of some rows of the stack, carrying the moments into the new bases.
 
@@ -126,6 +134,8 @@ def refresh_rows(
         compute: the dtype of the math (factors and bases stored lower are widened to it).
         drift_tol: report rows whose new bases, rounded to their storage dtype, lose more
             orthogonality than this (:mod:`distsoap.engine.storage`); None: do not measure.
+        padding: per block dim, the ``(B, d)`` padding masks of the stack's rows (blocked
+            parameters, :mod:`distsoap.engine.blocking`), or None.
 
     Returns:
         The rows (of the whole stack) for which a refresh failed every retry; the rows (indices
@@ -150,6 +160,9 @@ def refresh_rows(
     stored = [b.dtype if b is not None else None for b in _stacked(tensors, "basis", rank)]
     bases = [pick(b) for b in _stacked(tensors, "basis", rank)]
     factors = [pick(f) for f in _stacked(tensors, "factor", rank)]
+    if padding is not None:
+        masks = [m if m is None or index is None else m.index_select(0, index) for m in padding]
+        factors = shifted_for_padding(factors, masks)
     exp_avg = rotate_out(pick(tensors["exp_avg"]), bases)  # a. back to weight space
     new_bases, exp_avg_sq, failed = refresh_bases(factors, bases, pick(tensors["exp_avg_sq"]))
     put("exp_avg", rotate_in(exp_avg, new_bases))  # d. into the new bases
@@ -244,7 +257,10 @@ def first_call(
     decomposed = True
     new_bases: list[torch.Tensor | None] = [None] * len(factors)
     if ready:
-        for dim, factor in enumerate(factors):
+        padding = spec.padding() if spec.blocked else None
+        if padding is not None:
+            padding = [None if m is None else m.to(grads.device) for m in padding]
+        for dim, factor in enumerate(shifted_for_padding(factors, padding)):
             if factor is not None:
                 basis, failed = initial_basis(factor)
                 decomposed = decomposed and not failed

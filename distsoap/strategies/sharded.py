@@ -181,7 +181,13 @@ class ShardedLossless(Strategy):
                 spec = engine.block_spec(p, group_, layout.full_shape)
                 frequency = group_["precondition_frequency"]
                 self.costs.append(block_cost(spec, frequency, *engine.state_element_bytes(p)))
-                self.held_rows.append(held_stack_rows(p, group_.get("stack_dims", 0)))
+                experts = held_stack_rows(p, group_.get("stack_dims", 0))
+                blocks = math.prod(spec.grid)  # rows per matrix (block_size)
+                self.held_rows.append(
+                    None
+                    if experts is None
+                    else tuple(e * blocks + b for e in experts for b in range(blocks))
+                )
         exchanged = [i for i, rows in enumerate(self.held_rows) if rows is None]
         self.owners = [-1] * len(self.params)
         """Per parameter, its owner rank (-1: stepped in place by every rank holding it)."""

@@ -27,6 +27,8 @@ OPTION_SETS = {
     # a tolerance above any mass: every due refresh measured, the skips decided per block on
     # its owner exactly as in one process (a tolerance near a mass could tip either way on
     # summation order, which is why the decision is compared where it is certain)
+    # blocks of at most 8: (16, 16) as 2 x 2, (24, 24) as 3 x 3, (37, 37) as 5 x 5 padded to 40
+    "block_size": ({"block_size": 8}, FP64, 1e-10),
     "adaptive_refresh": ({"refresh_tolerance": 1.5, "max_skipped_refreshes": 1}, FP64, 1e-10),
 }
 
