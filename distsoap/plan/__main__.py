@@ -71,6 +71,9 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--one-sided", action="store_true", help="rotate only the smallest dim of each block"
     )
+    parser.add_argument(
+        "--block-size", type=_positive_int, default=None, help="cut larger dims into blocks"
+    )
     parser.add_argument("--channels-last", action="store_true", help="data_format=channels_last")
     for name in ("moment", "factor", "basis"):
         parser.add_argument(f"--{name}-dtype", type=_dtype, default="fp32", help="storage dtype")
@@ -110,6 +113,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             merge_dims=args.merge_dims,
             precondition_1d=args.precondition_1d,
             one_sided=args.one_sided,
+            block_size=args.block_size,
             data_format="channels_last" if args.channels_last else "channels_first",
             moment_dtype=args.moment_dtype,
             factor_dtype=args.factor_dtype,

@@ -103,7 +103,7 @@ def block_state(
     moment, factor, basis = element_bytes
     squares = spec.rows * sum(d * d for d in spec.factor_dims)
     return BlockState(
-        moments=2 * spec.numel * moment,
+        moments=2 * spec.state_numel * moment,  # blocks' padding included
         factors=squares * factor,
         bases=squares * basis,
         refresh_flops=refresh_flops(spec, precondition_frequency),

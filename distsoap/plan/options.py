@@ -43,6 +43,8 @@ class PlanOptions:
     """Give 1-D parameters a factor too."""
     one_sided: bool = False
     """Keep only the smallest factored dim of each block."""
+    block_size: int | None = None
+    """Cut dims larger than this into blocks, each its own SOAP block (None: no blocking)."""
     data_format: str = "channels_first"
     """How 4-D parameters are blocked (``channels_last``: permuted NHWC -> NCHW)."""
     moment_dtype: torch.dtype = torch.float32
@@ -68,6 +70,9 @@ class PlanOptions:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise PlanError(f"{name} must be an integer >= 1, got {value!r}")
+        size = self.block_size
+        if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
+            raise PlanError(f"block_size must be None or an integer >= 1, got {size!r}")
         if isinstance(self.stack_dims, bool) or not isinstance(self.stack_dims, int):
             raise PlanError(f"stack_dims must be an integer >= 0, got {self.stack_dims!r}")
         if self.stack_dims < 0:

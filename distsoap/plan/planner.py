@@ -174,6 +174,7 @@ class _Specs:
                     data_format=o.data_format,
                     stack_dims=stack_dims,
                     one_sided=o.one_sided,
+                    block_size=o.block_size,
                 )
             except ValueError as error:
                 raise PlanError(f"parameter {name!r}: {error}") from None

@@ -8,7 +8,6 @@ groups and options, takes one step with gradients (which allocates every block) 
 
 from __future__ import annotations
 
-import inspect
 import json
 import math
 import subprocess
@@ -56,11 +55,12 @@ def _soap_kwargs(options: PlanOptions) -> dict:
         one_sided=options.one_sided,
         data_format=options.data_format,
         moment_dtype=options.moment_dtype,
+        factor_dtype=options.factor_dtype,
+        basis_dtype=options.basis_dtype,
+        basis_orthogonality_tol=1.0,  # the plan assumes no block moves to fp32 bases
+        block_size=options.block_size,
         precondition_frequency=options.precondition_frequency,
     )
-    for name in ("factor_dtype", "basis_dtype"):  # storage options SOAP may not have yet
-        if getattr(options, name) != torch.float32:
-            kwargs[name] = getattr(options, name)
     return kwargs
 
 
@@ -93,13 +93,6 @@ def _planned(rank) -> dict[str, int]:
     }
 
 
-def _needs_storage_options(kwargs: dict) -> None:
-    """Skip where SOAP does not have the factor / basis storage options a case uses."""
-    for name in ("factor_dtype", "basis_dtype"):
-        if name in kwargs and name not in inspect.signature(SOAP).parameters:
-            pytest.skip(f"SOAP has no {name} option")
-
-
 def _step_with_grads(model: nn.Module, opt: SOAP) -> None:
     torch.manual_seed(1)
     for p in model.parameters():
@@ -130,6 +123,8 @@ CASES = {
             "basis_dtype": torch.bfloat16,
         },
     ),
+    "blocks": ("mixed", {"block_size": 7}),
+    "blocks, one-sided, stack": ("mixed", {"block_size": 5, "one_sided": True, "stack_dims": 1}),
     "gpt2-tiny (tied)": ("gpt2-tiny", {}),
     "llama3-tiny": ("llama3-tiny", {}),
     "llama3-tiny one-sided": ("llama3-tiny", {"one_sided": True, "max_precond_dim": 64}),
@@ -140,7 +135,6 @@ CASES = {
 @pytest.mark.parametrize("case", list(CASES))
 def test_single_process_plan_is_the_real_state(case):
     name, kwargs = CASES[case]
-    _needs_storage_options(kwargs)
     model = _model(name)
     options = PlanOptions(strategy="single", **kwargs)
     planned = plan(model, options)
@@ -162,8 +156,6 @@ def test_fp64_parameters_keep_fp64_state():
 
 @pytest.mark.parametrize("dtype_option", ["factor_dtype", "basis_dtype"])
 def test_factor_and_basis_storage_dtypes(dtype_option):
-    if dtype_option not in inspect.signature(SOAP).parameters:
-        pytest.skip(f"SOAP has no {dtype_option} option yet")
     model = _model("mixed")
     options = PlanOptions(strategy="single", **{dtype_option: torch.bfloat16})
     opt = SOAP(_groups(model, options), **_soap_kwargs(options))
@@ -171,7 +163,15 @@ def test_factor_and_basis_storage_dtypes(dtype_option):
     assert _planned(plan(model, options).ranks[0]) == _split(opt)
 
 
-DISTRIBUTED_CASES = ["default", "bf16 moments", "one-sided", "merge_dims", "expert stack", "lean"]
+DISTRIBUTED_CASES = [
+    "default",
+    "bf16 moments",
+    "one-sided",
+    "merge_dims",
+    "expert stack",
+    "lean",
+    "blocks",
+]
 
 
 def ddp_state(rank: int, world: int, cases: list[str]) -> list[dict[str, int]]:
