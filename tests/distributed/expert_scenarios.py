@@ -62,12 +62,14 @@ class MoE(nn.Module):
         ]
 
 
-def reference(num_experts: int, dtype: torch.dtype, steps: int, dense: bool = True):
+def reference(
+    num_experts: int, dtype: torch.dtype, steps: int, dense: bool = True, **options
+) -> list[torch.Tensor]:
     """Single-process plain SOAP with the experts as separate parameters."""
     weights = initial_weights(num_experts, dtype)
     dense_params = [nn.Parameter(weights["dense_weight"]), nn.Parameter(weights["dense_bias"])]
     experts = [nn.Parameter(w.clone()) for w in weights["experts"]]
-    opt = SOAP((dense_params if dense else []) + experts, **OPTIONS)
+    opt = SOAP((dense_params if dense else []) + experts, **OPTIONS, **options)
     for step in range(steps):
         opt.zero_grad()
         x, target = batch(step, num_experts, dtype)
@@ -102,14 +104,21 @@ def _train(model: MoE, opt, steps: range) -> None:
 
 
 def train(
-    rank: int, world: int, strategy: str, layout: str | None, steps: int, dtype, dense: bool = True
+    rank: int,
+    world: int,
+    strategy: str,
+    layout: str | None,
+    steps: int,
+    dtype,
+    dense: bool = True,
+    **options,
 ) -> dict:
     """Train ``steps`` steps; the full parameters, this rank's state and bytes sent."""
     num_experts = LAYOUTS[layout][2] if layout else 3
     model = MoE(num_experts, dtype, dense)
     if layout:
         _distribute(model, layout)
-    opt = SOAP(model.param_groups(), strategy=strategy, **OPTIONS)
+    opt = SOAP(model.param_groups(), strategy=strategy, **OPTIONS, **options)
     _train(model, opt, range(steps))
     state = opt.state[model.experts]
     return dict(

@@ -96,3 +96,15 @@ def test_a_fault_in_experts_held_whole_stops_every_rank():
     assert all(e.startswith("step 2:") for e in errors), errors
     assert "non-finite" in errors[1] or "NaN" in errors[1], errors[1]  # its own fault, named
     assert all("rank(s) [1] stopped" in e for e in errors[:1] + errors[2:]), errors
+
+
+def test_blocked_experts_held_whole_match_separate_blocked_experts():
+    """block_size=4 cuts each 6 x 6 expert into 2 x 2 blocks of 3 x 3: 4 rows per expert."""
+    results = run_ranks(
+        train, 4, "fsdp2", "ep_on_two_mesh_dims", STEPS, torch.float64, block_size=4
+    )
+    want = reference(5, torch.float64, STEPS, block_size=4)
+    assert [r["expert_rows"] for r in results] == [(8,), (4,), (4,), (4,)]
+    for result in results:
+        _close(result["full"], want, 1e-10)  # fp64: summation order only
+    assert sum(r["bytes"].get("update_scatter", 0) for r in results) > 0  # the dense layer
