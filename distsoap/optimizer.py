@@ -121,7 +121,7 @@ class SOAP(torch.optim.Optimizer):
             expert weight ``(num_experts, d_in, d_out)`` is preconditioned as ``num_experts``
             separate ``(d_in, d_out)`` matrices, each with its own factors and bases, as if
             every expert were its own ``nn.Linear``. A param-group option: give it to the
-            group of the expert weights (see the README, "MoE experts").
+            group of the expert weights (see the README, "torchtitan and tensor parallelism").
         moment_dtype: keyword-only; dtype of ``exp_avg`` and ``exp_avg_sq`` (fp32 default;
             bf16 halves their memory at some accuracy cost; fp64 parameters always use fp64).
             Dtypes may also be given by name (``"bf16"``, ``"float32"``), as JSON configs do.

@@ -19,9 +19,9 @@ options (``strategy``, ``moment_dtype``, ``refresh_schedule``, ...). The ``fused
 choice is ``elementwise=``).
 
 torchtitan builds one optimizer per model part (pipeline stage); each SOAP then works over its
-part's mesh (see the README, "Pipeline stages"). Its checkpoints go through the container's
-FQN-keyed ``state_dict()``, whose ``init_optim_state`` zero-gradient step leaves SOAP unchanged
-(an all-zero first gradient is discarded).
+part's mesh (see the README, "torchtitan and tensor parallelism"). Its checkpoints go through
+the container's FQN-keyed ``state_dict()``, whose ``init_optim_state`` zero-gradient step leaves
+SOAP unchanged (an all-zero first gradient is discarded).
 
 With torchtitan's command line, ``--module distsoap.integrations.torchtitan --config
 llama3_debugmodel_soap`` imports this module (registering SOAP) and takes the config below.
