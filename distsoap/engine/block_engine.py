@@ -67,8 +67,6 @@ class BucketKey:
     """Updates between eigenbasis refreshes (as recorded in each block's state)."""
     shampoo_beta: float
     """EMA coefficient of the factors (as recorded in each block's state)."""
-    stacked: bool = False
-    """Members are stacks of matrices (``stack_dims``), several rows each."""
     basis_dtype: torch.dtype | None = None
     """Storage dtype of the bases (a block the drift guard moved to fp32 leaves its bucket)."""
 
@@ -405,7 +403,6 @@ class BlockEngine:
                     device=param.device,
                     precondition_frequency=state["precondition_frequency"],
                     shampoo_beta=state["shampoo_beta"],
-                    stacked=spec.stacked,
                     basis_dtype=(
                         state[f"basis_{spec.factored.index(True)}"].dtype
                         if any(spec.factored)
@@ -455,12 +452,9 @@ class BlockEngine:
         if drifted:
             self.faults.basis_fallback(self.param_name(param), state)
 
-    def _padding(
-        self, key: BucketKey, members: list[torch.Tensor]
-    ) -> list[torch.Tensor | None] | None:
+    @staticmethod
+    def _padding(key: BucketKey, specs: list[BlockSpec]) -> list[torch.Tensor | None] | None:
         """Per block dim, the members' padding masks row by row (None: nobody is padded)."""
-        group = self.param_groups[key.group_index]
-        specs = [self.block_spec(p, group, self.state_shape(p)) for p in members]
         per_member = [s.padding() if s.blocked else None for s in specs]
         if all(m is None or all(d is None for d in m) for m in per_member):
             return None
@@ -485,9 +479,11 @@ class BlockEngine:
         known = {id(p) for p in members}
         members += [p for p in params if id(p) not in known]
         states = [self.state[p] for p in members]
-        counts = [s["exp_avg"].shape[0] if key.stacked else None for s in states]
+        group = self.param_groups[key.group_index]
+        specs = [self.block_spec(p, group, self.state_shape(p)) for p in members]
+        counts = [s.rows if s.stacked else None for s in specs]  # stacks and blocks: rows
         bucket = Bucket(members, states, block_tensor_keys(key.factored), counts)
-        bucket.padding = self._padding(key, members)
+        bucket.padding = self._padding(key, specs)
         if bucket.padding is not None:
             real = torch.ones(len(bucket), dtype=key.dtype, device=key.device)
             for size, mask in zip(key.block_shape, bucket.padding, strict=True):

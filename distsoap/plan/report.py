@@ -117,7 +117,8 @@ def options_lines(plan: Plan) -> list[str]:
     return [
         f"SOAP: max_precond_dim={o.max_precond_dim} merge_dims={o.merge_dims} "
         f"precondition_1d={o.precondition_1d} one_sided={o.one_sided} "
-        f"stack_dims={o.stack_dims} precondition_frequency={o.precondition_frequency}",
+        f"block_size={o.block_size} stack_dims={o.stack_dims} "
+        f"precondition_frequency={o.precondition_frequency}",
         f"state: moments {dtype_name(o.moment_dtype)}, factors {dtype_name(o.factor_dtype)}, "
         f"bases {dtype_name(o.basis_dtype)}; parameters {params}",
     ]

@@ -135,3 +135,33 @@ def test_padding_stays_out_of_the_eigenbases_of_a_rank_deficient_real_part():
     new_bases, _, _ = refresh_bases([shifted], [basis], torch.ones(1, 5, dtype=torch.float64))
     real, pad = new_bases[0][0, :3, :], new_bases[0][0, 3:, :]
     assert not ((real.abs().sum(0) > 1e-12) & (pad.abs().sum(0) > 1e-12)).any()
+
+
+def test_blocks_share_a_bucket_with_parameters_of_the_block_shape():
+    """An (8, 8) cut into four 4 x 4 blocks and a plain (4, 4): one bucket of 5 rows."""
+    gen = torch.Generator().manual_seed(0)
+    big = torch.nn.Parameter(torch.randn(8, 8, generator=gen, dtype=torch.float64))
+    small = torch.nn.Parameter(torch.randn(4, 4, generator=gen, dtype=torch.float64))
+    pieces = [
+        torch.nn.Parameter(big.detach()[r : r + 4, c : c + 4].clone())
+        for r in (0, 4)
+        for c in (0, 4)
+    ]
+    copy = torch.nn.Parameter(small.detach().clone())
+    opt = SOAP([big, small], block_size=4, precondition_frequency=2)
+    reference = ReferenceSOAP([*pieces, copy], precondition_frequency=2)
+    for _ in range(6):
+        big.grad = torch.randn(8, 8, generator=gen, dtype=torch.float64)
+        small.grad = torch.randn(4, 4, generator=gen, dtype=torch.float64)
+        for p, (r, c) in zip(pieces, [(r, c) for r in (0, 4) for c in (0, 4)]):
+            p.grad = big.grad[r : r + 4, c : c + 4].clone()
+        copy.grad = small.grad.clone()
+        opt.step()
+        reference.step()
+    buckets = list(opt.engine._buckets.values())
+    assert len(buckets) == 1 and len(buckets[0]) == 5
+    for p, (r, c) in zip(pieces, [(r, c) for r in (0, 4) for c in (0, 4)]):
+        torch.testing.assert_close(
+            big.detach()[r : r + 4, c : c + 4], p.detach(), rtol=0, atol=1e-10
+        )
+    torch.testing.assert_close(small.detach(), copy.detach(), rtol=0, atol=1e-10)
