@@ -234,3 +234,24 @@ def test_torchtitan_config_gives_its_grouped_experts_a_stack_group():
     state = soap.state[model.experts.w1_EFD]
     assert state["factor_0"].shape == (3, 6, 6) and state["factor_1"].shape == (3, 4, 4)
     assert soap.state[model.router.weight]["factor_0"].shape == (3, 3)
+
+
+def test_a_state_saved_one_key_per_expert_loads_into_a_whole_stack():
+    """What ranks holding some experts each save (expert parallelism) loads in one process."""
+    _, opt = _train(True, 3)
+    saved = opt.state_dict()
+    entry = saved["state"][2]  # the experts: dense weight, dense bias, then the stack
+    saved["state"][2] = split_rows(entry, tuple(range(EXPERTS)), entry["block_layout"])
+    assert "exp_avg@stack2" in saved["state"][2] and "exp_avg" not in saved["state"][2]
+    params = [p for g in opt.param_groups for p in g["params"]]
+    copies = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    resumed = SOAP([{"params": copies[:2]}, {"params": copies[2:], "stack_dims": 1}], **OPTIONS)
+    resumed.load_state_dict(saved)
+    for key, value in opt.state[params[2]].items():
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(resumed.state[copies[2]][key], value), key
+    saved["state"][2].pop("factor_0@stack1")  # one expert's factor missing: refused, named
+    with pytest.raises(ValueError, match="factor_0"):
+        SOAP(
+            [{"params": copies[:2]}, {"params": copies[2:], "stack_dims": 1}], **OPTIONS
+        ).load_state_dict(saved)
