@@ -15,7 +15,8 @@ The configurations: ``default``; each option alone (``bf16_factors``, ``bf16_bas
 ``bf16_both``, ``block<b>`` for ``--blocks``, ``one_sided``, ``adaptive<t>`` for
 ``--tolerances``, ``bf16_moments``); ``lean``: bf16 factors and bases, ``block_size``
 ``--lean-block`` (256) and ``refresh_tolerance`` ``--lean-tolerance`` (0.1), with
-``lean_tol<t>`` for the ``--lean-variants`` tolerances; the peers ``reference`` and ``adamw``.
+``lean_tol<t>`` (``lean_b<b>_tol<t>``) for the ``--lean-variants`` tolerances ``t`` (``b:t``:
+another block size too); the peers ``reference`` and ``adamw``.
 ``--masses default,...`` first traces, untimed, the off-diagonal mass before each refresh of
 these configurations (what the adaptive refresh compares with its tolerance) and after it.
 
@@ -77,7 +78,7 @@ def option_sets(
     tolerances: Sequence[float],
     lean_block: int,
     lean_tolerance: float,
-    lean_variants: Sequence[float] = (),
+    lean_variants: Sequence[tuple[int | None, float]] = (),
 ) -> dict[str, dict[str, Any]]:
     """The SOAP configurations by name: the options each adds to the default.
 
@@ -86,8 +87,9 @@ def option_sets(
         tolerances: The ``refresh_tolerance`` values measured alone (``adaptive<t>``).
         lean_block: The lean combination's ``block_size``.
         lean_tolerance: The lean combination's ``refresh_tolerance``.
-        lean_variants: Other ``refresh_tolerance`` values of the lean combination
-            (``lean_tol<t>``).
+        lean_variants: Other ``(block_size, refresh_tolerance)`` of the lean combination:
+            ``lean_tol<t>`` with ``lean_block`` where the block size is None, else
+            ``lean_b<b>_tol<t>``.
 
     Returns:
         Name to SOAP keyword arguments.
@@ -104,8 +106,16 @@ def option_sets(
     sets["bf16_moments"] = dict(moment_dtype="bf16")
     lean = dict(factor_dtype="bf16", basis_dtype="bf16", block_size=lean_block)
     sets["lean"] = lean | dict(refresh_tolerance=lean_tolerance)
-    sets |= {f"lean_tol{t:g}": lean | dict(refresh_tolerance=t) for t in lean_variants}
+    for b, t in lean_variants:
+        name = f"lean_tol{t:g}" if b is None else f"lean_b{b}_tol{t:g}"
+        sets[name] = lean | dict(block_size=b or lean_block, refresh_tolerance=t)
     return sets
+
+
+def lean_variant(text: str) -> tuple[int | None, float]:
+    """``"t"`` -> (None, t); ``"b:t"`` -> (b, t)."""
+    block, _, tolerance = text.rpartition(":")
+    return (int(block) if block else None), float(tolerance)
 
 
 def makers(
@@ -465,7 +475,9 @@ def main() -> None:
     p.add_argument("--tolerances", default="1e-3,1e-2,3e-2,1e-1", help="refresh_tolerance alone")
     p.add_argument("--lean-block", type=int, default=256)
     p.add_argument("--lean-tolerance", type=float, default=0.1)
-    p.add_argument("--lean-variants", default="1e-3,3e-2", help="other lean tolerances")
+    p.add_argument(
+        "--lean-variants", default="1e-3,3e-2", help="other lean tolerances t, or b:t pairs"
+    )
     p.add_argument(
         "--masses",
         default="",
@@ -480,7 +492,7 @@ def main() -> None:
         [float(t) for t in args.tolerances.split(",") if t],
         args.lean_block,
         args.lean_tolerance,
-        [float(t) for t in args.lean_variants.split(",") if t],
+        [lean_variant(v) for v in args.lean_variants.split(",") if v],
     )
     built = makers(sets, preset["max_precond_dim"], args.frequency)
     names = list(built) if args.configs == "all" else args.configs.split(",")

@@ -48,9 +48,19 @@ CONFIGS: dict[str, dict[str, Any] | None] = {
     "adaptive1e-3": dict(refresh_tolerance=1e-3),
     "lean": LEAN,
     "lean_tol1e-3": LEAN | dict(refresh_tolerance=1e-3),
+    "lean_b128_tol0": LEAN | dict(block_size=128, refresh_tolerance=0.0),
+    "lean_b128_tol0.1": LEAN | dict(block_size=128),
     "adamw": None,  # the demo's AdamW
+    # one-sided by max_precond_dim for the non-square matrices (the 128 x 128 stay two-sided)
+    "max_precond_dim255": dict(max_precond_dim=255),
 }
-EXTRA = ("block128", "adaptive1e-3")  # not in the default --configs
+EXTRA = (  # not in the default --configs
+    "block128",
+    "adaptive1e-3",
+    "max_precond_dim255",
+    "lean_b128_tol0",
+    "lean_b128_tol0.1",
+)
 
 
 def soap_with(options: dict[str, Any], built: list[SOAP]) -> type[SOAP]:
