@@ -29,7 +29,6 @@ from distsoap.engine.step_plan import BucketStep
 from distsoap.engine.storage import StorageDtypes
 from distsoap.engine.update import first_call, refresh_rows, soap_update
 from distsoap.faults import FaultPolicy, parameter_names
-from distsoap.math.adaptive import off_diagonal_mass
 
 MAX_STEP_PLANS = 8
 """Step plans kept (one per set of parameters with gradients; usually one is enough, but models
@@ -278,53 +277,51 @@ class BlockEngine:
         drifted_any = False
         for bucket, rows, key in due:
             group = self.param_groups[key.group_index]
+            still_diagonal = None
             if group.get("refresh_tolerance", 0.0) > 0:
-                rows = self._rows_still_off_diagonal(bucket, rows, key, group)
-                if not rows:
-                    continue
+
+                def still_diagonal(mass, bucket=bucket, rows=rows, group=group):
+                    return self._positions_to_refresh(bucket, rows, mass, group)
+
             tensors = bucket.select(rows)
-            failed, drifted, new_bases = refresh_rows(
+            done = refresh_rows(
                 tensors,
                 list(range(len(rows))),
                 len(key.block_shape),
                 key.dtype,
                 self.basis_orthogonality_tol,
                 bucket.padding_of(rows),
+                still_diagonal,
             )
+            if not done.refreshed:
+                continue  # every block skipped: its state is untouched
             bucket.write_back(rows, tensors)
             members: dict[int, list[int]] = {}  # a stack's matrices count as one block
-            for i, row in enumerate(rows):
-                members.setdefault(bucket.owner_of_row[row], []).append(i)
+            for i, position in enumerate(done.refreshed):
+                members.setdefault(bucket.owner_of_row[rows[position]], []).append(i)
             for member, positions in members.items():
                 param = bucket.params[member]
                 state = self.state[param]
-                member_failed = any(i in failed for i in positions)
+                member_failed = any(done.refreshed[i] in done.failed for i in positions)
                 self.faults.basis(self.param_name(param), state, member_failed)
-                if any(i in drifted for i in positions):
-                    self._keep_fp32_bases(param, state, new_bases, positions)
+                if any(i in done.drifted for i in positions):
+                    self._keep_fp32_bases(param, state, done.new_bases, positions)
                     drifted_any = True
         if drifted_any:
             self.reset()  # those blocks move to buckets of fp32 bases
 
-    def _rows_still_off_diagonal(
-        self, bucket: Bucket, rows: list[int], key: BucketKey, group: dict[str, Any]
+    def _positions_to_refresh(
+        self, bucket: Bucket, rows: list[int], mass: torch.Tensor | None, group: dict[str, Any]
     ) -> list[int]:
-        """The adaptive refresh: the due rows whose block must refresh now.
+        """The adaptive refresh: which of the due ``rows`` must refresh now (positions).
 
-        A block skips its refresh while its current bases still diagonalise its factors
-        (:func:`~distsoap.math.adaptive.off_diagonal_mass` below the group's
-        ``refresh_tolerance`` for every matrix of it), at most ``max_skipped_refreshes`` times
-        in a row; ``refresh_skips`` (in a row) and ``skipped_refreshes`` (in all) count them.
+        A block skips its refresh while its current bases still diagonalise its factors (the
+        off-diagonal ``mass`` below the group's ``refresh_tolerance`` for every matrix of it),
+        at most ``max_skipped_refreshes`` times in a row; ``refresh_skips`` (in a row) and
+        ``skipped_refreshes`` (in all) count them.
         """
-        tensors = bucket.select(rows)
-        rank = len(key.block_shape)
-        mass = off_diagonal_mass(
-            [tensors.get(f"factor_{d}") for d in range(rank)],
-            [tensors.get(f"basis_{d}") for d in range(rank)],
-            key.dtype,
-        )
         if mass is None:
-            return rows
+            return list(range(len(rows)))
         below = (mass < group["refresh_tolerance"]).tolist()
         members: dict[int, list[int]] = {}
         for i, row in enumerate(rows):
@@ -338,7 +335,7 @@ class BlockEngine:
                 state["skipped_refreshes"] = state.get("skipped_refreshes", 0) + 1
             else:
                 state["refresh_skips"] = 0
-                kept += [rows[i] for i in positions]
+                kept += positions
         return sorted(kept)
 
     def _keep_fp32_bases(

@@ -8,16 +8,17 @@ strategy calls these two functions.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
-from distsoap.engine.blocking import shifted_for_padding
+from distsoap.engine.blocking import PADDING_EIGENVALUE, shifted_for_padding
 from distsoap.engine.blocks import BlockSpec
 from distsoap.engine.storage import StorageDtypes, drifting_rows, store_back, widened
 from distsoap.hyperparams import group_lr
 from distsoap.kernels import rotated_adam_direction
-from distsoap.math.bases import initial_basis, refresh_bases
+from distsoap.math.adaptive import off_diagonal_mass_of_products
+from distsoap.math.bases import basis_products, initial_basis, refresh_bases
 from distsoap.math.rotations import rotate_in, rotate_out, update_factors
 
 
@@ -117,6 +118,20 @@ def soap_update(
     return delta, due
 
 
+class Refreshed(NamedTuple):
+    """What :func:`refresh_rows` did."""
+
+    refreshed: list[int]
+    """Positions (into the ``rows`` asked for) that were refreshed; the others were skipped."""
+    failed: list[int]
+    """Rows (of the whole stack) for which a refresh failed every retry."""
+    drifted: list[int]
+    """Positions into ``refreshed`` whose new bases drift past the drift guard's tolerance."""
+    new_bases: list[torch.Tensor | None]
+    """Per block dim, the new bases of the refreshed rows in the compute dtype,
+    ``(len(refreshed), d, d)`` (None where not factored)."""
+
+
 def refresh_rows(
     tensors: dict[str, torch.Tensor],
     rows: list[int],
@@ -124,7 +139,8 @@ def refresh_rows(
     compute: torch.dtype = torch.float32,
     drift_tol: float | None = None,
     padding: list[torch.Tensor | None] | None = None,
-) -> tuple[list[int], list[int], list[torch.Tensor | None]]:
+    still_diagonal: Callable[[torch.Tensor], list[int]] | None = None,
+) -> Refreshed:
     """Refresh the bases of some rows of the stack, carrying the moments into the new bases.
 
     Args:
@@ -136,14 +152,12 @@ def refresh_rows(
             orthogonality than this (:mod:`distsoap.engine.storage`); None: do not measure.
         padding: per block dim, the ``(B, d)`` padding masks of the stack's rows (blocked
             parameters, :mod:`distsoap.engine.blocking`), or None.
-
-    Returns:
-        The rows (of the whole stack) for which a refresh failed every retry; the rows (indices
-        into ``rows``) whose bases drift past ``drift_tol``; and the new bases per block dim in
-        the compute dtype, ``(len(rows), d, d)`` (None where not factored).
+        still_diagonal: the adaptive refresh. Given the ``(len(rows),)`` off-diagonal masses
+            (:func:`~distsoap.math.adaptive.off_diagonal_mass_of_products`, from the same
+            ``GG Q`` products the refresh uses), it returns the positions to refresh; the
+            others keep their state untouched. None: refresh every row.
     """
-    everything = len(rows) == tensors["exp_avg"].shape[0]
-    index = None if everything else torch.tensor(rows, device=tensors["exp_avg"].device)
+    index = None if len(rows) == tensors["exp_avg"].shape[0] else _index(rows, tensors)
 
     def pick(t: torch.Tensor | None) -> torch.Tensor | None:
         if t is None:
@@ -160,18 +174,44 @@ def refresh_rows(
     stored = [b.dtype if b is not None else None for b in _stacked(tensors, "basis", rank)]
     bases = [pick(b) for b in _stacked(tensors, "basis", rank)]
     factors = [pick(f) for f in _stacked(tensors, "factor", rank)]
-    if padding is not None:
-        masks = [m if m is None or index is None else m.index_select(0, index) for m in padding]
-        factors = shifted_for_padding(factors, masks)
+    if padding is not None and index is not None:
+        padding = [m if m is None else m.index_select(0, index) for m in padding]
+    shifted = shifted_for_padding(factors, padding)
+    products = basis_products(shifted, bases)
+    refreshed = list(range(len(rows)))
+    if still_diagonal is not None:
+        unshifted = products  # the mass is that of the real factor: padding reads 0 there
+        if padding is not None:  # GG Q = (shifted GG) Q - PADDING_EIGENVALUE diag(mask) Q
+            unshifted = [
+                p if p is None or m is None else p - PADDING_EIGENVALUE * m.to(b).unsqueeze(-1) * b
+                for p, m, b in zip(products, padding, bases, strict=True)
+            ]
+        refreshed = sorted(still_diagonal(off_diagonal_mass_of_products(factors, bases, unshifted)))
+        if not refreshed:
+            return Refreshed([], [], [], [None] * rank)
+        if len(refreshed) < len(rows):
+            keep = torch.tensor(refreshed, device=tensors["exp_avg"].device)
+            bases, shifted, products = (
+                [t if t is None else t.index_select(0, keep) for t in ts]
+                for ts in (bases, shifted, products)
+            )
+            rows = [rows[i] for i in refreshed]
+            index = _index(rows, tensors)
     exp_avg = rotate_out(pick(tensors["exp_avg"]), bases)  # a. back to weight space
-    new_bases, exp_avg_sq, failed = refresh_bases(factors, bases, pick(tensors["exp_avg_sq"]))
+    new_bases, exp_avg_sq, failed = refresh_bases(
+        shifted, bases, pick(tensors["exp_avg_sq"]), products
+    )
     put("exp_avg", rotate_in(exp_avg, new_bases))  # d. into the new bases
     put("exp_avg_sq", exp_avg_sq)
     for dim, basis in enumerate(new_bases):
         if basis is not None:
             put(f"basis_{dim}", basis)
     drifted = [] if drift_tol is None else drifting_rows(new_bases, stored, drift_tol)
-    return sorted(rows[i] for i in failed), drifted, new_bases
+    return Refreshed(refreshed, sorted(rows[i] for i in failed), drifted, new_bases)
+
+
+def _index(rows: list[int], tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+    return torch.tensor(rows, device=tensors["exp_avg"].device)
 
 
 def new_block_tensors(

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from distsoap.math.bases import initial_basis, refresh_bases
+from distsoap.math.bases import initial_basis, q_factor, refresh_bases
 from distsoap.math.reference import ReferenceSOAP, _contract
 from distsoap.math.rotations import rotate_in, rotate_out, update_factors
 
@@ -98,3 +98,12 @@ def test_refresh_matches_reference(shape, factored):
         for got, want in zip(new_bases, state["bases"]):
             if got is not None:
                 torch.testing.assert_close(got[b], want, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_q_without_r_is_the_q_of_torch_qr(dtype):
+    """The refresh's QR skips R; its Q must be torch.linalg.qr's (same reflections)."""
+    gen = torch.Generator().manual_seed(5)
+    a = torch.randn(4, 33, 33, generator=gen, dtype=dtype)
+    tol = 1e-5 if dtype == torch.float32 else 1e-12  # the same LAPACK calls; slack for BLAS paths
+    torch.testing.assert_close(q_factor(a), torch.linalg.qr(a)[0], rtol=0, atol=tol)
