@@ -48,8 +48,12 @@ CONFIGS: dict[str, dict[str, Any] | None] = {
     "adaptive1e-3": dict(refresh_tolerance=1e-3),
     "lean": LEAN,
     "lean_tol1e-3": LEAN | dict(refresh_tolerance=1e-3),
+    "lean_tol0.03": LEAN | dict(refresh_tolerance=0.03),
+    "lean_tol0.05": LEAN | dict(refresh_tolerance=0.05),
     "lean_b128_tol0": LEAN | dict(block_size=128, refresh_tolerance=0.0),
     "lean_b128_tol0.1": LEAN | dict(block_size=128),
+    "lean_b128_tol0.03": LEAN | dict(block_size=128, refresh_tolerance=0.03),
+    "lean_b128_tol0.05": LEAN | dict(block_size=128, refresh_tolerance=0.05),
     "adamw": None,  # the demo's AdamW
     # one-sided by max_precond_dim for the non-square matrices (the 128 x 128 stay two-sided)
     "max_precond_dim255": dict(max_precond_dim=255),
