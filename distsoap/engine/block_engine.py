@@ -41,6 +41,18 @@ Updates = dict[int, tuple[dict[str, Any], torch.Tensor | None]]
 """``id(param)`` -> (its param group, its delta ``-step_size * U``, or None: no update)."""
 
 
+def _by_member(bucket: Bucket, rows: list[int]) -> dict[int, list[int]]:
+    """Positions into ``rows`` grouped by the member owning each row.
+
+    A stack's matrices and a blocked parameter's blocks are one member: they are refreshed or
+    skipped, and counted, together.
+    """
+    members: dict[int, list[int]] = {}
+    for i, row in enumerate(rows):
+        members.setdefault(bucket.owner_of_row[row], []).append(i)
+    return members
+
+
 class ParamHost(Protocol):
     """What the engine reads of the optimizer: torch.optim's two attributes."""
 
@@ -296,10 +308,8 @@ class BlockEngine:
             if not done.refreshed:
                 continue  # every block skipped: its state is untouched
             bucket.write_back(rows, tensors)
-            members: dict[int, list[int]] = {}  # a stack's matrices count as one block
-            for i, position in enumerate(done.refreshed):
-                members.setdefault(bucket.owner_of_row[rows[position]], []).append(i)
-            for member, positions in members.items():
+            refreshed_rows = [rows[position] for position in done.refreshed]
+            for member, positions in _by_member(bucket, refreshed_rows).items():
                 param = bucket.params[member]
                 state = self.state[param]
                 member_failed = any(done.refreshed[i] in done.failed for i in positions)
@@ -323,11 +333,8 @@ class BlockEngine:
         if mass is None:
             return list(range(len(rows)))
         below = (mass < group["refresh_tolerance"]).tolist()
-        members: dict[int, list[int]] = {}
-        for i, row in enumerate(rows):
-            members.setdefault(bucket.owner_of_row[row], []).append(i)
         kept = []
-        for member, positions in members.items():
+        for member, positions in _by_member(bucket, rows).items():
             state = self.state[bucket.params[member]]
             skips = state.get("refresh_skips", 0)
             if all(below[i] for i in positions) and skips < group["max_skipped_refreshes"]:
