@@ -325,6 +325,7 @@ class SOAP(torch.optim.Optimizer):
         """Make ``strategy`` the one that steps (the engine learns its state shapes)."""
         self._strategy = strategy
         self.engine.state_shape = strategy.state_shape
+        self.engine.state_rows = strategy.state_rows
         self.engine.forget_offsets()
 
     @property

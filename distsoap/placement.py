@@ -11,14 +11,24 @@ needed to agree on it. The cost of a block has two parts that must both be balan
 The assignment is a vector form of greedy longest-processing-time: blocks in descending order of
 their larger normalised cost, each given to the rank whose larger normalised load after adding it
 is smallest (ties to the lowest rank). A short local search then moves or swaps blocks between
-the most loaded rank and the others while that lowers the pair's larger load.
+the most loaded rank and the others while that lowers the pair's larger load (moves only, when
+there are more than :data:`SWAP_SEARCH_LIMIT` blocks: swaps cost the square of their number).
+
+:func:`place_blocks` places the blocks of stacked and blocked parameters (``stack_dims``,
+``block_size``) one by one: each block of a parameter may get its own owner, and each owner
+then holds a *piece* of the parameter (some of its rows).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from distsoap.engine.blocks import BlockSpec
+
+SWAP_SEARCH_LIMIT = 256
+"""Above this many blocks the local search only moves blocks (see the module docstring)."""
 
 
 @dataclass(frozen=True)
@@ -75,21 +85,81 @@ def assign_owners(costs: list[BlockCost], world_size: int) -> list[int]:
     total_bytes = sum(c.state_bytes for c in costs) or 1
     normalised = [(c.flops / total_flops, c.state_bytes / total_bytes) for c in costs]
     order = sorted(range(len(costs)), key=lambda i: (-max(normalised[i]), i))
-    loads = [(0.0, 0.0)] * world_size
+    # the loads of every rank as one fp64 tensor: one vector op per block (ties: argmin gives
+    # the first, the lowest rank), the same sums as scalar code
+    flops_load = torch.zeros(world_size, dtype=torch.float64)
+    bytes_load = torch.zeros(world_size, dtype=torch.float64)
     owners = [0] * len(costs)
     for i in order:
         f, b = normalised[i]
-        rank = min(range(world_size), key=lambda r: (max(loads[r][0] + f, loads[r][1] + b), r))
-        loads[rank] = (loads[rank][0] + f, loads[rank][1] + b)
+        rank = int(torch.maximum(flops_load + f, bytes_load + b).argmin())
+        flops_load[rank] += f
+        bytes_load[rank] += b
         owners[i] = rank
-    _improve(owners, normalised, loads)
+    loads = list(zip(flops_load.tolist(), bytes_load.tolist()))
+    _improve(owners, normalised, loads, swaps=len(costs) <= SWAP_SEARCH_LIMIT)
     return owners
 
 
+@dataclass(frozen=True)
+class Piece:
+    """What one owner computes of a parameter: all of it, or some of its blocks."""
+
+    param: int
+    """Index of the parameter in the placed list."""
+    owner: int
+    """The rank that holds this piece's state and computes its update."""
+    rows: tuple[int, ...] | None
+    """The parameter's blocks (rows of its stacked state, sorted) in this piece; None: the
+    whole parameter, which has this one owner."""
+
+
+def place_blocks(
+    costs: list[BlockCost], rows: list[int], splittable: list[bool], world_size: int
+) -> list[Piece]:
+    """Give every block an owner; a parameter whose blocks went to several ranks is split.
+
+    Args:
+        costs: per parameter, the cost of all of it (:func:`block_cost`).
+        rows: per parameter, its number of blocks (rows of its state; 1 if not stacked).
+        splittable: per parameter, whether its blocks may have different owners.
+        world_size: number of ranks.
+
+    Returns:
+        One piece per (parameter, owner), by parameter, then owner.
+    """
+    units: list[tuple[int, int | None]] = []
+    unit_costs: list[BlockCost] = []
+    for i, (cost, n, split) in enumerate(zip(costs, rows, splittable, strict=True)):
+        if n > 1 and split and world_size > 1:
+            # every cost term is linear in the rows (block_cost): exact per-block shares
+            each = BlockCost(cost.flops / n, cost.state_bytes // n)
+            units += [(i, r) for r in range(n)]
+            unit_costs += [each] * n
+        else:
+            units.append((i, None))
+            unit_costs.append(cost)
+    owners = assign_owners(unit_costs, world_size)
+    by_param: dict[int, dict[int, list[int]]] = {}
+    for (i, row), owner in zip(units, owners):
+        by_param.setdefault(i, {}).setdefault(owner, []).append(-1 if row is None else row)
+    pieces = []
+    for i in range(len(costs)):
+        held = by_param[i]
+        if len(held) == 1:
+            pieces.append(Piece(i, next(iter(held)), None))
+            continue
+        pieces += [Piece(i, owner, tuple(sorted(held[owner]))) for owner in sorted(held)]
+    return pieces
+
+
 def _improve(
-    owners: list[int], costs: list[tuple[float, float]], loads: list[tuple[float, float]]
+    owners: list[int],
+    costs: list[tuple[float, float]],
+    loads: list[tuple[float, float]],
+    swaps: bool = True,
 ) -> None:
-    """Local search: move or swap blocks off the most loaded rank while that helps."""
+    """Local search: move (or swap) blocks off the most loaded rank while that helps."""
 
     def worst(load: tuple[float, float]) -> float:
         return max(load)
@@ -105,9 +175,9 @@ def _improve(
             for other in range(len(loads)):
                 if other == top:
                     continue
-                candidates = [(None, zero)] + [
-                    (j, costs[j]) for j, o in enumerate(owners) if o == other
-                ]
+                candidates = [(None, zero)]
+                if swaps:
+                    candidates += [(j, costs[j]) for j, o in enumerate(owners) if o == other]
                 for j, back in candidates:
                     new_top = shifted(loads[top], costs[i], back)
                     new_other = shifted(loads[other], back, costs[i])

@@ -36,6 +36,7 @@ whose parameters get gradients in changing subsets must not grow the cache witho
 
 _cached_block_spec = lru_cache(maxsize=None)(make_block_spec)
 _cached_layout_signature = lru_cache(maxsize=None)(layout_signature)  # checked every step
+_cached_holding = lru_cache(maxsize=None)(BlockSpec.holding)
 
 Updates = dict[int, tuple[dict[str, Any], torch.Tensor | None]]
 """``id(param)`` -> (its param group, its delta ``-step_size * U``, or None: no update)."""
@@ -135,6 +136,9 @@ class BlockEngine:
         self.basis_orthogonality_tol = basis_orthogonality_tol
         self.state_shape: Callable[[torch.Tensor], tuple[int, ...]] = lambda p: tuple(p.shape)
         """Shape of the tensor whose state is kept for a parameter (set by the strategy)."""
+        self.state_rows: Callable[[torch.Tensor], tuple[int, ...] | None] = lambda p: None
+        """The blocks of a parameter whose state this rank keeps, when only some (set by the
+        strategy; None: the whole parameter). Their gradients and deltas are in row form."""
         self._buckets: dict[BucketKey, Bucket] = {}
         self._plans: dict[tuple, list[BucketStep]] = {}
         self._due_refreshes: list[tuple[Bucket, list[int], int]] = []
@@ -160,10 +164,13 @@ class BlockEngine:
             param: the parameter.
             group: its param group.
             shape: the shape of the tensor SOAP preconditions, when it is not ``param.shape``
-                (a sharded parameter's full shape, or its local shard's).
+                (a sharded parameter's full shape, or its local shard's). Ignored for a
+                parameter of which this rank holds some blocks (:attr:`state_rows`): their spec
+                comes from the parameter's own shape.
         """
-        return _cached_block_spec(
-            tuple(param.shape if shape is None else shape),
+        rows = self.state_rows(param)
+        whole = _cached_block_spec(
+            tuple(param.shape if shape is None or rows is not None else shape),
             max_precond_dim=group["max_precond_dim"],
             merge_dims=group["merge_dims"],
             precondition_1d=group["precondition_1d"],
@@ -172,6 +179,7 @@ class BlockEngine:
             one_sided=group.get("one_sided", False),
             block_size=group.get("block_size"),
         )
+        return whole if rows is None else _cached_holding(whole, rows)
 
     def storage_dtypes(
         self, param: torch.Tensor, state: dict[str, Any] | None = None
@@ -239,7 +247,10 @@ class BlockEngine:
         return self._offsets.get(id(param), 0)
 
     def compute_updates(
-        self, grads: dict[int, torch.Tensor], defer_refresh: bool = False
+        self,
+        grads: dict[int, torch.Tensor],
+        defer_refresh: bool = False,
+        nonfinite: set[int] | frozenset[int] = frozenset(),
     ) -> Updates:
         """SOAP on this rank's blocks: advance their state and return their parameter deltas.
 
@@ -253,6 +264,8 @@ class BlockEngine:
                 gradients are no-ops: no state, no update (as torch's Adam).
             defer_refresh: leave the due eigenbasis refreshes to :meth:`finish_refreshes`
                 (strategies run them while the updates travel).
+            nonfinite: parameters (``id``) to skip as non-finite even if their gradient here is
+                finite (a non-finite gradient in another rank's piece of the same parameter).
 
         Returns:
             ``id(param)`` -> (its param group, its delta ``-step_size * U`` in the gradient's
@@ -263,6 +276,8 @@ class BlockEngine:
         for grad in grads.values():
             check_gradient(grad)
         finite = self.faults.finite(grads)
+        for key in nonfinite & finite.keys():
+            finite[key] = False
         plan_key = (tuple(grads), self.groups_signature())
         plan = self._plans.get(plan_key) if all(finite.values()) else None
         if plan is None or any(self._buckets.get(b.key) is not b.bucket for b in plan):

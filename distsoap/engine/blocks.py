@@ -77,6 +77,10 @@ class BlockSpec:
             Each block of the grid is its own SOAP block; the last ones along a dim may be
             zero-padded to the common size (see :mod:`distsoap.engine.blocking`).
         merged_shape: with a grid, the shape before blocking (after permutation and merging).
+        held_rows: the rows (global indices among :attr:`full_rows`) whose state this spec
+            describes, when a rank holds only some blocks of the parameter (data-parallel
+            placement gives each block its own owner); empty: every row. Tensors of such a
+            spec are always in row form, ``(len(held_rows), *block_shape)``.
 
     """
 
@@ -87,6 +91,7 @@ class BlockSpec:
     stack_shape: tuple[int, ...] = ()
     grid: tuple[int, ...] = ()
     merged_shape: tuple[int, ...] = ()
+    held_rows: tuple[int, ...] = ()
 
     @property
     def blocked(self) -> bool:
@@ -96,12 +101,17 @@ class BlockSpec:
     @property
     def stacked(self) -> bool:
         """The parameter is several blocks (a stack, or blocked): its state leads with rows."""
-        return bool(self.stack_shape) or self.blocked
+        return bool(self.stack_shape) or self.blocked or bool(self.held_rows)
+
+    @property
+    def full_rows(self) -> int:
+        """Number of independent blocks of the parameter: stack matrices times blocks each."""
+        return math.prod(self.stack_shape) * math.prod(self.grid)
 
     @property
     def rows(self) -> int:
-        """Number of independent blocks: stack matrices times blocks per matrix."""
-        return math.prod(self.stack_shape) * math.prod(self.grid)
+        """Number of blocks this spec's state holds (:attr:`full_rows`, or the held ones)."""
+        return len(self.held_rows) if self.held_rows else self.full_rows
 
     @property
     def state_shape(self) -> tuple[int, ...]:
@@ -153,13 +163,37 @@ class BlockSpec:
         return tensor.reshape(self.param_shape)
 
     def to_rows(self, tensor: torch.Tensor) -> torch.Tensor:
-        """A parameter-shaped tensor as ``(rows, *block_shape)`` (one row when not stacked)."""
+        """A parameter-shaped tensor as ``(rows, *block_shape)`` (one row when not stacked).
+
+        With :attr:`held_rows` the tensor is already in row form (checked) and returned as is.
+        """
+        if self.held_rows:
+            if tuple(tensor.shape) != self.state_shape:
+                raise ValueError(
+                    f"blocks {self.held_rows} of a parameter of shape {self.param_shape} take "
+                    f"tensors of shape {self.state_shape}, got {tuple(tensor.shape)}"
+                )
+            return tensor
         block = self.to_block(tensor)
         return block if self.stacked else block.unsqueeze(0)
 
     def from_rows(self, tensor: torch.Tensor) -> torch.Tensor:
-        """A ``(rows, *block_shape)`` tensor back in the parameter's shape."""
+        """A ``(rows, *block_shape)`` tensor back in the parameter's shape (held rows: as is)."""
+        if self.held_rows:
+            return tensor
         return self.from_block(tensor if self.stacked else tensor.squeeze(0))
+
+    def holding(self, rows: tuple[int, ...]) -> BlockSpec:
+        """The spec of a rank that holds only the blocks ``rows`` (sorted) of the parameter."""
+        if not rows or list(rows) != sorted(set(rows)) or rows[-1] >= self.full_rows:
+            raise ValueError(
+                f"held rows must be distinct, sorted and below {self.full_rows}, got {rows}"
+            )
+        return replace(self, held_rows=tuple(rows))
+
+    def whole(self) -> BlockSpec:
+        """The spec of the whole parameter (every row)."""
+        return replace(self, held_rows=())
 
     def padding(self) -> list[torch.Tensor | None]:
         """Per block dim, which indices of each row's block are padding, ``(rows, d)`` bool.
@@ -176,7 +210,8 @@ class BlockSpec:
             shape = [1] * len(self.grid)
             shape[dim] = self.grid[dim]
             per_row = per_block.view(*shape, size).expand(*self.grid, size).reshape(-1, size)
-            masks.append(per_row.repeat(math.prod(self.stack_shape), 1))
+            mask = per_row.repeat(math.prod(self.stack_shape), 1)
+            masks.append(mask[list(self.held_rows)] if self.held_rows else mask)
         return masks
 
 
@@ -301,5 +336,17 @@ def layout_signature(spec: BlockSpec) -> str:
     if spec.stacked:
         stack = f"stack_shape={spec.stack_shape} " if spec.stack_shape else ""
         grid = f"grid={spec.grid} " if spec.blocked else ""
-        return f"{stack}{grid}block_shape={spec.block_shape} factored={spec.factored}"
+        held = f" rows={_ranges(spec.held_rows)}" if spec.held_rows else ""
+        return f"{stack}{grid}block_shape={spec.block_shape} factored={spec.factored}{held}"
     return f"block_shape={spec.block_shape} factored={spec.factored}"
+
+
+def _ranges(rows: tuple[int, ...]) -> str:
+    """Sorted row indices as compact ranges: ``(0, 1, 2, 5)`` -> ``"0-2,5"``."""
+    parts, start = [], 0
+    for i in range(1, len(rows) + 1):
+        if i == len(rows) or rows[i] != rows[i - 1] + 1:
+            first, last = rows[start], rows[i - 1]
+            parts.append(str(first) if first == last else f"{first}-{last}")
+            start = i
+    return ",".join(parts)

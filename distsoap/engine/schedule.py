@@ -48,7 +48,9 @@ def staggered_offsets(engine: BlockEngine) -> dict[int, int]:
         for p in group["params"]:
             if p.requires_grad:
                 spec = engine.block_spec(p, group, engine.state_shape(p))
-                cost = float(spec.rows * sum(d**3 for d in spec.factor_dims))
+                # full_rows: a rank holding some blocks of it phases the whole parameter as
+                # every other rank does
+                cost = float(spec.full_rows * sum(d**3 for d in spec.factor_dims))
                 by_frequency[group["precondition_frequency"]].append((p, cost))
     offsets = {}
     for frequency, blocks in by_frequency.items():

@@ -54,6 +54,7 @@ class BucketStep:
             (s.param_shape, s.stacked) == (first.param_shape, first.stacked)
             and not s.channels_last
             and not s.blocked
+            and not s.held_rows
             for s in self.specs
         )
 

@@ -9,9 +9,12 @@ gradient, so every block is allocated.
 Per strategy, as :mod:`distsoap.strategies` places the blocks:
 
 - ``single``: every rank holds every block.
-- ``ddp``, ``zero2``: each whole parameter has one owner, from
-  :func:`~distsoap.placement.assign_owners` over :func:`~distsoap.placement.block_cost`, with the
-  same costs, in the same order, as the strategy computes them: the per-rank numbers are exact.
+- ``ddp``, ``zero2``: each block has one owner, from :func:`~distsoap.placement.place_blocks`
+  over :func:`~distsoap.placement.block_cost`, with the same costs, in the same order, as the
+  strategy computes them: the per-rank numbers are exact. The blocks of a stacked or blocked
+  parameter may go to several ranks (a *split* parameter), unless its bases are stored below
+  fp32 (the drift guard decides per parameter). The planner does not model the adaptive
+  refresh: a group with ``refresh_tolerance`` keeps its parameters whole in a real run.
 - ``fsdp2``: FSDP2's default layout, dim 0 of every parameter sharded in ``torch.chunk`` pieces
   over a 1-D mesh of ``world`` ranks. Whole parameters are placed on owners as under ``ddp``,
   except expert stacks (``stack_dims`` > 0), whose dim-0 shards are whole experts: each rank
@@ -36,7 +39,7 @@ import torch
 from torch import nn
 
 from distsoap.engine.blocks import BlockSpec, make_block_spec
-from distsoap.placement import assign_owners, block_cost
+from distsoap.placement import Piece, assign_owners, block_cost, place_blocks
 from distsoap.plan.costs import NO_STATE, BlockState, block_state
 from distsoap.plan.options import PlanError, PlanOptions
 from distsoap.sharding import chunk_range
@@ -45,6 +48,8 @@ EVERY_RANK = -1
 """``ParamPlan.owner`` of a parameter held by every rank (``single``)."""
 SHARDED = -2
 """``ParamPlan.owner`` of a parameter whose state is kept per shard, where the shard lives."""
+SPLIT = -3
+"""``ParamPlan.owner`` of a parameter whose blocks have several owners (``ddp``, ``zero2``)."""
 
 
 @dataclass(frozen=True)
@@ -62,7 +67,7 @@ class ParamPlan:
     spec: BlockSpec
     """Its block layout as a whole parameter (shards under ``fsdp2_local`` have their own)."""
     owner: int
-    """The rank holding its state, or :data:`EVERY_RANK` / :data:`SHARDED`."""
+    """The rank holding its state, or :data:`EVERY_RANK` / :data:`SHARDED` / :data:`SPLIT`."""
     state: BlockState
     """Its state and refresh cost summed over the ranks holding it."""
 
@@ -214,13 +219,29 @@ class _Entry(NamedTuple):
     spec: BlockSpec
 
 
-def _owners(entries: list[_Entry], options: PlanOptions) -> list[int]:
-    """Each parameter's owner rank, as the strategy places it, or EVERY_RANK / SHARDED."""
+def _owners(entries: list[_Entry], options: PlanOptions) -> tuple[list[int], list[Piece]]:
+    """Each parameter's owner rank, as the strategy places it, or EVERY_RANK / SHARDED / SPLIT.
+
+    Returns:
+        The owners, and the pieces of the split parameters.
+    """
     if options.strategy == "single":
-        return [EVERY_RANK] * len(entries)
+        return [EVERY_RANK] * len(entries), []
     owners = [SHARDED] * len(entries)
     if options.strategy == "fsdp2_local":
-        return owners
+        return owners, []
+    if options.strategy in ("ddp", "zero2"):
+        costs = [
+            block_cost(e.spec, options.precondition_frequency, *options.element_bytes(e.dtype))
+            for e in entries
+        ]
+        rows = [e.spec.rows if e.spec.stacked else 1 for e in entries]
+        splittable = [options.element_bytes(e.dtype)[2] >= 4 for e in entries]
+        pieces = place_blocks(costs, rows, splittable, options.world)
+        split = [piece for piece in pieces if piece.rows is not None]
+        for piece in pieces:
+            owners[piece.param] = SPLIT if piece.rows is not None else piece.owner
+        return owners, split
     in_place = options.strategy == "fsdp2"  # expert stacks stepped where their shards live
     placed = [i for i, e in enumerate(entries) if not (in_place and e.stack_dims > 0)]
     costs = [
@@ -233,7 +254,7 @@ def _owners(entries: list[_Entry], options: PlanOptions) -> list[int]:
     ]
     for i, owner in zip(placed, assign_owners(costs, options.world)):
         owners[i] = owner
-    return owners
+    return owners, []
 
 
 def plan(model: nn.Module, options: PlanOptions) -> Plan:
@@ -259,9 +280,16 @@ def plan(model: nn.Module, options: PlanOptions) -> Plan:
     ]
     ranks = [RankPlan() for _ in range(world)]
     params: list[ParamPlan] = []
-    for entry, owner in zip(entries, _owners(entries, options)):
+    owners, split = _owners(entries, options)
+    for index, (entry, owner) in enumerate(zip(entries, owners)):
         element_bytes = options.element_bytes(entry.dtype)
-        if owner == EVERY_RANK:
+        if owner == SPLIT:
+            total = NO_STATE
+            for piece in (piece for piece in split if piece.param == index):
+                state = block_state(entry.spec.holding(piece.rows), element_bytes, frequency)
+                ranks[piece.owner].add(state)
+                total = total + state
+        elif owner == EVERY_RANK:
             state = block_state(entry.spec, element_bytes, frequency)
             for rank in ranks:
                 rank.add(state)

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from distsoap.plan.options import PlanOptions
-from distsoap.plan.planner import EVERY_RANK, SHARDED, Plan, RankPlan
+from distsoap.plan.planner import EVERY_RANK, SHARDED, SPLIT, Plan, RankPlan
 
 ROWS: tuple[tuple[str, str, str], ...] = (
     ("SOAP state", "soap", "bytes"),
@@ -153,6 +153,8 @@ def table(plan: Plan, model_name: str) -> str:
 def _owner(owner: int) -> int | str:
     if owner == EVERY_RANK:
         return "every rank"
+    if owner == SPLIT:
+        return "split (per block)"
     return "per shard" if owner == SHARDED else owner
 
 

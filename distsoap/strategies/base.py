@@ -92,6 +92,10 @@ class Strategy:
         """Shape of the tensor whose SOAP state this strategy keeps for ``param``."""
         return tuple(param.shape)
 
+    def state_rows(self, param: torch.Tensor) -> tuple[int, ...] | None:
+        """The blocks of ``param`` whose state this rank keeps, when only some (None: all)."""
+        return None
+
     def owns(self, param: torch.Tensor) -> bool:
         """Whether this rank holds ``param``'s SOAP state (every block, by default)."""
         return True

@@ -7,26 +7,41 @@ computed) and every rank applies the same values.
 
 Mode B (``strategy="zero2"``): no wrapper. :class:`~distsoap.strategies.grad_sync.GradSync`
 sends each owner the gradients of its blocks during backward; the rest is as in mode A.
+
+The blocks of a stacked or blocked parameter (``stack_dims``, ``block_size``) are placed one by
+one (:func:`~distsoap.placement.place_blocks`), so one parameter may be *split*: each of its
+owners holds the state of some of its rows and receives, and sends back, those rows alone (in
+row form, ``(rows, *block_shape)``, the padding of blocks included). Every rank puts the pieces
+of a split parameter back together before applying its update. What single-process SOAP
+decides per parameter stays per parameter: a non-finite gradient in any piece skips every piece
+(one all-reduce of flags per step, only when some parameter is split), and parameters whose
+group uses the adaptive refresh (``refresh_tolerance``) or stores bases below fp32 (the drift
+guard's fallback) are never split, since both decide for all of a parameter's blocks at once.
 """
 
 from __future__ import annotations
 
+import math
 from contextlib import AbstractContextManager, nullcontext
 
 import torch
 import torch.distributed as dist
 
+from distsoap.checkpointing.stack_rows import join_rows, split_rows
 from distsoap.checks.replicas import check_copies
 from distsoap.comm import (
     PendingExchange,
     build_buckets,
     launch_gather,
     pack_flagged,
+    read_flag,
     unpack_flagged,
     update_flag,
 )
 from distsoap.engine.block_engine import BlockEngine
-from distsoap.placement import assign_owners, block_cost
+from distsoap.engine.blocks import BlockSpec, layout_signature
+from distsoap.engine.update import apply_deltas
+from distsoap.placement import Piece, block_cost, place_blocks
 from distsoap.strategies.base import Strategy, groups_by_param
 from distsoap.strategies.frozen import check_still_frozen, frozen_params
 from distsoap.strategies.grad_sync import GradSync
@@ -66,34 +81,52 @@ class DataParallel(Strategy):
         self._place()
 
     def _place(self) -> None:
-        """Owners and buckets from the trainable parameters; identical on every rank."""
+        """Owners, pieces and buckets from the trainable parameters; identical on every rank."""
         engine = self.engine
         self.params: list[torch.Tensor] = []
         self.frozen = frozen_params([p for g in engine.param_groups for p in g["params"]])
-        costs = []
+        self._held: dict[int, tuple[int, ...]] = {}  # empty: block_spec gives whole specs
+        self.specs: list[BlockSpec] = []
+        costs, rows, splittable = [], [], []
         for group in engine.param_groups:
             for p in group["params"]:
                 if not p.requires_grad:
                     continue
                 self.params.append(p)
                 spec = engine.block_spec(p, group)
+                self.specs.append(spec)
                 frequency = group["precondition_frequency"]
                 costs.append(block_cost(spec, frequency, *engine.state_element_bytes(p)))
+                rows.append(spec.rows if spec.stacked else 1)
+                splittable.append(self._may_split(p, group))
         self.costs = costs
-        self.owners = assign_owners(costs, self.world)
-        self._owner_of = {id(p): o for p, o in zip(self.params, self.owners)}
-        element = max(p.element_size() for p in self.params) if self.params else 4
+        self.pieces: list[Piece] = place_blocks(costs, rows, splittable, self.world)
+        self.owners = [-1] * len(self.params)
+        """Per parameter, its owner rank, or -1 when its blocks have several owners."""
+        self.split: dict[int, list[int]] = {}
+        """Split parameters: index -> the indices of its pieces, by owner."""
+        for k, piece in enumerate(self.pieces):
+            if piece.rows is None:
+                self.owners[piece.param] = piece.owner
+            else:
+                self.split.setdefault(piece.param, []).append(k)
+        mine = [piece for piece in self.pieces if piece.owner == self.rank]
+        self._mine = {id(self.params[piece.param]): piece for piece in mine}
+        self._held = {id(self.params[pc.param]): pc.rows for pc in mine if pc.rows is not None}
         self.buckets = build_buckets(
-            [p.numel() for p in self.params],
-            [p.dtype for p in self.params],
-            self.owners,
+            [self._piece_numel(piece) for piece in self.pieces],
+            [self.params[piece.param].dtype for piece in self.pieces],
+            [piece.owner for piece in self.pieces],
             self.world,
-            max(1, int(self.bucket_cap_mb * 2**20 / element)),
+            max(1, int(self.bucket_cap_mb * 2**20 / self._element_size())),
         )
         if self.sync_gradients:
             self.close()
             self.grad_sync = GradSync(
                 self.params,
+                [piece.param for piece in self.pieces],
+                self._piece_grad,
+                [self._piece_shape(piece) for piece in self.pieces],
                 self.buckets,
                 self.rank,
                 self.group,
@@ -101,9 +134,60 @@ class DataParallel(Strategy):
                 check_before_exchange=self._check_replicas,
             )
 
+    def _element_size(self) -> int:
+        return max(p.element_size() for p in self.params) if self.params else 4
+
+    def _may_split(self, param: torch.Tensor, group: dict) -> bool:
+        """Whether the blocks of ``param`` may have different owners (see the module docstring)."""
+        if group.get("refresh_tolerance", 0.0) > 0:
+            return False
+        return self.engine.storage_dtypes(param).bases.itemsize >= 4
+
+    def _piece_shape(self, piece: Piece) -> tuple[int, ...]:
+        """Shape of a piece's gradient and update: the parameter's, or its rows'."""
+        if piece.rows is None:
+            return tuple(self.params[piece.param].shape)
+        return (len(piece.rows), *self.specs[piece.param].block_shape)
+
+    def _piece_numel(self, piece: Piece) -> int:
+        """Elements of a piece's gradient and update on the wire."""
+        return math.prod(self._piece_shape(piece))
+
+    def _piece_grad(self, index: int) -> torch.Tensor | None:
+        """The local gradient of piece ``index`` on this rank: the parameter's, or its rows."""
+        piece = self.pieces[index]
+        grad = self.params[piece.param].grad
+        if grad is None or piece.rows is None:
+            return grad
+        rows = torch.tensor(piece.rows, device=grad.device)
+        return self.specs[piece.param].to_rows(grad).index_select(0, rows)
+
+    def state_rows(self, param: torch.Tensor) -> tuple[int, ...] | None:
+        """The blocks of a split parameter this rank holds (None: all, or none)."""
+        return self._held.get(id(param))
+
+    def export_state(self, param: torch.Tensor, entry: dict) -> dict:
+        """A split parameter's rows are saved one key per block (any placement loads them)."""
+        rows = self._held.get(id(param))
+        if rows is None:
+            return entry
+        return split_rows(entry, rows, layout_signature(self._whole_spec(param)))
+
+    def import_state(self, param: torch.Tensor, saved: dict) -> dict:
+        """The blocks of a split parameter held here, from per-block or whole entries."""
+        rows = self._held.get(id(param))
+        if rows is None:
+            return super().import_state(param, saved)
+        whole = self._whole_spec(param)
+        layouts = (layout_signature(whole), layout_signature(whole.holding(rows)))
+        return join_rows(saved, rows, layouts)
+
+    def _whole_spec(self, param: torch.Tensor) -> BlockSpec:
+        return self.specs[next(i for i, p in enumerate(self.params) if p is param)]
+
     def owned_params(self) -> list[torch.Tensor]:
-        """The parameters whose SOAP state lives on this rank."""
-        return [p for p, o in zip(self.params, self.owners) if o == self.rank]
+        """The parameters whose SOAP state (all of it, or some blocks) lives on this rank."""
+        return [p for p in self.params if id(p) in self._mine]
 
     def param_groups_changed(self) -> None:
         """Redo the placement, which depends on every parameter (only before the first step)."""
@@ -121,8 +205,8 @@ class DataParallel(Strategy):
             self.grad_sync = None
 
     def owns(self, param: torch.Tensor) -> bool:
-        """Whether this rank is ``param``'s owner (state keeps the parameter's own shape)."""
-        return self._owner_of.get(id(param)) == self.rank
+        """Whether this rank holds ``param``'s state (all of it, or some of its blocks)."""
+        return id(param) in self._mine
 
     def no_sync(self) -> AbstractContextManager:
         """Mode B: skip synchronisation inside the context. Mode A: nothing (use DDP's)."""
@@ -142,13 +226,38 @@ class DataParallel(Strategy):
         check_still_frozen(self.engine, self.frozen, self.name)
         if not self._checked_replicas and not self.sync_gradients:
             self._checked_replicas = self._check_replicas()
-        if reduced is not None:
-            return {id(self.params[i]): g for i, g in reduced.items() if g is not None}
-        return {
-            id(p): p.grad
-            for p, owner in zip(self.params, self.owners)
-            if owner == self.rank and p.grad is not None
+        if reduced is not None:  # by piece: this rank holds at most one piece of a parameter
+            params = [self.params[piece.param] for piece in self.pieces]
+            return {id(params[k]): g for k, g in reduced.items() if g is not None}
+        grads = {}
+        for k, piece in enumerate(self.pieces):
+            if piece.owner == self.rank and self.params[piece.param].grad is not None:
+                grads[id(self.params[piece.param])] = self._piece_grad(k)
+        return grads
+
+    def _nonfinite_split(self, grads: dict[int, torch.Tensor]) -> set[int]:
+        """The split parameters (``id``) held here whose gradient is non-finite in any piece.
+
+        A single process skips a parameter with a non-finite gradient as a whole, so the owners
+        of its pieces must agree: one all-reduce of a flag per split parameter (every rank,
+        every step, when some parameter is split).
+        """
+        if not self.split:
+            return set()
+        split = list(self.split)
+        flags = torch.zeros(len(split), device=self.comm_device())
+        mine = {
+            j: grad
+            for j, i in enumerate(split)
+            if (grad := grads.get(id(self.params[i]))) is not None
         }
+        for j, finite in self.engine.faults.finite(mine).items():
+            if not finite:
+                flags[j] = 1.0
+        dist.all_reduce(flags, group=self.group)
+        self.stats.add("fault_check", flags.element_size() * len(split) * 2 * (self.world - 1))
+        bad = flags.tolist()
+        return {id(self.params[i]) for j, i in enumerate(split) if bad[j] > 0}
 
     def _check_replicas(self) -> bool:
         """Every rank's copy of every parameter (and, in mode A, its gradient) is the same.
@@ -173,7 +282,8 @@ class DataParallel(Strategy):
     def step(self) -> None:
         """Owners compute their blocks, then every rank applies every update."""
         grads = self._owned_grads()
-        updates = self.engine.compute_updates(grads, defer_refresh=True)
+        nonfinite = self._nonfinite_split(grads)
+        updates = self.engine.compute_updates(grads, defer_refresh=True, nonfinite=nonfinite)
         error = self.engine.faults.take_pending()
         pending: list[PendingExchange] = []
         for bucket in self.buckets:
@@ -183,11 +293,55 @@ class DataParallel(Strategy):
         self.engine.finish_refreshes()
         aborting: set[int] = set()
         groups = groups_by_param(self.engine.param_groups)
+        split_pieces: dict[int, tuple[float, torch.Tensor]] = {}
         for bucket, exchange in zip(self.buckets, pending):
-            (flags,), (pieces,) = unpack_flagged([exchange.wait()], [bucket.piece_sizes])
-            received = zip(bucket.params, (self.owners[i] for i in bucket.params), flags, pieces)
-            aborting |= self.apply_flagged(received, self.params, self.params.__getitem__, groups)
+            (flags,), (payload,) = unpack_flagged([exchange.wait()], [bucket.piece_sizes])
+            whole = []
+            for k, flag, values in zip(bucket.params, flags, payload):
+                piece = self.pieces[k]
+                if piece.rows is None:
+                    whole.append((piece.param, piece.owner, flag, values))
+                    continue
+                aborting |= {piece.owner} if read_flag(flag)[1] else set()
+                split_pieces[k] = (flag, values)
+            aborting |= self.apply_flagged(whole, self.params, self.params.__getitem__, groups)
+        self._apply_split(split_pieces, groups)
         self.finish(error, aborting)
+
+    def _apply_split(
+        self, received: dict[int, tuple[float, torch.Tensor]], groups: dict[int, dict]
+    ) -> None:
+        """Put each split parameter's pieces back together and apply its update.
+
+        Every piece of a parameter has an update or none (their owners decide alike: same
+        step, same first call, the non-finite flags agreed); anything else is a bug, reported
+        the same on every rank, which all received the same flags.
+        """
+        by_group: dict[int, tuple[dict, list, list]] = {}
+        for i, keys in self.split.items():
+            has = [read_flag(received[k][0])[0] for k in keys]
+            if not any(has):
+                continue
+            if not all(has):
+                name = self.engine.param_name(self.params[i])
+                raise RuntimeError(
+                    f"internal error: the owners of parameter {name} disagree on whether it "
+                    "has an update this step"
+                )
+            spec = self.specs[i]
+            first = received[keys[0]][1]
+            rows = first.new_zeros(spec.state_shape)  # the padding of blocks stays zero
+            for k in keys:
+                piece = self.pieces[k]
+                held = torch.tensor(piece.rows, device=rows.device)
+                rows.index_copy_(0, held, received[k][1].view(len(piece.rows), *spec.block_shape))
+            param = self.params[i]
+            group = groups[id(param)]
+            entry = by_group.setdefault(id(group), (group, [], []))
+            entry[1].append(param)
+            entry[2].append(spec.from_rows(rows))
+        for group, targets, deltas in by_group.values():
+            apply_deltas(targets, deltas, group)
 
     def _pack_updates(self, bucket, updates, abort: bool) -> torch.Tensor:
         """Pack this rank's part of a gather payload: per owned block a flag and the delta.
@@ -196,13 +350,13 @@ class DataParallel(Strategy):
         must stop training after the step.
         """
         mine = bucket.owned[self.rank]
-        device = self.params[mine[0]].device if mine else self._device()
+        device = self._device()
         exact = torch.float64 if bucket.dtype == torch.float64 else torch.float32
         dtype = self.comm_dtype or exact
         blocks = []
-        for i in mine:
-            delta = updates.get(id(self.params[i]), (None, None))[1]
-            blocks.append((update_flag(delta is not None, abort), delta, bucket.numels[i]))
+        for k in mine:
+            delta = updates.get(id(self.params[self.pieces[k].param]), (None, None))[1]
+            blocks.append((update_flag(delta is not None, abort), delta, bucket.numels[k]))
         return pack_flagged(blocks, dtype, device)
 
     def _device(self) -> torch.device:

@@ -36,8 +36,11 @@ class GradSync:
     """Owner-bound gradient synchronisation for replicated parameters without DDP.
 
     Args:
-        params: trainable parameters, indexed as in the buckets.
-        buckets: the communication buckets.
+        params: trainable parameters.
+        piece_params: per piece (indexed as in the buckets), the index of its parameter.
+        piece_grad: a piece's local gradient (the parameter's, or its rows), or None.
+        piece_shapes: per piece, the shape of its gradient (the parameter's, or its rows').
+        buckets: the communication buckets, over pieces.
         rank: this rank in ``group``.
         group: the process group.
         stats: where to count the bytes sent.
@@ -49,6 +52,9 @@ class GradSync:
     def __init__(
         self,
         params: list[torch.Tensor],
+        piece_params: list[int],
+        piece_grad: Callable[[int], torch.Tensor | None],
+        piece_shapes: list[tuple[int, ...]],
         buckets: list[CommBucket],
         rank: int,
         group: dist.ProcessGroup | None,
@@ -56,6 +62,11 @@ class GradSync:
         check_before_exchange: Callable[[], bool] | None = None,
     ):
         self.params = params
+        self.piece_grad = piece_grad
+        self.piece_shapes = piece_shapes
+        self.pieces_of: list[list[int]] = [[] for _ in params]
+        for k, i in enumerate(piece_params):
+            self.pieces_of[i].append(k)
         self.buckets = buckets
         self.rank = rank
         self.world = len(buckets[0].sizes) if buckets else 1
@@ -106,7 +117,8 @@ class GradSync:
                 "passes of accumulation micro-batches inside `with optimizer.no_sync():`"
             )
         self.ready.add(index)
-        self.waiting[self.bucket_of[index]] -= 1
+        for piece in self.pieces_of[index]:
+            self.waiting[self.bucket_of[piece]] -= 1
         self._launch_in_order(force=False)
 
     def _launch_in_order(self, force: bool) -> None:
@@ -121,17 +133,19 @@ class GradSync:
     @torch.no_grad()
     def _launch(self, bucket: CommBucket) -> None:
         """Lay out this rank's gradients of the bucket owner by owner and send them."""
-        device = self.params[bucket.params[0]].device
+        device = self.params[0].device
         blocks = []
-        for i in bucket.params:  # owner by owner: the payload order
-            grad = self.params[i].grad
-            blocks.append((float(grad is not None), grad, bucket.numels[i]))
+        for k in bucket.params:  # owner by owner: the payload order
+            grad = self.piece_grad(k)
+            blocks.append((float(grad is not None), grad, bucket.numels[k]))
         send = pack_flagged(blocks, bucket.dtype, device)
         self.pending.append(launch_reduce(bucket, send, self.rank, self.group, self.stats))
 
     @torch.no_grad()
     def reduced_grads(self) -> dict[int, torch.Tensor | None]:
-        """The averaged gradients of this rank's parameters (None: no rank had a gradient).
+        """The averaged gradients of this rank's pieces (None: no rank had a gradient).
+
+        Keyed by piece index; flat (a piece in row form) or in the parameter's shape.
 
         Launches what backward left unsent, waits for everything, and resets for the next
         iteration; calling it again before the next backward returns the same result.
@@ -157,8 +171,8 @@ class GradSync:
             # the whole part at once (flags included, already read): no kernel per parameter
             averaged = summed.div_(self.world).to(bucket.dtype)
             pieces = averaged.split(sizes)[1::2]  # views, the flags already read
-            for i, count, piece in zip(mine, flags, pieces):
-                result[i] = None if count == 0 else piece.view(self.params[i].shape)
+            for k, count, piece in zip(mine, flags, pieces):
+                result[k] = None if count == 0 else piece.view(self.piece_shapes[k])
         if keep:
             self._reduced = result
         else:

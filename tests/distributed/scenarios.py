@@ -126,6 +126,7 @@ def train_data_parallel(
         "bytes_per_step": bytes_per_step,
         "owned": owned,
         "owners": list(opt.strategy.owners),
+        "pieces": [(p.param, p.owner, p.rows) for p in opt.strategy.pieces],
         "state_bytes": state_bytes,
         "numel": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "n_trainable": sum(1 for p in model.parameters() if p.requires_grad),

@@ -1,0 +1,141 @@
+"""Scenarios for blocks with their own owners: a NaN in one piece, checkpoints across splits."""
+
+from __future__ import annotations
+
+import io
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from distsoap import SOAP
+from tests.distributed.scenarios import OPTIONS, SHAPES
+from tests.distributed.scenarios import ProblemModel as _ProblemModel
+
+BLOCKS = {"block_size": 8}
+"""(16, 16) as 2 x 2 blocks of 8, (24, 24) as 3 x 3, and the shape below as 5 x 5."""
+SPLIT_SHAPES = {
+    2: [(37, 37) if s == (12, 40) else s for s in SHAPES],
+    3: [(40, 40) if s == (12, 40) else s for s in SHAPES],
+}
+"""The problem's shapes per world size. At 2 ranks the average of the gradients is the
+single-process gradient bit for bit (``(a + b) / 2`` and ``a / 2 + b / 2`` round alike), so
+(37, 37) is there: padded blocks with non-square real parts. A non-square block's first basis
+is not unique (an 8 x 8 factor of a 5 x 8 gradient has rank 5 and eigh may return its null
+space in any rotation), SOAP's later updates depend on that choice (Adam's per-coordinate
+scaling is not rotation invariant) in one process as much as in several, and at 3 ranks the
+average rounds differently from one process's, so there (40, 40): square, unpadded blocks."""
+
+
+def ProblemModel(dtype: torch.dtype, world: int = 3) -> _ProblemModel:  # noqa: N802
+    """The regression problem on the shapes for ``world`` (a stand-in for the class)."""
+    return _ProblemModel(dtype, SPLIT_SHAPES[world])
+
+
+NAN_STEP, NAN_PARAM = 4, 3
+"""The step and parameter (the (24, 24) one) whose gradient gets one NaN element."""
+
+
+def poison(grad: torch.Tensor) -> torch.Tensor:
+    """The gradient with one element NaN (so NaN in one block of its average)."""
+    grad = grad.clone()
+    grad[0, 0] = float("nan")
+    return grad
+
+
+def train(
+    model: ProblemModel,
+    opt: SOAP,
+    steps: range,
+    rank: int,
+    world: int,
+    nan: bool = False,
+    ddp: bool = False,
+) -> None:
+    """Steps on this rank's shard of ``world``; in one process, on all ``world`` shards."""
+    forward = model
+    poisoned = list(model.blocks)[NAN_PARAM]
+    if nan and (rank == world - 1 or not dist.is_initialized()):
+        # a tensor hook changes the gradient before DDP's or zero2's hooks send it
+        poisoned.register_hook(lambda g: poison(g) if model.step == NAN_STEP else g)
+    if ddp:
+        forward = nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
+    for step in steps:
+        model.step = step
+        opt.zero_grad(set_to_none=True)
+        if not dist.is_initialized():  # the full batch: the mean of every rank's shard loss
+            loss = sum(model(step, r, (r, world)) for r in range(world)) / world
+        else:
+            loss = forward(step, rank, (rank, world))
+        loss.backward()
+        opt.step()
+
+
+def single(
+    world: int, steps: int, nan: bool = False, saved: bytes | None = None, start: int = 0
+) -> dict:
+    """One process on the full batch (``world``'s shards), optionally from a saved state."""
+    model = ProblemModel(torch.float64)
+    opt = SOAP(model.param_groups(), strategy="single", nonfinite_grads="skip", **OPTIONS, **BLOCKS)
+    if saved is not None:
+        state = torch.load(io.BytesIO(saved), weights_only=False)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+    train(model, opt, range(start, steps), 0, world, nan=nan)
+    skips = opt.state[list(model.blocks)[NAN_PARAM]].get("nonfinite_skips")
+    return {"params": [p.detach().clone() for p in model.parameters()], "skips": skips}
+
+
+def nan_in_one_piece(rank: int, world: int, strategy: str) -> dict:
+    """Data-parallel training with a NaN in one block of a split parameter at one step."""
+    model = ProblemModel(torch.float64)
+    opt = SOAP(model.param_groups(), strategy=strategy, nonfinite_grads="skip", **OPTIONS, **BLOCKS)
+    train(model, opt, range(8), rank, world, nan=True, ddp=strategy == "ddp")
+    param = list(model.blocks)[NAN_PARAM]
+    owners = [p.owner for p in opt.strategy.pieces if opt.strategy.params[p.param] is param]
+    state = opt.state[param]
+    return {
+        "params": [p.detach().clone() for p in model.parameters()],
+        "owners": owners,
+        "skips": state.get("nonfinite_skips") if state else None,
+    }
+
+
+def save_split_then_continue(rank: int, world: int, split_at: int, steps: int) -> dict:
+    """zero2 for ``split_at`` steps, then rank 0's consolidated state (bytes), then on.
+
+    The run's own continuation to ``steps`` is what a resumed run must match.
+    """
+    model = ProblemModel(torch.float64)
+    opt = SOAP(model.param_groups(), strategy="zero2", nonfinite_grads="skip", **OPTIONS, **BLOCKS)
+    train(model, opt, range(split_at), rank, world)
+    opt.consolidate_state_dict(to=0)
+    buffer = io.BytesIO()
+    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, buffer)
+    train(model, opt, range(split_at, steps), rank, world)
+    return {
+        "saved": buffer.getvalue() if rank == 0 else None,
+        "params": [p.detach().clone() for p in model.parameters()],
+        "split": sorted({p.param for p in opt.strategy.pieces if p.rows is not None}),
+    }
+
+
+def resume_split(rank: int, world: int, saved: bytes, start: int, steps: int) -> dict:
+    """zero2 at ``world`` ranks resumed from a saved state dict (any placement saved it)."""
+    state = torch.load(io.BytesIO(saved), weights_only=False)
+    model = ProblemModel(torch.float64)
+    opt = SOAP(model.param_groups(), strategy="zero2", nonfinite_grads="skip", **OPTIONS, **BLOCKS)
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["optimizer"])
+    train(model, opt, range(start, steps), rank, world)
+    return {"params": [p.detach().clone() for p in model.parameters()]}
+
+
+def saved_single(world: int, steps: int) -> bytes:
+    """A single process's state after ``steps`` steps on ``world``'s shards, as bytes."""
+    model = ProblemModel(torch.float64)
+    opt = SOAP(model.param_groups(), strategy="single", nonfinite_grads="skip", **OPTIONS, **BLOCKS)
+    train(model, opt, range(steps), 0, world)
+    buffer = io.BytesIO()
+    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, buffer)
+    return buffer.getvalue()
