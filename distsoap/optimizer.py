@@ -566,6 +566,7 @@ class SOAP(torch.optim.Optimizer):
                 super().load_state_dict({**state_dict, "state": {}})
             load_state(self, state_dict)
             self.engine.reset()
+            self.engine.forget_deferred_drift()  # verdicts about the state just replaced
             self._consolidated = None
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)

@@ -16,7 +16,7 @@ from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import torch
 
@@ -52,6 +52,17 @@ def _by_member(bucket: Bucket, rows: list[int]) -> dict[int, list[int]]:
     for i, row in enumerate(rows):
         members.setdefault(bucket.owner_of_row[row], []).append(i)
     return members
+
+
+class DeferredDrift(NamedTuple):
+    """A split parameter's piece whose drift-guard verdict waits for its other owners."""
+
+    param: torch.Tensor
+    """The parameter (this rank holds some of its blocks)."""
+    drifted: bool
+    """Whether this piece's new bases, rounded to their storage dtype, drift too far."""
+    new_bases: list[torch.Tensor | None]
+    """The piece's new bases in the compute dtype, ``(rows, d, d)`` per factored dim."""
 
 
 class ParamHost(Protocol):
@@ -144,6 +155,7 @@ class BlockEngine:
         self._due_refreshes: list[tuple[Bucket, list[int], int]] = []
         self._offsets: dict[int, int] = {}
         self._names: tuple[tuple, dict[int, str]] | None = None
+        self._deferred_drift: dict[int, DeferredDrift] = {}
 
     @property
     def param_groups(self) -> list[dict[str, Any]]:
@@ -329,7 +341,12 @@ class BlockEngine:
                 state = self.state[param]
                 member_failed = any(done.refreshed[i] in done.failed for i in positions)
                 self.faults.basis(self.param_name(param), state, member_failed)
-                if any(i in done.drifted for i in positions):
+                drifted = any(i in done.drifted for i in positions)
+                if self._defers_drift(param, state):
+                    index = torch.tensor(positions, device=state["exp_avg"].device)
+                    mine = [None if b is None else b.index_select(0, index) for b in done.new_bases]
+                    self._deferred_drift[id(param)] = DeferredDrift(param, drifted, mine)
+                elif drifted:
                     self._keep_fp32_bases(param, state, done.new_bases, positions)
                     drifted_any = True
         if drifted_any:
@@ -465,11 +482,53 @@ class BlockEngine:
         if group.get("maximize", False):
             block = block.neg()  # not in place: it may be the caller's gradient
         storage = self.storage_dtypes(param, state)
-        decomposed, drifted = first_call(state, spec, block, storage, self.basis_orthogonality_tol)
+        defer = self._defers_drift(param, state)
+        decomposed, drifted, new_bases = first_call(
+            state, spec, block, storage, self.basis_orthogonality_tol, defer_drift=defer
+        )
         if not decomposed or state["bases_ready"]:
             self.faults.basis(self.param_name(param), state, failed=not decomposed)
-        if drifted:
+        if defer and state["bases_ready"]:
+            self._deferred_drift[id(param)] = DeferredDrift(param, drifted, new_bases)
+        elif drifted:
             self.faults.basis_fallback(self.param_name(param), state)
+
+    def _defers_drift(self, param: torch.Tensor, state: dict[str, Any]) -> bool:
+        """Whether the drift guard's verdict on ``param`` waits for :meth:`settle_drift`.
+
+        For the blocks of a split parameter held here (:attr:`state_rows`) whose bases are
+        stored below the compute dtype: single-process SOAP moves a whole parameter to fp32
+        bases when any of its blocks drifts, so the owners of its pieces decide together.
+        """
+        if self.state_rows(param) is None:
+            return False
+        return self.storage_dtypes(param, state).bases.itemsize < compute_dtype(param).itemsize
+
+    def deferred_drift(self) -> dict[int, bool]:
+        """``id(param)`` -> whether this rank's piece drifted, for every verdict not settled."""
+        return {key: entry.drifted for key, entry in self._deferred_drift.items()}
+
+    def forget_deferred_drift(self) -> None:
+        """Drop the unsettled verdicts (the state they were about was replaced by a load)."""
+        self._deferred_drift = {}
+
+    def settle_drift(self, drifted: set[int]) -> None:
+        """Settle the deferred drift verdicts: ``drifted`` parameters (``id``) keep fp32 bases.
+
+        Their pieces here take the new bases in the compute dtype, as a single process would
+        have stored them when it refreshed (nothing has used the rounded ones yet: the
+        strategy settles before the next update). The others keep the rounded bases.
+        """
+        entries, self._deferred_drift = self._deferred_drift, {}
+        moved = False
+        for key, entry in entries.items():
+            if key in drifted:
+                state = self.state[entry.param]
+                rows = next(b.shape[0] for b in entry.new_bases if b is not None)
+                self._keep_fp32_bases(entry.param, state, entry.new_bases, list(range(rows)))
+                moved = True
+        if moved:
+            self.reset()  # those blocks move to buckets of fp32 bases
 
     @staticmethod
     def _padding(key: BucketKey, specs: list[BlockSpec]) -> list[torch.Tensor | None] | None:

@@ -249,7 +249,8 @@ def first_call(
     grads: torch.Tensor,
     storage: StorageDtypes,
     drift_tol: float | None = None,
-) -> tuple[bool, bool]:
+    defer_drift: bool = False,
+) -> tuple[bool, bool, list[torch.Tensor | None]]:
     """First call for a block: create its state, accumulate the factors, and compute the bases.
 
     No update is made and the step counter stays 0. The state must already hold ``step``,
@@ -271,10 +272,13 @@ def first_call(
         storage: the dtypes its state is stored in.
         drift_tol: the drift guard's tolerance (:mod:`distsoap.engine.storage`); bases that
             would drift past it are stored in the compute dtype instead. None: not measured.
+        defer_drift: store the bases in their storage dtype even if they drift (the caller
+            decides later, with the returned bases: a split parameter's owners decide together).
 
     Returns:
-        False when an eigendecomposition failed, else True; and whether the bases drifted
-        (then stored in the compute dtype).
+        False when an eigendecomposition failed, else True; whether the bases drifted (then
+        stored in the compute dtype, unless deferred); and the new bases in the compute dtype
+        (None where a dim has none, or the call was discarded).
 
     """
     if "exp_avg" not in state:
@@ -317,13 +321,13 @@ def first_call(
             continue
         if not ready:
             factor.zero_()  # discard this call: the next one starts from zero factors again
-        elif drifted:  # kept in the compute dtype from now on
+        elif drifted and not defer_drift:  # kept in the compute dtype from now on
             state[f"basis_{dim}"] = new_bases[dim] if spec.stacked else new_bases[dim][0]
         else:
             as_rows(state[f"basis_{dim}"]).copy_(new_bases[dim])
     store_back(stored, factors)
     state["bases_ready"] = ready
-    return decomposed, drifted
+    return decomposed, drifted, new_bases if ready else [None] * len(factors)
 
 
 APPLY_CHUNK_ELEMENTS = 1 << 25

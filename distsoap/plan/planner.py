@@ -12,9 +12,8 @@ Per strategy, as :mod:`distsoap.strategies` places the blocks:
 - ``ddp``, ``zero2``: each block has one owner, from :func:`~distsoap.placement.place_blocks`
   over :func:`~distsoap.placement.block_cost`, with the same costs, in the same order, as the
   strategy computes them: the per-rank numbers are exact. The blocks of a stacked or blocked
-  parameter may go to several ranks (a *split* parameter), unless its bases are stored below
-  fp32 (the drift guard decides per parameter). The planner does not model the adaptive
-  refresh: a group with ``refresh_tolerance`` keeps its parameters whole in a real run.
+  parameter may go to several ranks (a *split* parameter). The planner does not model the
+  adaptive refresh: a group with ``refresh_tolerance`` keeps its parameters whole in a run.
 - ``fsdp2``: FSDP2's default layout, dim 0 of every parameter sharded in ``torch.chunk`` pieces
   over a 1-D mesh of ``world`` ranks. Whole parameters are placed on owners as under ``ddp``,
   except expert stacks (``stack_dims`` > 0), whose dim-0 shards are whole experts: each rank
@@ -236,8 +235,7 @@ def _owners(entries: list[_Entry], options: PlanOptions) -> tuple[list[int], lis
             for e in entries
         ]
         rows = [e.spec.rows if e.spec.stacked else 1 for e in entries]
-        splittable = [options.element_bytes(e.dtype)[2] >= 4 for e in entries]
-        pieces = place_blocks(costs, rows, splittable, options.world)
+        pieces = place_blocks(costs, rows, [True] * len(entries), options.world)
         split = [piece for piece in pieces if piece.rows is not None]
         for piece in pieces:
             owners[piece.param] = SPLIT if piece.rows is not None else piece.owner

@@ -13,10 +13,11 @@ one (:func:`~distsoap.placement.place_blocks`), so one parameter may be *split*:
 owners holds the state of some of its rows and receives, and sends back, those rows alone (in
 row form, ``(rows, *block_shape)``, the padding of blocks included). Every rank puts the pieces
 of a split parameter back together before applying its update. What single-process SOAP
-decides per parameter stays per parameter: a non-finite gradient in any piece skips every piece
-(one all-reduce of flags per step, only when some parameter is split), and parameters whose
-group uses the adaptive refresh (``refresh_tolerance``) or stores bases below fp32 (the drift
-guard's fallback) are never split, since both decide for all of a parameter's blocks at once.
+decides per parameter stays per parameter: a non-finite gradient in any piece skips every piece,
+and a drift-guard verdict in any piece moves every piece to fp32 bases (one all-reduce of two
+flags per split parameter and step, before the update, only when some parameter is split).
+Parameters whose group uses the adaptive refresh (``refresh_tolerance``) are never split: it
+decides, within the refresh, for all of a parameter's blocks at once.
 """
 
 from __future__ import annotations
@@ -139,9 +140,7 @@ class DataParallel(Strategy):
 
     def _may_split(self, param: torch.Tensor, group: dict) -> bool:
         """Whether the blocks of ``param`` may have different owners (see the module docstring)."""
-        if group.get("refresh_tolerance", 0.0) > 0:
-            return False
-        return self.engine.storage_dtypes(param).bases.itemsize >= 4
+        return not group.get("refresh_tolerance", 0.0) > 0
 
     def _piece_shape(self, piece: Piece) -> tuple[int, ...]:
         """Shape of a piece's gradient and update: the parameter's, or its rows'."""
@@ -235,17 +234,24 @@ class DataParallel(Strategy):
                 grads[id(self.params[piece.param])] = self._piece_grad(k)
         return grads
 
-    def _nonfinite_split(self, grads: dict[int, torch.Tensor]) -> set[int]:
-        """The split parameters (``id``) held here whose gradient is non-finite in any piece.
+    def _agree_on_split(self, grads: dict[int, torch.Tensor]) -> set[int]:
+        """What the owners of each split parameter must decide together, decided.
 
-        A single process skips a parameter with a non-finite gradient as a whole, so the owners
-        of its pieces must agree: one all-reduce of a flag per split parameter (every rank,
-        every step, when some parameter is split).
+        A single process decides two things per parameter, over all its blocks: a non-finite
+        gradient skips the whole parameter, and a drift-guard verdict (any block's new
+        low-precision bases drifting too far) moves all its bases to fp32. So each rank sends,
+        per split parameter, whether its piece has a non-finite gradient and whether its last
+        refresh drifted: one all-reduce of ``2 x split parameters`` flags, every step (only
+        when some parameter is split). The drift verdicts are settled here, before the update
+        that would first use the new bases (:meth:`BlockEngine.settle_drift`).
+
+        Returns:
+            The split parameters (``id``) held here to skip as non-finite.
         """
         if not self.split:
             return set()
         split = list(self.split)
-        flags = torch.zeros(len(split), device=self.comm_device())
+        flags = torch.zeros(2, len(split), device=self.comm_device())
         mine = {
             j: grad
             for j, i in enumerate(split)
@@ -253,10 +259,18 @@ class DataParallel(Strategy):
         }
         for j, finite in self.engine.faults.finite(mine).items():
             if not finite:
-                flags[j] = 1.0
+                flags[0, j] = 1.0
+        drifts = self.engine.deferred_drift()
+        for j, i in enumerate(split):
+            if drifts.get(id(self.params[i]), False):
+                flags[1, j] = 1.0
         dist.all_reduce(flags, group=self.group)
-        self.stats.add("fault_check", flags.element_size() * len(split) * 2 * (self.world - 1))
-        bad = flags.tolist()
+        self.stats.add("fault_check", flags.element_size() * flags.numel() * 2 * (self.world - 1))
+        bad, drifted = flags.tolist()
+        if drifts:
+            self.engine.settle_drift(
+                {id(self.params[i]) for j, i in enumerate(split) if drifted[j] > 0}
+            )
         return {id(self.params[i]) for j, i in enumerate(split) if bad[j] > 0}
 
     def _check_replicas(self) -> bool:
@@ -282,7 +296,7 @@ class DataParallel(Strategy):
     def step(self) -> None:
         """Owners compute their blocks, then every rank applies every update."""
         grads = self._owned_grads()
-        nonfinite = self._nonfinite_split(grads)
+        nonfinite = self._agree_on_split(grads)
         updates = self.engine.compute_updates(grads, defer_refresh=True, nonfinite=nonfinite)
         error = self.engine.faults.take_pending()
         pending: list[PendingExchange] = []

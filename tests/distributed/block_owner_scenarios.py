@@ -139,3 +139,43 @@ def saved_single(world: int, steps: int) -> bytes:
     buffer = io.BytesIO()
     torch.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, buffer)
     return buffer.getvalue()
+
+
+def drift_on_one_rank(rank: int, world: int, strategy: str, at_first_call: bool) -> dict:
+    """bf16 bases; the drift guard reports a drift on the last rank only.
+
+    ``at_first_call``: at the first eigendecomposition (step 0), else at every refresh (each
+    block refreshes at least once in the 12 steps) while the bases are still bf16. Returns, per
+    parameter held here, its bases' dtype and fallback count.
+    """
+    from distsoap.engine import update
+
+    model = ProblemModel(torch.float32, world)
+    opt = SOAP(
+        model.param_groups(),
+        strategy=strategy,
+        basis_dtype="bf16",
+        basis_orthogonality_tol=0.05,  # the real guard never fires here (bound <= 0.01)
+        **OPTIONS,
+        **BLOCKS,
+    )
+    real = update.drifting_rows
+
+    def one_rank_drifts(bases, dtypes, tol):  # every row of this rank's refresh drifts
+        low = any(d is not None and d.itemsize < 4 for d in dtypes)
+        if rank == world - 1 and low and (model.step == 0) == at_first_call:
+            return list(range(next(b.shape[0] for b in bases if b is not None)))
+        return real(bases, dtypes, tol)
+
+    update.drifting_rows = one_rank_drifts
+    try:
+        train(model, opt, range(12), rank, world, ddp=strategy == "ddp")
+    finally:
+        update.drifting_rows = real
+    held = {}
+    for index, param in enumerate(opt.strategy.params):
+        state = opt.state[param]
+        if state and "basis_0" in state:
+            held[index] = (state["basis_0"].dtype, state.get("basis_fallbacks", 0))
+    pieces = [(p.param, p.owner, p.rows) for p in opt.strategy.pieces]
+    return {"held": held, "pieces": pieces}

@@ -89,3 +89,31 @@ def test_split_state_resumes_in_one_process_and_back():
     uninterrupted = bo.single(world, steps)
     for rank, result in enumerate(back):
         assert relative_difference(result["params"], uninterrupted["params"]) < TOLERANCE, rank
+
+
+@pytest.mark.parametrize("at_first_call", [True, False], ids=["first_call", "refresh"])
+@pytest.mark.parametrize("strategy", ["ddp", "zero2"])
+def test_a_drift_in_one_piece_moves_every_piece_to_fp32(strategy, at_first_call):
+    """One process moves a whole parameter to fp32 bases when any block drifts; so must all
+    the owners of a split parameter when the drift guard fires on one of them (made to fire on
+    the last rank alone, for every block it refreshes then)."""
+    world = 3
+    results = run_ranks(bo.drift_on_one_rank, world, strategy=strategy, at_first_call=at_first_call)
+    pieces = results[0]["pieces"]
+    last = world - 1
+    split_on_last = {p for p, owner, rows in pieces if rows is not None and owner == last}
+    assert split_on_last  # the last rank holds pieces of split parameters
+    for param in split_on_last:
+        owners = {owner for p, owner, rows in pieces if p == param}
+        assert len(owners) >= 2
+        for owner in owners:  # every piece, not just the last rank's, moved once
+            assert results[owner]["held"][param] == (torch.float32, 1), (param, owner)
+    untouched = [
+        (p, owner)
+        for p, owner, rows in pieces
+        if owner != last and all(o != last for q, o, _ in pieces if q == p)
+    ]
+    assert untouched  # pieces and parameters without a piece on the last rank keep bf16
+    for param, owner in untouched:
+        if param in results[owner]["held"]:
+            assert results[owner]["held"][param] == (torch.bfloat16, 0), (param, owner)

@@ -30,6 +30,8 @@ OPTION_SETS = {
     # blocks of at most 8: (16, 16) as 2 x 2, (24, 24) as 3 x 3, (37, 37) as 5 x 5 padded to 40
     "block_size": ({"block_size": 8}, FP64, 1e-10),
     "adaptive_refresh": ({"refresh_tolerance": 1.5, "max_skipped_refreshes": 1}, FP64, 1e-10),
+    # bf16 storage with blocks: under ddp and zero2 the blocks are split over both ranks
+    "bf16_blocks": ({"factor_dtype": "bf16", "basis_dtype": "bf16", "block_size": 8}, FP32, 1e-3),
 }
 
 
