@@ -8,7 +8,11 @@ The parameter set is bench_step.py's GPT shape (CPU preset), with synthetic grad
 - "fsdp2_local": the same DTensors, SOAP on each rank's local shards;
 - "fsdp2_tp" (world 4 only): DTensors on a (dp, tp) = (2, 2) mesh, matrices sharded on both
   dims (``(Shard(0), Shard(1))``: FSDP2 over rowwise tensor parallel), vectors sharded on dp and
-  replicated on tp; lossless SOAP over the whole mesh.
+  replicated on tp; lossless SOAP over the whole mesh;
+- "ddp_whole": "ddp" with every parameter on one owner even when ``--block-size`` cuts it into
+  blocks (what ddp did before blocks got owners of their own): the comparison for "ddp" there.
+``--block-size N`` passes ``block_size=N`` to SOAP; ``--vocab N`` replaces the preset's
+vocabulary size (a large one makes the embedding outweigh a rank's share of the work).
 Also printed: the load balance of the placement, max / mean over ranks of the modelled compute
 and state bytes (1.0 is perfect).
 
@@ -26,13 +30,15 @@ import torch
 from common import GPT_PRESETS, base_parser, gpt_shapes, time_calls, write_results
 
 from distsoap import SOAP
-from distsoap.placement import load_balance
+from distsoap.placement import BlockCost, load_balance
 from distsoap.testing.local_ranks import run_ranks
 
 
-def measure(rank: int, world: int, strategy: str, steps: int) -> dict:
+def measure(
+    rank: int, world: int, strategy: str, steps: int, block_size: int | None, vocab: int | None
+) -> dict:
     """Time ``steps`` optimizer steps after one refresh cycle of warm-up."""
-    preset = GPT_PRESETS["cpu"]
+    preset = dict(GPT_PRESETS["cpu"], **({"vocab": vocab} if vocab else {}))
     gen = torch.Generator().manual_seed(0)
     shapes = gpt_shapes(**preset)
     weights = [torch.randn(s, generator=gen) * 0.02 for s in shapes]
@@ -59,7 +65,14 @@ def measure(rank: int, world: int, strategy: str, steps: int) -> dict:
         weights = [distribute_tensor(w, mesh, [Shard(0)]) for w in weights]
         grads = [[distribute_tensor(g, mesh, [Shard(0)]) for g in gs] for gs in grads]
     params = [torch.nn.Parameter(w) for w in weights]
-    opt = SOAP(params, max_precond_dim=preset["max_precond_dim"], strategy=strategy)
+    if strategy == "ddp_whole":
+        from distsoap.strategies.data_parallel import DataParallel
+
+        DataParallel._may_split = lambda self, param, group: False  # this process only
+        strategy = "ddp"
+    opt = SOAP(
+        params, max_precond_dim=preset["max_precond_dim"], strategy=strategy, block_size=block_size
+    )
     if strategy == "ddp":
         opt.strategy._checked_replicas = True  # the grads are equal by construction
 
@@ -73,7 +86,15 @@ def measure(rank: int, world: int, strategy: str, steps: int) -> dict:
     seconds = time_calls(step, "cpu", warmup=11, repeats=1, number=steps).times[0]
     state = opt.state_bytes()
     balance = {}
-    if strategy in ("ddp", "fsdp2"):
+    if strategy == "ddp":  # per piece: a split parameter's blocks count where they are
+        costs, owners = [], []
+        for piece in opt.strategy.pieces:
+            cost, spec = opt.strategy.costs[piece.param], opt.strategy.specs[piece.param]
+            share = 1.0 if piece.rows is None else len(piece.rows) / spec.rows
+            costs.append(BlockCost(cost.flops * share, int(cost.state_bytes * share)))
+            owners.append(piece.owner)
+        balance = load_balance(costs, owners, world)
+    elif strategy == "fsdp2":
         balance = load_balance(opt.strategy.costs, opt.strategy.owners, world)
     return {"seconds": seconds, "state_bytes": state, "balance": balance}
 
@@ -83,6 +104,8 @@ def main() -> None:
     p.add_argument("--worlds", default="1,2,4")
     p.add_argument("--strategies", default="ddp,fsdp2,fsdp2_local,fsdp2_tp")
     p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--block-size", type=int, default=None)
+    p.add_argument("--vocab", type=int, default=None)
     args = p.parse_args()
     report: dict[str, dict] = {}
     header = f"{'strategy':12s} {'world':>5s} {'step ms (max rank)':>19s} {'state MiB (max)':>16s}"
@@ -91,7 +114,9 @@ def main() -> None:
         for world in (int(w) for w in args.worlds.split(",")):
             if strategy == "fsdp2_tp" and world != 4:
                 continue
-            per_rank = run_ranks(measure, world, strategy, args.steps, timeout=900)
+            per_rank = run_ranks(
+                measure, world, strategy, args.steps, args.block_size, args.vocab, timeout=900
+            )
             seconds = max(r["seconds"] for r in per_rank)
             states = [r["state_bytes"] for r in per_rank]
             balance = per_rank[0]["balance"] or {"flops": 1.0, "state_bytes": 1.0}

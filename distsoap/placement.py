@@ -14,9 +14,14 @@ is smallest (ties to the lowest rank). A short local search then moves or swaps 
 the most loaded rank and the others while that lowers the pair's larger load (moves only, when
 there are more than :data:`SWAP_SEARCH_LIMIT` blocks: swaps cost the square of their number).
 
-:func:`place_blocks` places the blocks of stacked and blocked parameters (``stack_dims``,
+:func:`place_blocks` may place the blocks of stacked and blocked parameters (``stack_dims``,
 ``block_size``) one by one: each block of a parameter may get its own owner, and each owner
-then holds a *piece* of the parameter (some of its rows).
+then holds a *piece* of the parameter (some of its rows). A split costs work a whole parameter
+does not (its gradient cut into rows on each owner, the pieces put back together on every
+rank), so parameters are split only where they are needed: when placing them whole leaves the
+busiest rank more than :data:`SPLIT_ABOVE_IMBALANCE` above the mean, and then only those whose
+cost is more than a quarter of a rank's fair share (LPT then keeps the busiest rank within
+about a quarter share of the mean).
 """
 
 from __future__ import annotations
@@ -29,6 +34,8 @@ from distsoap.engine.blocks import BlockSpec
 
 SWAP_SEARCH_LIMIT = 256
 """Above this many blocks the local search only moves blocks (see the module docstring)."""
+SPLIT_ABOVE_IMBALANCE = 0.05
+"""Split parameters only when whole ones leave the busiest rank this far above the mean."""
 
 
 @dataclass(frozen=True)
@@ -128,10 +135,18 @@ def place_blocks(
     Returns:
         One piece per (parameter, owner), by parameter, then owner.
     """
+    whole = assign_owners(costs, world_size)
+    balance = load_balance(costs, whole, world_size)
+    if max(balance.values()) <= 1 + SPLIT_ABOVE_IMBALANCE:
+        return [Piece(i, owner, None) for i, owner in enumerate(whole)]
+    total_flops = sum(c.flops for c in costs) or 1.0
+    total_bytes = sum(c.state_bytes for c in costs) or 1
+    quarter_share = 1 / (4 * world_size)
     units: list[tuple[int, int | None]] = []
     unit_costs: list[BlockCost] = []
     for i, (cost, n, split) in enumerate(zip(costs, rows, splittable, strict=True)):
-        if n > 1 and split and world_size > 1:
+        share = max(cost.flops / total_flops, cost.state_bytes / total_bytes)
+        if n > 1 and split and share > quarter_share:
             # every cost term is linear in the rows (block_cost): exact per-block shares
             each = BlockCost(cost.flops / n, cost.state_bytes // n)
             units += [(i, r) for r in range(n)]

@@ -13,27 +13,37 @@ from tests.distributed.scenarios import OPTIONS, SHAPES
 from tests.distributed.scenarios import ProblemModel as _ProblemModel
 
 BLOCKS = {"block_size": 8}
-"""(16, 16) as 2 x 2 blocks of 8, (24, 24) as 3 x 3, and the shape below as 5 x 5."""
-SPLIT_SHAPES = {
-    2: [(37, 37) if s == (12, 40) else s for s in SHAPES],
-    3: [(40, 40) if s == (12, 40) else s for s in SHAPES],
-}
-"""The problem's shapes per world size. At 2 ranks the average of the gradients is the
-single-process gradient bit for bit (``(a + b) / 2`` and ``a / 2 + b / 2`` round alike), so
-(37, 37) is there: padded blocks with non-square real parts. A non-square block's first basis
-is not unique (an 8 x 8 factor of a 5 x 8 gradient has rank 5 and eigh may return its null
-space in any rotation), SOAP's later updates depend on that choice (Adam's per-coordinate
-scaling is not rotation invariant) in one process as much as in several, and at 3 ranks the
-average rounds differently from one process's, so there (40, 40): square, unpadded blocks."""
+"""Blocks of at most 8: (16, 16) as 2 x 2, (24, 24) as 3 x 3, (64, 64) as 8 x 8, and the
+padded (61, 61) as 8 x 8 blocks of 8 (the last row and column of blocks 5 real of 8)."""
+SPLIT_SHAPES = [(64, 64) if s == (12, 40) else s for s in SHAPES] + [(61, 61)]
+"""The problem's shapes, the large (64, 64) holding about half the work: placed whole it would
+leave its owner far above the mean, so ``place_blocks`` splits it (and the other parameters
+above a quarter of a rank's share).
+
+Every factored block is square and its first gradient full rank. A padded block's real part
+is not square (5 x 8), and a non-square block's first basis is not unique: an 8 x 8 factor of
+rank 5, whose null space eigh may return in any rotation, and SOAP's later updates depend on
+that choice (Adam's per-coordinate scaling is not rotation invariant), in one process as much as
+in several, so a few bits of summation order decide it. The padded (61, 61) is therefore in a
+param group whose ``max_precond_dim`` (4) leaves its blocks unrotated: its blocks, padding
+included, still travel and are put back together like the others, with Adam's exact math."""
+PADDED = len(SPLIT_SHAPES) - 1
+"""Index of the padded parameter in the problem."""
+NAN_STEP, NAN_PARAM = 4, 5
+"""The step and parameter (the large one) whose gradient gets one NaN element."""
 
 
-def ProblemModel(dtype: torch.dtype, world: int = 3) -> _ProblemModel:  # noqa: N802
-    """The regression problem on the shapes for ``world`` (a stand-in for the class)."""
-    return _ProblemModel(dtype, SPLIT_SHAPES[world])
+class ProblemModel(_ProblemModel):
+    """The regression problem on :data:`SPLIT_SHAPES`, the padded parameter in its own group."""
 
+    def __init__(self, dtype: torch.dtype, shapes=None, skips: str = "per_rank"):
+        super().__init__(dtype, SPLIT_SHAPES if shapes is None else shapes, skips)
 
-NAN_STEP, NAN_PARAM = 4, 3
-"""The step and parameter (the (24, 24) one) whose gradient gets one NaN element."""
+    def param_groups(self) -> list[dict]:
+        padded = list(self.blocks)[PADDED]
+        groups = super().param_groups()
+        groups[0]["params"] = [p for p in groups[0]["params"] if p is not padded]
+        return [*groups, dict(params=[padded], max_precond_dim=4)]
 
 
 def poison(grad: torch.Tensor) -> torch.Tensor:
@@ -148,9 +158,9 @@ def drift_on_one_rank(rank: int, world: int, strategy: str, at_first_call: bool)
     block refreshes at least once in the 12 steps) while the bases are still bf16. Returns, per
     parameter held here, its bases' dtype and fallback count.
     """
-    from distsoap.engine import update
+    from distsoap.engine import update  # noqa: PLC0415 (patched here, in this rank only)
 
-    model = ProblemModel(torch.float32, world)
+    model = ProblemModel(torch.float32)
     opt = SOAP(
         model.param_groups(),
         strategy=strategy,
@@ -179,3 +189,24 @@ def drift_on_one_rank(rank: int, world: int, strategy: str, at_first_call: bool)
             held[index] = (state["basis_0"].dtype, state.get("basis_fallbacks", 0))
     pieces = [(p.param, p.owner, p.rows) for p in opt.strategy.pieces]
     return {"held": held, "pieces": pieces}
+
+
+def train_split(rank: int, world: int, strategy: str, steps: int) -> dict:
+    """fp64 data-parallel training of the problem; its parameters, pieces and state bytes."""
+    model = ProblemModel(torch.float64)
+    opt = SOAP(model.param_groups(), strategy=strategy, **OPTIONS, **BLOCKS)
+    train(model, opt, range(steps), rank, world, ddp=strategy == "ddp")
+    return {
+        "params": [p.detach().clone() for p in model.parameters()],
+        "pieces": [(p.param, p.owner, p.rows) for p in opt.strategy.pieces],
+        "split_shapes": {tuple(opt.strategy.params[i].shape) for i in opt.strategy.split},
+        "state_bytes": opt.state_bytes(),
+    }
+
+
+def single_bytes(world: int, steps: int) -> int:
+    """One process's SOAP state bytes after ``steps`` steps."""
+    model = ProblemModel(torch.float64)
+    opt = SOAP(model.param_groups(), strategy="single", **OPTIONS, **BLOCKS)
+    train(model, opt, range(steps), 0, world)
+    return opt.state_bytes()

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from distsoap import SOAP
-from distsoap.engine.blocks import join_blocks, make_block_spec, split_blocks
+from distsoap.engine.blocks import join_blocks, layout_signature, make_block_spec, split_blocks
 from distsoap.math.reference import ReferenceSOAP
 
 ROWS = ((0, 4), (4, 8), (8, 10))  # 10 in 3 blocks of 4, the last padded by 2
@@ -165,3 +165,29 @@ def test_blocks_share_a_bucket_with_parameters_of_the_block_shape():
             big.detach()[r : r + 4, c : c + 4], p.detach(), rtol=0, atol=1e-10
         )
     torch.testing.assert_close(small.detach(), copy.detach(), rtol=0, atol=1e-10)
+
+
+def test_a_spec_holding_some_blocks_sees_exactly_those_rows():
+    whole = make_block_spec(
+        (37, 20),
+        max_precond_dim=64,
+        merge_dims=False,
+        precondition_1d=False,
+        data_format="channels_first",
+        block_size=8,
+    )  # 5 x 3 blocks of (8, 7), the last row and column padded
+    rows = (0, 4, 13, 14)
+    held = whole.holding(rows)
+    assert (held.rows, held.full_rows, held.state_shape) == (4, 15, (4, 8, 7))
+    grad = torch.randn(37, 20)
+    picked = whole.to_rows(grad)[list(rows)]
+    assert torch.equal(held.to_rows(picked), picked)  # row form in, row form out
+    assert torch.equal(held.from_rows(picked), picked)
+    for mine, full in zip(held.padding(), whole.padding(), strict=True):
+        assert torch.equal(mine, full[list(rows)])
+    assert layout_signature(held) == layout_signature(whole) + " rows=0,4,13-14"
+    with pytest.raises(ValueError, match="take tensors of shape"):
+        held.to_rows(grad)  # a parameter-shaped tensor is not row form
+    with pytest.raises(ValueError, match="distinct, sorted and below 15"):
+        whole.holding((3, 2))
+    assert held.whole() == whole

@@ -4,7 +4,7 @@ import torch
 from distsoap import SOAP
 from distsoap.comm import build_buckets
 from distsoap.engine.blocks import make_block_spec
-from distsoap.placement import BlockCost, assign_owners, block_cost, load_balance
+from distsoap.placement import BlockCost, assign_owners, block_cost, load_balance, place_blocks
 
 
 def _gpt_costs(d=256, layers=4, vocab=4096, max_dim=2048):
@@ -103,3 +103,40 @@ def test_buckets_cover_every_parameter_once_and_respect_dtype():
         assert b.total == sum(numels[i] + 1 for i in b.params)  # one flag per parameter
         for rank, part in enumerate(b.owned):
             assert all(owners[i] == rank for i in part)
+
+
+def _rows_by_param(pieces, rows):
+    held = {}
+    for piece in pieces:
+        held.setdefault(piece.param, []).extend(
+            range(rows[piece.param]) if piece.rows is None else piece.rows
+        )
+    return {i: sorted(r) for i, r in held.items()}
+
+
+def test_place_blocks_keeps_parameters_whole_when_that_is_balanced():
+    costs = [BlockCost(1.0, 10)] * 8
+    pieces = place_blocks(costs, [4] * 8, [True] * 8, 4)
+    assert all(p.rows is None for p in pieces)
+    assert [p.param for p in pieces] == list(range(8))
+
+
+def test_place_blocks_splits_a_dominant_parameter_and_balances():
+    # one parameter of 64 blocks holds 64 of 76 units of work: whole, its owner would hold 84%
+    costs = [BlockCost(64.0, 640)] + [BlockCost(1.0, 10)] * 12
+    rows = [64] + [1] * 12
+    pieces = place_blocks(costs, rows, [True] * 13, 4)
+    owners_of_big = {p.owner for p in pieces if p.param == 0}
+    assert owners_of_big == {0, 1, 2, 3}
+    assert _rows_by_param(pieces, rows) == {i: list(range(n)) for i, n in enumerate(rows)}
+    load = [0.0] * 4
+    for p in pieces:
+        share = 1 if p.rows is None else len(p.rows) / rows[p.param]
+        load[p.owner] += costs[p.param].flops * share
+    assert max(load) / (sum(load) / 4) < 1.05  # whole: 64 / 19 = 3.4x the mean
+
+
+def test_place_blocks_never_splits_what_may_not_be_split():
+    costs = [BlockCost(64.0, 640)] + [BlockCost(1.0, 10)] * 12
+    pieces = place_blocks(costs, [64] + [1] * 12, [False] + [True] * 12, 4)
+    assert [p.rows for p in pieces if p.param == 0] == [None]
