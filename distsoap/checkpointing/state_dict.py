@@ -87,7 +87,7 @@ def complete_state_dict(optimizer: SOAP, state_dict: dict[str, Any]) -> dict[str
             continue
         if "step" not in packed.get(index, {}):
             packed[index] = initial_state(optimizer, param, group)
-        packed[index] = optimizer.strategy.export_state(param, packed[index])
+        packed[index] = optimizer.strategy.export_state(param, packed[index], group)
     suffix = optimizer.strategy.state_key_suffix()
     if suffix:
         packed = {i: {f"{k}{suffix}": v for k, v in entry.items()} for i, entry in packed.items()}

@@ -178,11 +178,17 @@ class BlockEngine:
             shape: the shape of the tensor SOAP preconditions, when it is not ``param.shape``
                 (a sharded parameter's full shape, or its local shard's). Ignored for a
                 parameter of which this rank holds some blocks (:attr:`state_rows`): their spec
-                comes from the parameter's own shape.
+                comes from the whole parameter's (:attr:`state_shape`).
         """
         rows = self.state_rows(param)
         whole = _cached_block_spec(
-            tuple(param.shape if shape is None or rows is not None else shape),
+            tuple(
+                self.state_shape(param)
+                if rows is not None
+                else param.shape
+                if shape is None
+                else shape
+            ),
             max_precond_dim=group["max_precond_dim"],
             merge_dims=group["merge_dims"],
             precondition_1d=group["precondition_1d"],

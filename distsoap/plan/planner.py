@@ -15,9 +15,9 @@ Per strategy, as :mod:`distsoap.strategies` places the blocks:
   parameter may go to several ranks (a *split* parameter). The planner does not model the
   adaptive refresh: a group with ``refresh_tolerance`` keeps its parameters whole in a run.
 - ``fsdp2``: FSDP2's default layout, dim 0 of every parameter sharded in ``torch.chunk`` pieces
-  over a 1-D mesh of ``world`` ranks. Whole parameters are placed on owners as under ``ddp``,
-  except expert stacks (``stack_dims`` > 0), whose dim-0 shards are whole experts: each rank
-  steps those it holds in place (:func:`~distsoap.sharding.held_stack_rows`).
+  over a 1-D mesh of ``world`` ranks. Parameters and blocks are placed on owners as under
+  ``ddp``, except expert stacks (``stack_dims`` > 0), whose dim-0 shards are whole experts:
+  each rank steps those it holds in place (:func:`~distsoap.sharding.held_stack_rows`).
 - ``fsdp2_local``: every rank keeps the state of its own dim-0 shard of every parameter, blocked
   as if the shard were the parameter.
 
@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from distsoap.engine.blocks import BlockSpec, make_block_spec
-from distsoap.placement import Piece, assign_owners, block_cost, place_blocks
+from distsoap.placement import Piece, block_cost, place_blocks
 from distsoap.plan.costs import NO_STATE, BlockState, block_state
 from distsoap.plan.options import PlanError, PlanOptions
 from distsoap.sharding import chunk_range
@@ -229,17 +229,6 @@ def _owners(entries: list[_Entry], options: PlanOptions) -> tuple[list[int], lis
     owners = [SHARDED] * len(entries)
     if options.strategy == "fsdp2_local":
         return owners, []
-    if options.strategy in ("ddp", "zero2"):
-        costs = [
-            block_cost(e.spec, options.precondition_frequency, *options.element_bytes(e.dtype))
-            for e in entries
-        ]
-        rows = [e.spec.rows if e.spec.stacked else 1 for e in entries]
-        pieces = place_blocks(costs, rows, [True] * len(entries), options.world)
-        split = [piece for piece in pieces if piece.rows is not None]
-        for piece in pieces:
-            owners[piece.param] = SPLIT if piece.rows is not None else piece.owner
-        return owners, split
     in_place = options.strategy == "fsdp2"  # expert stacks stepped where their shards live
     placed = [i for i, e in enumerate(entries) if not (in_place and e.stack_dims > 0)]
     costs = [
@@ -250,9 +239,17 @@ def _owners(entries: list[_Entry], options: PlanOptions) -> tuple[list[int], lis
         )
         for i in placed
     ]
-    for i, owner in zip(placed, assign_owners(costs, options.world)):
-        owners[i] = owner
-    return owners, []
+    rows = [entries[i].spec.rows if entries[i].spec.stacked else 1 for i in placed]
+    pieces = place_blocks(costs, rows, [True] * len(placed), options.world)
+    split = []
+    for piece in pieces:
+        i = placed[piece.param]
+        if piece.rows is None:
+            owners[i] = piece.owner
+        else:
+            owners[i] = SPLIT
+            split.append(Piece(i, piece.owner, piece.rows))
+    return owners, split
 
 
 def plan(model: nn.Module, options: PlanOptions) -> Plan:

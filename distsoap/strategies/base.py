@@ -16,9 +16,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from distsoap.checkpointing.stack_rows import has_rows, join_rows
+from distsoap.checkpointing.stack_rows import has_rows, join_rows, split_rows
 from distsoap.comm import CommStats, raise_if_aborted, read_flag
 from distsoap.engine.block_engine import BlockEngine, Updates
+from distsoap.engine.blocks import layout_signature
 from distsoap.engine.update import apply_deltas
 
 
@@ -104,9 +105,20 @@ class Strategy:
         """Appended to state keys in state dicts ('' unless the state depends on the rank)."""
         return ""
 
-    def export_state(self, param: torch.Tensor, entry: dict[str, Any]) -> dict[str, Any]:
-        """A block's state as state dicts hold it (unchanged unless the strategy splits it)."""
-        return entry
+    def export_state(
+        self, param: torch.Tensor, entry: dict[str, Any], group: dict[str, Any]
+    ) -> dict[str, Any]:
+        """A block's state as state dicts hold it: a stacked or blocked one, one key per row.
+
+        Per-row keys (``exp_avg@stack5``, :mod:`distsoap.checkpointing.stack_rows`) are the
+        same whichever rank holds which rows, so torch.distributed.checkpoint finds them under
+        any placement (whole on one owner, split over several, any world size).
+        """
+        spec = self.engine.block_spec(param, group, self.state_shape(param))
+        if not spec.stacked:
+            return entry
+        rows = spec.held_rows or tuple(range(spec.rows))
+        return split_rows(entry, rows, layout_signature(spec.whole()))
 
     def import_state(self, param: torch.Tensor, saved: dict[str, Any]) -> dict[str, Any]:
         """The inverse of :meth:`export_state`: a saved entry as this rank keeps it.

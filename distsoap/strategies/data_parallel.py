@@ -28,7 +28,7 @@ from contextlib import AbstractContextManager, nullcontext
 import torch
 import torch.distributed as dist
 
-from distsoap.checkpointing.stack_rows import join_rows, split_rows
+from distsoap.checkpointing.stack_rows import join_rows
 from distsoap.checks.replicas import check_copies
 from distsoap.comm import (
     PendingExchange,
@@ -46,6 +46,7 @@ from distsoap.placement import Piece, block_cost, place_blocks
 from distsoap.strategies.base import Strategy, groups_by_param
 from distsoap.strategies.frozen import check_still_frozen, frozen_params
 from distsoap.strategies.grad_sync import GradSync
+from distsoap.strategies.split_params import agree_on_split, join_pieces
 
 
 class DataParallel(Strategy):
@@ -165,13 +166,6 @@ class DataParallel(Strategy):
         """The blocks of a split parameter this rank holds (None: all, or none)."""
         return self._held.get(id(param))
 
-    def export_state(self, param: torch.Tensor, entry: dict) -> dict:
-        """A split parameter's rows are saved one key per block (any placement loads them)."""
-        rows = self._held.get(id(param))
-        if rows is None:
-            return entry
-        return split_rows(entry, rows, layout_signature(self._whole_spec(param)))
-
     def import_state(self, param: torch.Tensor, saved: dict) -> dict:
         """The blocks of a split parameter held here, from per-block or whole entries."""
         rows = self._held.get(id(param))
@@ -234,45 +228,6 @@ class DataParallel(Strategy):
                 grads[id(self.params[piece.param])] = self._piece_grad(k)
         return grads
 
-    def _agree_on_split(self, grads: dict[int, torch.Tensor]) -> set[int]:
-        """What the owners of each split parameter must decide together, decided.
-
-        A single process decides two things per parameter, over all its blocks: a non-finite
-        gradient skips the whole parameter, and a drift-guard verdict (any block's new
-        low-precision bases drifting too far) moves all its bases to fp32. So each rank sends,
-        per split parameter, whether its piece has a non-finite gradient and whether its last
-        refresh drifted: one all-reduce of ``2 x split parameters`` flags, every step (only
-        when some parameter is split). The drift verdicts are settled here, before the update
-        that would first use the new bases (:meth:`BlockEngine.settle_drift`).
-
-        Returns:
-            The split parameters (``id``) held here to skip as non-finite.
-        """
-        if not self.split:
-            return set()
-        split = list(self.split)
-        flags = torch.zeros(2, len(split), device=self.comm_device())
-        mine = {
-            j: grad
-            for j, i in enumerate(split)
-            if (grad := grads.get(id(self.params[i]))) is not None
-        }
-        for j, finite in self.engine.faults.finite(mine).items():
-            if not finite:
-                flags[0, j] = 1.0
-        drifts = self.engine.deferred_drift()
-        for j, i in enumerate(split):
-            if drifts.get(id(self.params[i]), False):
-                flags[1, j] = 1.0
-        dist.all_reduce(flags, group=self.group)
-        self.stats.add("fault_check", flags.element_size() * flags.numel() * 2 * (self.world - 1))
-        bad, drifted = flags.tolist()
-        if drifts:
-            self.engine.settle_drift(
-                {id(self.params[i]) for j, i in enumerate(split) if drifted[j] > 0}
-            )
-        return {id(self.params[i]) for j, i in enumerate(split) if bad[j] > 0}
-
     def _check_replicas(self) -> bool:
         """Every rank's copy of every parameter (and, in mode A, its gradient) is the same.
 
@@ -296,7 +251,9 @@ class DataParallel(Strategy):
     def step(self) -> None:
         """Owners compute their blocks, then every rank applies every update."""
         grads = self._owned_grads()
-        nonfinite = self._agree_on_split(grads)
+        split = [self.params[i] for i in self.split]
+        device = self.comm_device()
+        nonfinite = agree_on_split(self.engine, split, grads, self.group, device, self.stats)
         updates = self.engine.compute_updates(grads, defer_refresh=True, nonfinite=nonfinite)
         error = self.engine.faults.take_pending()
         pending: list[PendingExchange] = []
@@ -342,18 +299,13 @@ class DataParallel(Strategy):
                     f"internal error: the owners of parameter {name} disagree on whether it "
                     "has an update this step"
                 )
-            spec = self.specs[i]
-            first = received[keys[0]][1]
-            rows = first.new_zeros(spec.state_shape)  # the padding of blocks stays zero
-            for k in keys:
-                piece = self.pieces[k]
-                held = torch.tensor(piece.rows, device=rows.device)
-                rows.index_copy_(0, held, received[k][1].view(len(piece.rows), *spec.block_shape))
+            pieces = [(self.pieces[k].rows, received[k][1]) for k in keys]
+            delta = join_pieces(self.specs[i], pieces)
             param = self.params[i]
             group = groups[id(param)]
             entry = by_group.setdefault(id(group), (group, [], []))
             entry[1].append(param)
-            entry[2].append(spec.from_rows(rows))
+            entry[2].append(delta)
         for group, targets, deltas in by_group.values():
             apply_deltas(targets, deltas, group)
 

@@ -14,6 +14,15 @@ mesh the owners are spread over the replicate dim too and no block is computed t
 Each parameter's part of both payloads starts with one flag element (gradient present / update
 computed), so parameters without gradients behave as in single-process SOAP.
 
+Under ``fsdp2`` the blocks of a large blocked or stacked parameter may have several owners
+(:func:`~distsoap.placement.place_blocks`, as under ``ddp``). The owner of its first piece, the
+*assembler*, takes the steps above for the whole parameter; between them, one more
+``all_to_all_single`` sends each other owner the rows of the assembled gradient it holds, and one
+more brings their update rows back, before the assembler scatters the whole update (the
+owners agree on non-finite gradients and drift verdicts with
+:func:`~distsoap.strategies.split_params.agree_on_split`). A split costs that extra round trip of
+its rows, so it happens only where placing whole parameters would leave a rank over-loaded.
+
 Local (``strategy="fsdp2_local"``): every rank runs SOAP on its own local shards as if they
 were the parameters. No communication beyond FSDP's own; an approximation whose result depends
 on the number of shards.
@@ -30,13 +39,14 @@ import torch.distributed as dist
 
 from distsoap.checkpointing.stack_rows import join_rows, split_rows
 from distsoap.checks.replicas import check_copies
-from distsoap.comm import pack_flagged, unpack_flagged, update_flag
+from distsoap.comm import pack_flagged, read_flag, unpack_flagged, update_flag
 from distsoap.engine.block_engine import BlockEngine
 from distsoap.engine.blocks import layout_signature
-from distsoap.placement import assign_owners, block_cost
+from distsoap.placement import Piece, block_cost, place_blocks
 from distsoap.sharding import Layout, held_stack_rows, local_view
 from distsoap.strategies.base import Strategy, apply_updates, groups_by_param
 from distsoap.strategies.frozen import check_still_frozen, frozen_params
+from distsoap.strategies.split_params import agree_on_split, join_pieces
 
 
 @dataclass(frozen=True)
@@ -164,6 +174,7 @@ class ShardedLossless(Strategy):
         self.params: list[torch.Tensor] = []
         self.layouts: list[Layout] = []
         self.costs = []
+        self.specs = []
         self.held_rows: list[tuple[int, ...] | None] = []
         """Per parameter, the matrices of its expert stack this rank holds whole (stepped here,
         no exchange; :func:`~distsoap.sharding.held_stack_rows`), or None: it has an owner."""
@@ -178,7 +189,8 @@ class ShardedLossless(Strategy):
                 layout = layouts[id(p)]
                 self.params.append(p)
                 self.layouts.append(layout)
-                spec = engine.block_spec(p, group_, layout.full_shape)
+                spec = engine.block_spec(p, group_, layout.full_shape).whole()
+                self.specs.append(spec)
                 frequency = group_["precondition_frequency"]
                 self.costs.append(block_cost(spec, frequency, *engine.state_element_bytes(p)))
                 experts = held_stack_rows(p, group_.get("stack_dims", 0))
@@ -190,11 +202,33 @@ class ShardedLossless(Strategy):
                 )
         exchanged = [i for i, rows in enumerate(self.held_rows) if rows is None]
         self.owners = [-1] * len(self.params)
-        """Per parameter, its owner rank (-1: stepped in place by every rank holding it)."""
-        for i, owner in zip(
-            exchanged, assign_owners([self.costs[i] for i in exchanged], self.world)
-        ):
-            self.owners[i] = owner
+        """Per parameter, its owner rank (-1: stepped in place by every rank holding it); of a
+        split parameter, its assembler (the owner of its first piece)."""
+        self.split: dict[int, list[Piece]] = {}
+        """Split parameters: index -> its pieces, by owner."""
+        splittable = {
+            id(p): group_.get("refresh_tolerance", 0.0) == 0 for group_, ps in pairs for p in ps
+        }
+        pieces = place_blocks(
+            [self.costs[i] for i in exchanged],
+            [self.specs[i].rows if self.specs[i].stacked else 1 for i in exchanged],
+            [name == "fsdp2" and splittable[id(self.params[i])] for i in exchanged],
+            self.world,
+        )
+        for piece in pieces:
+            i = exchanged[piece.param]
+            if piece.rows is None:
+                self.owners[i] = piece.owner
+            else:
+                self.split.setdefault(i, []).append(Piece(i, piece.owner, piece.rows))
+        for i, parts in self.split.items():
+            self.owners[i] = parts[0].owner
+        self._held = {
+            id(self.params[i]): piece.rows
+            for i, parts in self.split.items()
+            for piece in parts
+            if piece.owner == self.rank
+        }
         self.in_place = tuple(i for i, rows in enumerate(self.held_rows) if rows is not None)
         self._index = {id(p): i for i, p in enumerate(self.params)}
         self.exact = (
@@ -225,13 +259,19 @@ class ShardedLossless(Strategy):
         return self.layouts[index].full_shape
 
     def owns(self, param: torch.Tensor) -> bool:
-        """Whether this rank is ``param``'s owner (or holds experts of a stack stepped in place)."""
+        """Whether this rank holds ``param``'s state (all, experts, or blocks of it)."""
         index = self._index.get(id(param))
         if index is None:
             return False
         if self.held_rows[index] is not None:
             return len(self.held_rows[index]) > 0 and local_view(param).numel() > 0
+        if index in self.split:
+            return id(param) in self._held
         return self.owners[index] == self.rank
+
+    def state_rows(self, param: torch.Tensor) -> tuple[int, ...] | None:
+        """The blocks of a split parameter this rank holds (None: all, or none)."""
+        return self._held.get(id(param))
 
     def _stack_layouts(self, param: torch.Tensor) -> tuple[str, str]:
         """Layout signatures of a stack stepped in place: the whole stack's and this rank's."""
@@ -242,16 +282,24 @@ class ShardedLossless(Strategy):
             layout_signature(self.engine.block_spec(param, group, self.state_shape(param))),
         )
 
-    def export_state(self, param: torch.Tensor, entry: dict[str, Any]) -> dict[str, Any]:
-        """An expert stack stepped in place is saved one key per matrix (any split loads it)."""
+    def export_state(
+        self, param: torch.Tensor, entry: dict[str, Any], group: dict[str, Any]
+    ) -> dict[str, Any]:
+        """Experts stepped in place are keyed by their index in the whole stack."""
         rows = self.held_rows[self._index[id(param)]]
         if rows is None:
-            return entry
+            return super().export_state(param, entry, group)
         return split_rows(entry, rows, self._stack_layouts(param)[0])
 
     def import_state(self, param: torch.Tensor, saved: dict[str, Any]) -> dict[str, Any]:
-        """The state of the experts held here, from per-matrix or whole-stack entries."""
-        rows = self.held_rows[self._index[id(param)]]
+        """The state of the experts or blocks held here, from per-row or whole entries."""
+        index = self._index[id(param)]
+        if id(param) in self._held:
+            rows = self._held[id(param)]
+            spec = self.specs[index]
+            layouts = (layout_signature(spec), layout_signature(spec.holding(rows)))
+            return join_rows(saved, rows, layouts)
+        rows = self.held_rows[index]
         if rows is None:
             return super().import_state(param, saved)
         return join_rows(saved, rows, self._stack_layouts(param))
@@ -348,8 +396,16 @@ class ShardedLossless(Strategy):
             piece = self._local_grad(i)
             if piece is not None and piece.numel() > 0:
                 grads[id(self.params[i])] = piece
-        updates = self.engine.compute_updates(grads, defer_refresh=True)
+        split = [i for i in items if i in self.split]
+        nonfinite: set[int] = set()
+        if split:
+            self._send_rows(split, grads, device)
+            params = [self.params[i] for i in split]
+            comm = self.comm_device()
+            nonfinite = agree_on_split(self.engine, params, grads, self.group, comm, self.stats)
+        updates = self.engine.compute_updates(grads, defer_refresh=True, nonfinite=nonfinite)
         error = self.engine.faults.take_pending()
+        pieces_abort = self._gather_rows(split, updates, error, device) if split else False
         # 3. update pieces back to every rank
         out_dtype = self.comm_dtype or self.exact
         deltas = [updates.get(id(self.params[i]), (None, None))[1] for i in plan.mine]
@@ -366,7 +422,7 @@ class ShardedLossless(Strategy):
                     piece = whole[start:stop]
                 else:
                     piece = None if delta is None else layout.extract(delta, destination)
-                flag = update_flag(delta is not None, error is not None)
+                flag = update_flag(delta is not None, error is not None or pieces_abort)
                 blocks.append((flag, piece, layout.numel(destination)))
         send = pack_flagged(blocks, out_dtype, device)
         received = self._exchange(  # the refreshes only prepare the next step: overlap them
@@ -390,6 +446,113 @@ class ShardedLossless(Strategy):
             apply_updates(self.engine.param_groups, local, targets)
             aborting |= self._stop_flags(error)
         self.finish(error, aborting)
+
+    def _piece_numel(self, index: int, piece: Piece) -> int:
+        """Elements of a piece's rows (the padding of blocks included)."""
+        return len(piece.rows) * math.prod(self.specs[index].block_shape)
+
+    def _send_rows(self, split: list[int], grads: dict[int, torch.Tensor], device) -> None:
+        """Assemblers send each owner of a piece of their split parameters its gradient rows.
+
+        ``grads`` loses the whole gradients of the split parameters this rank assembled and
+        gains the rows of the pieces it holds (one ``all_to_all_single``, flags for absent
+        gradients; the same call on every rank).
+        """
+        send_blocks: list[tuple[float, torch.Tensor | None, int]] = []
+        send_sizes = [0] * self.world
+        recv_splits: list[list[int]] = [[] for _ in range(self.world)]
+        recv_items: list[list[int]] = [[] for _ in range(self.world)]
+        rows_of: dict[int, torch.Tensor | None] = {}
+        for i in split:
+            if self.owners[i] == self.rank:
+                whole = grads.pop(id(self.params[i]), None)
+                rows_of[i] = None if whole is None else self.specs[i].to_rows(whole)
+        for destination in range(self.world):
+            for i in split:
+                if self.owners[i] != self.rank:
+                    continue
+                for piece in self.split[i]:
+                    if piece.owner != destination:
+                        continue
+                    rows, numel = rows_of[i], self._piece_numel(i, piece)
+                    part = None if rows is None else rows[list(piece.rows)]
+                    send_blocks.append((float(rows is not None), part, numel))
+                    send_sizes[destination] += 1 + numel
+        for source in range(self.world):
+            for i in split:
+                mine = self._held.get(id(self.params[i]))
+                if self.owners[i] == source and mine is not None:
+                    numel = len(mine) * math.prod(self.specs[i].block_shape)
+                    recv_splits[source] += [1, numel]
+                    recv_items[source].append(i)
+        send = pack_flagged(send_blocks, self.exact, device)
+        recv_sizes = [sum(sizes) for sizes in recv_splits]
+        received = self._exchange(send, send_sizes, recv_sizes, "grad_rows")
+        flags_from, rows_from = unpack_flagged(received, recv_splits)
+        for source, indices in enumerate(recv_items):
+            for i, flag, rows in zip(indices, flags_from[source], rows_from[source]):
+                if flag != 0:
+                    shape = (len(self._held[id(self.params[i])]), *self.specs[i].block_shape)
+                    grads[id(self.params[i])] = rows.view(shape).to(self._grad_dtype(i))
+
+    def _gather_rows(self, split: list[int], updates, error: str | None, device) -> bool:
+        """Owners of pieces send their update rows to the assembler, which joins them.
+
+        ``updates`` loses the pieces' row-form deltas and gains, on the assembler, each split
+        parameter's whole delta. Returns whether some piece's owner flagged that training must
+        stop (the assembler then flags it to every rank with the update).
+        """
+        send_blocks: list[tuple[float, torch.Tensor | None, int]] = []
+        send_sizes = [0] * self.world
+        recv_splits: list[list[int]] = [[] for _ in range(self.world)]
+        recv_items: list[list[tuple[int, Piece]]] = [[] for _ in range(self.world)]
+        deltas: dict[int, tuple[dict[str, Any] | None, torch.Tensor | None]] = {}
+        for i in split:
+            if id(self.params[i]) in self._held:
+                deltas[i] = updates.pop(id(self.params[i]), (None, None))
+        for destination in range(self.world):
+            for i in split:
+                if self.owners[i] != destination or i not in deltas:
+                    continue
+                piece = next(p for p in self.split[i] if p.owner == self.rank)
+                delta = deltas[i][1]
+                flag = update_flag(delta is not None, error is not None)
+                send_blocks.append((flag, delta, self._piece_numel(i, piece)))
+                send_sizes[destination] += 1 + self._piece_numel(i, piece)
+        for source in range(self.world):
+            for i in split:
+                if self.owners[i] != self.rank:
+                    continue
+                for piece in self.split[i]:
+                    if piece.owner == source:
+                        recv_splits[source] += [1, self._piece_numel(i, piece)]
+                        recv_items[source].append((i, piece))
+        send = pack_flagged(send_blocks, self.comm_dtype or self.exact, device)
+        recv_sizes = [sum(sizes) for sizes in recv_splits]
+        received = self._exchange(send, send_sizes, recv_sizes, "update_rows")
+        flags_from, rows_from = unpack_flagged(received, recv_splits)
+        joined: dict[int, list[tuple[bool, tuple[int, ...], torch.Tensor]]] = {}
+        abort = False
+        for source, entries in enumerate(recv_items):
+            for (i, piece), flag, rows in zip(entries, flags_from[source], rows_from[source]):
+                has_update, stop = read_flag(flag)
+                abort = abort or stop
+                joined.setdefault(i, []).append((has_update, piece.rows, rows))
+        groups = groups_by_param(self.engine.param_groups)
+        for i, parts in joined.items():
+            has = [h for h, _, _ in parts]
+            param = self.params[i]
+            if not any(has):
+                updates[id(param)] = (groups[id(param)], None)
+                continue
+            if not all(has):
+                raise RuntimeError(
+                    f"internal error: the owners of parameter {self.engine.param_name(param)} "
+                    "disagree on whether it has an update this step"
+                )
+            delta = join_pieces(self.specs[i], [(rows, d) for _, rows, d in parts])
+            updates[id(param)] = (groups[id(param)], delta)
+        return abort
 
     def _stop_flags(self, error: str | None) -> set[int]:
         """The ranks that must stop (one flag each, all-reduced).

@@ -27,6 +27,8 @@ that choice (Adam's per-coordinate scaling is not rotation invariant), in one pr
 in several, so a few bits of summation order decide it. The padded (61, 61) is therefore in a
 param group whose ``max_precond_dim`` (4) leaves its blocks unrotated: its blocks, padding
 included, still travel and are put back together like the others, with Adam's exact math."""
+FSDP_SHAPES = [(1,) if s == () else s for s in SPLIT_SHAPES]
+"""The same for FSDP2, which shards no scalar."""
 PADDED = len(SPLIT_SHAPES) - 1
 """Index of the padded parameter in the problem."""
 NAN_STEP, NAN_PARAM = 4, 5
@@ -61,8 +63,14 @@ def train(
     world: int,
     nan: bool = False,
     ddp: bool = False,
+    data_world: int | None = None,
 ) -> None:
-    """Steps on this rank's shard of ``world``; in one process, on all ``world`` shards."""
+    """Steps on this rank's shard of ``world``; in one process, on all ``world`` shards.
+
+    ``data_world``: the batch is cut into that many shards, dealt round-robin to the ranks and
+    weighted so that the ranks' average is the mean over the shards (a run resumed on another
+    number of ranks sees the same data).
+    """
     forward = model
     poisoned = list(model.blocks)[NAN_PARAM]
     if nan and (rank == world - 1 or not dist.is_initialized()):
@@ -75,6 +83,9 @@ def train(
         opt.zero_grad(set_to_none=True)
         if not dist.is_initialized():  # the full batch: the mean of every rank's shard loss
             loss = sum(model(step, r, (r, world)) for r in range(world)) / world
+        elif data_world is not None and data_world != world:
+            mine = range(rank, data_world, world)
+            loss = sum(forward(step, k, (k, data_world)) for k in mine) * (world / data_world)
         else:
             loss = forward(step, rank, (rank, world))
         loss.backward()
@@ -82,10 +93,16 @@ def train(
 
 
 def single(
-    world: int, steps: int, nan: bool = False, saved: bytes | None = None, start: int = 0
+    world: int,
+    steps: int,
+    nan: bool = False,
+    saved: bytes | None = None,
+    start: int = 0,
+    skips: str = "per_rank",
+    shapes=None,
 ) -> dict:
     """One process on the full batch (``world``'s shards), optionally from a saved state."""
-    model = ProblemModel(torch.float64)
+    model = ProblemModel(torch.float64, shapes, skips)
     opt = SOAP(model.param_groups(), strategy="single", nonfinite_grads="skip", **OPTIONS, **BLOCKS)
     if saved is not None:
         state = torch.load(io.BytesIO(saved), weights_only=False)
@@ -204,9 +221,77 @@ def train_split(rank: int, world: int, strategy: str, steps: int) -> dict:
     }
 
 
-def single_bytes(world: int, steps: int) -> int:
+def single_bytes(world: int, steps: int, skips: str = "per_rank", shapes=None) -> int:
     """One process's SOAP state bytes after ``steps`` steps."""
-    model = ProblemModel(torch.float64)
+    model = ProblemModel(torch.float64, shapes, skips)
     opt = SOAP(model.param_groups(), strategy="single", **OPTIONS, **BLOCKS)
     train(model, opt, range(steps), 0, world)
     return opt.state_bytes()
+
+
+def train_split_fsdp2(rank: int, world: int, steps: int) -> dict:
+    """fp64 FSDP2 training (dim 0 sharded over ``world`` ranks) with lossless SOAP."""
+    from torch.distributed.device_mesh import init_device_mesh  # noqa: PLC0415
+    from torch.distributed.fsdp import fully_shard  # noqa: PLC0415
+
+    model = ProblemModel(torch.float64, FSDP_SHAPES, "global")  # FSDP2 reduces every gradient
+    fully_shard(model, mesh=init_device_mesh("cpu", (world,)))
+    opt = SOAP(model.param_groups(), strategy="fsdp2", **OPTIONS, **BLOCKS)
+    train(model, opt, range(steps), rank, world)
+    strategy = opt.strategy
+    return {
+        "params": [p.full_tensor().detach().clone() for p in model.parameters()],
+        "pieces": [(p.param, p.owner, p.rows) for ps in strategy.split.values() for p in ps],
+        "split_shapes": {tuple(strategy.params[i].shape) for i in strategy.split},
+        "state_bytes": opt.state_bytes(),
+    }
+
+
+def _fsdp2_model_and_optimizer(world: int) -> tuple[ProblemModel, SOAP]:
+    from torch.distributed.device_mesh import init_device_mesh  # noqa: PLC0415
+    from torch.distributed.fsdp import fully_shard  # noqa: PLC0415
+
+    model = ProblemModel(torch.float64, FSDP_SHAPES, "global")
+    fully_shard(model, mesh=init_device_mesh("cpu", (world,)))
+    return model, SOAP(model.param_groups(), strategy="fsdp2", **OPTIONS, **BLOCKS)
+
+
+def fsdp2_save_and_continue(
+    rank: int, world: int, checkpoint: str, split_at: int, steps: int
+) -> dict:
+    """FSDP2 with split parameters: save with torch.distributed.checkpoint at ``split_at``."""
+    import torch.distributed.checkpoint as dcp  # noqa: PLC0415
+    from torch.distributed.checkpoint.state_dict import get_state_dict  # noqa: PLC0415
+
+    model, opt = _fsdp2_model_and_optimizer(world)
+    train(model, opt, range(split_at), rank, world)
+    model_sd, optim_sd = get_state_dict(model, opt)
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=checkpoint)
+    train(model, opt, range(split_at, steps), rank, world)
+    return {
+        "params": [p.full_tensor().detach().clone() for p in model.parameters()],
+        "split": sorted(opt.strategy.split),
+    }
+
+
+def fsdp2_resume(
+    rank: int, world: int, checkpoint: str, data_world: int, start: int, steps: int
+) -> dict:
+    """A fresh FSDP2 run on ``world`` ranks resumed from the checkpoint, on the same data."""
+    import torch.distributed.checkpoint as dcp  # noqa: PLC0415
+    from torch.distributed.checkpoint.state_dict import (  # noqa: PLC0415
+        get_state_dict,
+        set_state_dict,
+    )
+
+    model, opt = _fsdp2_model_and_optimizer(world)
+    model_sd, optim_sd = get_state_dict(model, opt)
+    state = {"model": model_sd, "optim": optim_sd}
+    dcp.load(state, checkpoint_id=checkpoint)
+    set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    train(model, opt, range(start, steps), rank, world, data_world=data_world)
+    pieces = {i: [(p.owner, p.rows) for p in ps] for i, ps in opt.strategy.split.items()}
+    return {
+        "params": [p.full_tensor().detach().clone() for p in model.parameters()],
+        "pieces": pieces,
+    }

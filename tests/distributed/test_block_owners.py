@@ -105,3 +105,35 @@ def test_a_drift_in_one_piece_moves_every_piece_to_fp32(strategy, at_first_call)
     for param, owner in untouched:
         if param in results[owner]["held"]:
             assert results[owner]["held"][param] == (torch.bfloat16, 0), (param, owner)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_fsdp2_split_parameters_match_single_process(world):
+    """Under FSDP2 the assembler of a split parameter sends the other owners their rows and
+    joins their update rows before scattering the whole update."""
+    results = run_ranks(bo.train_split_fsdp2, world, steps=12)
+    split = _split(results[0]["pieces"])
+    assert split and all(len(set(o)) >= 2 for o in split.values())
+    assert (64, 64) in results[0]["split_shapes"]
+    reference = bo.single(world, 12, skips="global", shapes=bo.FSDP_SHAPES)["params"]
+    for rank, result in enumerate(results):
+        assert relative_difference(result["params"], reference) < TOLERANCE, rank
+    single_bytes = bo.single_bytes(world, 2, skips="global", shapes=bo.FSDP_SHAPES)
+    assert sum(r["state_bytes"] for r in results) == single_bytes
+
+
+def test_fsdp2_split_state_resumes_with_dcp_on_another_split(tmp_path):
+    """Saved with torch.distributed.checkpoint at 3 ranks (blocks keyed one by one), resumed at
+    3 and at 2 ranks, whose placements split the parameters differently, on the same data."""
+    checkpoint = str(tmp_path / "step_6")
+    saved = run_ranks(bo.fsdp2_save_and_continue, 3, checkpoint=checkpoint, split_at=6, steps=12)
+    assert saved[0]["split"]
+    uninterrupted = saved[0]["params"]
+    resumed = {}
+    for world in (3, 2):
+        resumed[world] = run_ranks(
+            bo.fsdp2_resume, world, checkpoint=checkpoint, data_world=3, start=6, steps=12
+        )
+        for rank, result in enumerate(resumed[world]):
+            assert relative_difference(result["params"], uninterrupted) < TOLERANCE, (world, rank)
+    assert resumed[3][0]["pieces"] != resumed[2][0]["pieces"]  # another placement of the rows
