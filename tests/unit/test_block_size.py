@@ -168,14 +168,7 @@ def test_blocks_share_a_bucket_with_parameters_of_the_block_shape():
 
 
 def test_a_spec_holding_some_blocks_sees_exactly_those_rows():
-    whole = make_block_spec(
-        (37, 20),
-        max_precond_dim=64,
-        merge_dims=False,
-        precondition_1d=False,
-        data_format="channels_first",
-        block_size=8,
-    )  # 5 x 3 blocks of (8, 7), the last row and column padded
+    whole = _spec((37, 20), block_size=8)  # 5 x 3 blocks of (8, 7), the last ones padded
     rows = (0, 4, 13, 14)
     held = whole.holding(rows)
     assert (held.rows, held.full_rows, held.state_shape) == (4, 15, (4, 8, 7))
