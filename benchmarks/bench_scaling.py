@@ -9,8 +9,9 @@ The parameter set is bench_step.py's GPT shape (CPU preset), with synthetic grad
 - "fsdp2_tp" (world 4 only): DTensors on a (dp, tp) = (2, 2) mesh, matrices sharded on both
   dims (``(Shard(0), Shard(1))``: FSDP2 over rowwise tensor parallel), vectors sharded on dp and
   replicated on tp; lossless SOAP over the whole mesh;
-- "ddp_whole": "ddp" with every parameter on one owner even when ``--block-size`` cuts it into
-  blocks (what ddp did before blocks got owners of their own): the comparison for "ddp" there.
+- "ddp_whole", "fsdp2_whole": "ddp" / "fsdp2" with every parameter on one owner even when
+  ``--block-size`` cuts it into blocks (what they did before blocks got owners of their own):
+  the comparison for "ddp" and "fsdp2" there.
 ``--block-size N`` passes ``block_size=N`` to SOAP; ``--vocab N`` replaces the preset's
 vocabulary size (a large one makes the embedding outweigh a rank's share of the work).
 Also printed: the load balance of the placement, max / mean over ranks of the modelled compute
@@ -30,7 +31,7 @@ import torch
 from common import GPT_PRESETS, base_parser, gpt_shapes, time_calls, write_results
 
 from distsoap import SOAP
-from distsoap.placement import BlockCost, load_balance
+from distsoap.placement import BlockCost, Piece, load_balance
 from distsoap.testing.local_ranks import run_ranks
 
 
@@ -57,19 +58,24 @@ def measure(
         weights = [distribute_tensor(w, mesh, place(w)) for w in weights]
         grads = [[distribute_tensor(g, mesh, place(g)) for g in gs] for gs in grads]
         strategy = "fsdp2"
-    elif strategy.startswith("fsdp2"):
+    elif strategy.startswith("fsdp2") and strategy != "fsdp2_whole":
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.tensor import Shard, distribute_tensor
 
         mesh = init_device_mesh("cpu", (world,))
         weights = [distribute_tensor(w, mesh, [Shard(0)]) for w in weights]
         grads = [[distribute_tensor(g, mesh, [Shard(0)]) for g in gs] for gs in grads]
-    params = [torch.nn.Parameter(w) for w in weights]
-    if strategy == "ddp_whole":
-        from distsoap.strategies.data_parallel import DataParallel
+    if strategy.endswith("_whole"):
+        strategy = strategy.removesuffix("_whole")
+        _place_whole()  # in this rank's process only
+        if strategy == "fsdp2":
+            from torch.distributed.device_mesh import init_device_mesh
+            from torch.distributed.tensor import Shard, distribute_tensor
 
-        DataParallel._may_split = lambda self, param, group: False  # this process only
-        strategy = "ddp"
+            mesh = init_device_mesh("cpu", (world,))
+            weights = [distribute_tensor(w, mesh, [Shard(0)]) for w in weights]
+            grads = [[distribute_tensor(g, mesh, [Shard(0)]) for g in gs] for gs in grads]
+    params = [torch.nn.Parameter(w) for w in weights]
     opt = SOAP(
         params, max_precond_dim=preset["max_precond_dim"], strategy=strategy, block_size=block_size
     )
@@ -86,17 +92,39 @@ def measure(
     seconds = time_calls(step, "cpu", warmup=11, repeats=1, number=steps).times[0]
     state = opt.state_bytes()
     balance = {}
-    if strategy == "ddp":  # per piece: a split parameter's blocks count where they are
-        costs, owners = [], []
-        for piece in opt.strategy.pieces:
-            cost, spec = opt.strategy.costs[piece.param], opt.strategy.specs[piece.param]
-            share = 1.0 if piece.rows is None else len(piece.rows) / spec.rows
-            costs.append(BlockCost(cost.flops * share, int(cost.state_bytes * share)))
-            owners.append(piece.owner)
-        balance = load_balance(costs, owners, world)
-    elif strategy == "fsdp2":
-        balance = load_balance(opt.strategy.costs, opt.strategy.owners, world)
+    if strategy in ("ddp", "fsdp2"):
+        balance = load_balance(*_piece_costs(opt.strategy), world)
     return {"seconds": seconds, "state_bytes": state, "balance": balance}
+
+
+def _place_whole() -> None:
+    """Make ddp and fsdp2 keep every parameter on one owner (never split its blocks)."""
+    import distsoap.placement as placement
+    import distsoap.strategies.data_parallel as data_parallel
+    import distsoap.strategies.sharded as sharded
+
+    def whole(costs, rows, splittable, world):
+        return placement.place_blocks(costs, rows, [False] * len(costs), world)
+
+    data_parallel.place_blocks = sharded.place_blocks = whole
+
+
+def _piece_costs(strategy) -> tuple[list[BlockCost], list[int]]:
+    """Per piece (a whole parameter, or a split parameter's blocks on one owner): cost, owner."""
+    pieces = getattr(strategy, "pieces", None)
+    if pieces is None:  # fsdp2: whole parameters by owner, split ones in strategy.split
+        pieces = [
+            piece
+            for i, owner in enumerate(strategy.owners)
+            for piece in strategy.split.get(i, [Piece(i, owner, None)])
+            if owner >= 0
+        ]
+    costs = []
+    for piece in pieces:
+        cost, spec = strategy.costs[piece.param], strategy.specs[piece.param]
+        share = 1.0 if piece.rows is None else len(piece.rows) / spec.rows
+        costs.append(BlockCost(cost.flops * share, int(cost.state_bytes * share)))
+    return costs, [piece.owner for piece in pieces]
 
 
 def main() -> None:

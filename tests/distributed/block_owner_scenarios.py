@@ -229,13 +229,17 @@ def single_bytes(world: int, steps: int, skips: str = "per_rank", shapes=None) -
     return opt.state_bytes()
 
 
-def train_split_fsdp2(rank: int, world: int, steps: int) -> dict:
-    """fp64 FSDP2 training (dim 0 sharded over ``world`` ranks) with lossless SOAP."""
+def train_split_fsdp2(rank: int, world: int, steps: int, hsdp: bool = False) -> dict:
+    """fp64 FSDP2 training (dim 0 sharded over ``world`` ranks) with lossless SOAP.
+
+    ``hsdp``: a ``(2, world / 2)`` mesh, replicated over its first dim (HSDP).
+    """
     from torch.distributed.device_mesh import init_device_mesh  # noqa: PLC0415
     from torch.distributed.fsdp import fully_shard  # noqa: PLC0415
 
     model = ProblemModel(torch.float64, FSDP_SHAPES, "global")  # FSDP2 reduces every gradient
-    fully_shard(model, mesh=init_device_mesh("cpu", (world,)))
+    shape, names = ((2, world // 2), ("replicate", "shard")) if hsdp else ((world,), ("shard",))
+    fully_shard(model, mesh=init_device_mesh("cpu", shape, mesh_dim_names=names))
     opt = SOAP(model.param_groups(), strategy="fsdp2", **OPTIONS, **BLOCKS)
     train(model, opt, range(steps), rank, world)
     strategy = opt.strategy

@@ -107,11 +107,11 @@ def test_a_drift_in_one_piece_moves_every_piece_to_fp32(strategy, at_first_call)
             assert results[owner]["held"][param] == (torch.bfloat16, 0), (param, owner)
 
 
-@pytest.mark.parametrize("world", [2, 3])
-def test_fsdp2_split_parameters_match_single_process(world):
-    """Under FSDP2 the assembler of a split parameter sends the other owners their rows and
-    joins their update rows before scattering the whole update."""
-    results = run_ranks(bo.train_split_fsdp2, world, steps=12)
+@pytest.mark.parametrize("world,hsdp", [(2, False), (3, False), (4, True)])
+def test_fsdp2_split_parameters_match_single_process(world, hsdp):
+    """Under FSDP2 (and HSDP on a (2, 2) mesh) the assembler of a split parameter sends the
+    other owners their rows and joins their update rows before scattering the whole update."""
+    results = run_ranks(bo.train_split_fsdp2, world, steps=12, hsdp=hsdp)
     split = _split(results[0]["pieces"])
     assert split and all(len(set(o)) >= 2 for o in split.values())
     assert (64, 64) in results[0]["split_shapes"]
