@@ -326,6 +326,7 @@ class SOAP(torch.optim.Optimizer):
         self._strategy = strategy
         self.engine.state_shape = strategy.state_shape
         self.engine.state_rows = strategy.state_rows
+        self.engine.agree_skips = strategy.agree_skips
         self.engine.forget_offsets()
 
     @property

@@ -156,6 +156,11 @@ class BlockEngine:
         self._offsets: dict[int, int] = {}
         self._names: tuple[tuple, dict[int, str]] | None = None
         self._deferred_drift: dict[int, DeferredDrift] = {}
+        self.agree_skips: Callable[[dict[int, bool]], set[int]] | None = None
+        """Set by a strategy that splits parameters: given, per split parameter held here whose
+        adaptive refresh is due, whether all its rows here are still diagonal, returns the
+        parameters (``id``) whose every piece is; called once per :meth:`finish_refreshes` on
+        every rank (a collective)."""
 
     @property
     def param_groups(self) -> list[dict[str, Any]]:
@@ -319,6 +324,7 @@ class BlockEngine:
         step's updates are on the wire.
         """
         due, self._due_refreshes = self._due_refreshes, []
+        agreed = self._agreed_skips(due) if self.agree_skips is not None else set()
         drifted_any = False
         for bucket, rows, key in due:
             group = self.param_groups[key.group_index]
@@ -326,7 +332,7 @@ class BlockEngine:
             if group.get("refresh_tolerance", 0.0) > 0:
 
                 def still_diagonal(mass, bucket=bucket, rows=rows, group=group):
-                    return self._positions_to_refresh(bucket, rows, mass, group)
+                    return self._positions_to_refresh(bucket, rows, mass, group, agreed)
 
             tensors = bucket.select(rows)
             done = refresh_rows(
@@ -358,24 +364,80 @@ class BlockEngine:
         if drifted_any:
             self.reset()  # those blocks move to buckets of fp32 bases
 
+    def _agreed_skips(self, due: list[tuple[Bucket, list[int], BucketKey]]) -> set[int]:
+        """The split parameters whose every piece is still diagonal (adaptive refresh).
+
+        One process skips a parameter's refresh only if all its blocks are still diagonal, so
+        the owners of a split parameter's pieces decide together: each measures the masses of
+        its due pieces first (the ``GG Q`` products, computed again by the refresh that
+        follows), then :attr:`agree_skips` combines them (every rank, every call).
+        """
+        local: dict[int, bool] = {}
+        for bucket, rows, key in due:
+            group = self.param_groups[key.group_index]
+            if not group.get("refresh_tolerance", 0.0) > 0:
+                continue
+            members = {
+                m: p
+                for m, p in _by_member(bucket, rows).items()
+                if self.state_rows(bucket.params[m]) is not None
+            }
+            if not members:
+                continue
+            positions = sorted(i for p in members.values() for i in p)
+            masses: list[torch.Tensor | None] = []
+
+            def measure(mass, masses=masses):
+                masses.append(mass)
+                return []  # nothing refreshed, nothing written: the refresh comes after
+
+            refresh_rows(
+                bucket.select(rows),
+                positions,
+                len(key.block_shape),
+                key.dtype,
+                None,
+                bucket.padding_of(rows),
+                measure,
+            )
+            mass = masses[0] if masses else None
+            below = [] if mass is None else (mass < group["refresh_tolerance"]).tolist()
+            where = {i: j for j, i in enumerate(positions)}
+            for member, member_positions in members.items():
+                local[id(bucket.params[member])] = bool(below) and all(
+                    below[where[i]] for i in member_positions
+                )
+        return self.agree_skips(local)
+
     def _positions_to_refresh(
-        self, bucket: Bucket, rows: list[int], mass: torch.Tensor | None, group: dict[str, Any]
+        self,
+        bucket: Bucket,
+        rows: list[int],
+        mass: torch.Tensor | None,
+        group: dict[str, Any],
+        agreed: set[int] = frozenset(),
     ) -> list[int]:
         """The adaptive refresh: which of the due ``rows`` must refresh now (positions).
 
         A block skips its refresh while its current bases still diagonalise its factors (the
         off-diagonal ``mass`` below the group's ``refresh_tolerance`` for every matrix of it),
         at most ``max_skipped_refreshes`` times in a row; ``refresh_skips`` (in a row) and
-        ``skipped_refreshes`` (in all) count them.
+        ``skipped_refreshes`` (in all) count them. A piece of a split parameter goes by
+        ``agreed`` (:meth:`_agreed_skips`): whether every piece of it is still diagonal.
         """
         if mass is None:
             return list(range(len(rows)))
         below = (mass < group["refresh_tolerance"]).tolist()
         kept = []
         for member, positions in _by_member(bucket, rows).items():
-            state = self.state[bucket.params[member]]
+            param = bucket.params[member]
+            state = self.state[param]
             skips = state.get("refresh_skips", 0)
-            if all(below[i] for i in positions) and skips < group["max_skipped_refreshes"]:
+            if self.state_rows(param) is not None:
+                diagonal = id(param) in agreed
+            else:
+                diagonal = all(below[i] for i in positions)
+            if diagonal and skips < group["max_skipped_refreshes"]:
                 state["refresh_skips"] = skips + 1
                 state["skipped_refreshes"] = state.get("skipped_refreshes", 0) + 1
             else:

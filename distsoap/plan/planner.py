@@ -12,8 +12,7 @@ Per strategy, as :mod:`distsoap.strategies` places the blocks:
 - ``ddp``, ``zero2``: each block has one owner, from :func:`~distsoap.placement.place_blocks`
   over :func:`~distsoap.placement.block_cost`, with the same costs, in the same order, as the
   strategy computes them: the per-rank numbers are exact. The blocks of a stacked or blocked
-  parameter may go to several ranks (a *split* parameter). The planner does not model the
-  adaptive refresh: a group with ``refresh_tolerance`` keeps its parameters whole in a run.
+  parameter may go to several ranks (a *split* parameter).
 - ``fsdp2``: FSDP2's default layout, dim 0 of every parameter sharded in ``torch.chunk`` pieces
   over a 1-D mesh of ``world`` ranks. Parameters and blocks are placed on owners as under
   ``ddp``, except expert stacks (``stack_dims`` > 0), whose dim-0 shards are whole experts:

@@ -93,6 +93,9 @@ class Strategy:
         """Shape of the tensor whose SOAP state this strategy keeps for ``param``."""
         return tuple(param.shape)
 
+    agree_skips: Callable[[dict[int, bool]], set[int]] | None = None
+    """Set by strategies that split parameters: see ``BlockEngine.agree_skips``."""
+
     def state_rows(self, param: torch.Tensor) -> tuple[int, ...] | None:
         """The blocks of ``param`` whose state this rank keeps, when only some (None: all)."""
         return None

@@ -15,9 +15,9 @@ row form, ``(rows, *block_shape)``, the padding of blocks included). Every rank 
 of a split parameter back together before applying its update. What single-process SOAP
 decides per parameter stays per parameter: a non-finite gradient in any piece skips every piece,
 and a drift-guard verdict in any piece moves every piece to fp32 bases (one all-reduce of two
-flags per split parameter and step, before the update, only when some parameter is split).
-Parameters whose group uses the adaptive refresh (``refresh_tolerance``) are never split: it
-decides, within the refresh, for all of a parameter's blocks at once.
+flags per split parameter and step, before the update, only when some parameter is split); the
+adaptive refresh skips a split parameter only when every piece is still diagonal (one more
+all-reduce, in ``finish_refreshes``: :attr:`BlockEngine.agree_skips`).
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ from distsoap.placement import Piece, block_cost, place_blocks
 from distsoap.strategies.base import Strategy, groups_by_param
 from distsoap.strategies.frozen import check_still_frozen, frozen_params
 from distsoap.strategies.grad_sync import GradSync
-from distsoap.strategies.split_params import agree_on_split, join_pieces
+from distsoap.strategies.split_params import agree_on_skips, agree_on_split, join_pieces
 
 
 class DataParallel(Strategy):
@@ -100,7 +100,7 @@ class DataParallel(Strategy):
                 frequency = group["precondition_frequency"]
                 costs.append(block_cost(spec, frequency, *engine.state_element_bytes(p)))
                 rows.append(spec.rows if spec.stacked else 1)
-                splittable.append(self._may_split(p, group))
+                splittable.append(True)
         self.costs = costs
         self.pieces: list[Piece] = place_blocks(costs, rows, splittable, self.world)
         self.owners = [-1] * len(self.params)
@@ -139,9 +139,12 @@ class DataParallel(Strategy):
     def _element_size(self) -> int:
         return max(p.element_size() for p in self.params) if self.params else 4
 
-    def _may_split(self, param: torch.Tensor, group: dict) -> bool:
-        """Whether the blocks of ``param`` may have different owners (see the module docstring)."""
-        return not group.get("refresh_tolerance", 0.0) > 0
+    def agree_skips(self, local: dict[int, bool]) -> set[int]:
+        """The split parameters whose every piece is still diagonal (``BlockEngine``)."""
+        split = [self.params[i] for i in self.split]
+        pieces = [len(keys) for keys in self.split.values()]
+        device = self.comm_device()
+        return agree_on_skips(split, pieces, local, self.group, device, self.stats)
 
     def _piece_shape(self, piece: Piece) -> tuple[int, ...]:
         """Shape of a piece's gradient and update: the parameter's, or its rows'."""

@@ -46,7 +46,7 @@ from distsoap.placement import Piece, block_cost, place_blocks
 from distsoap.sharding import Layout, held_stack_rows, local_view
 from distsoap.strategies.base import Strategy, apply_updates, groups_by_param
 from distsoap.strategies.frozen import check_still_frozen, frozen_params
-from distsoap.strategies.split_params import agree_on_split, join_pieces
+from distsoap.strategies.split_params import agree_on_skips, agree_on_split, join_pieces
 
 
 @dataclass(frozen=True)
@@ -206,13 +206,10 @@ class ShardedLossless(Strategy):
         split parameter, its assembler (the owner of its first piece)."""
         self.split: dict[int, list[Piece]] = {}
         """Split parameters: index -> its pieces, by owner."""
-        splittable = {
-            id(p): group_.get("refresh_tolerance", 0.0) == 0 for group_, ps in pairs for p in ps
-        }
         pieces = place_blocks(
             [self.costs[i] for i in exchanged],
             [self.specs[i].rows if self.specs[i].stacked else 1 for i in exchanged],
-            [name == "fsdp2" and splittable[id(self.params[i])] for i in exchanged],
+            [name == "fsdp2"] * len(exchanged),
             self.world,
         )
         for piece in pieces:
@@ -272,6 +269,13 @@ class ShardedLossless(Strategy):
     def state_rows(self, param: torch.Tensor) -> tuple[int, ...] | None:
         """The blocks of a split parameter this rank holds (None: all, or none)."""
         return self._held.get(id(param))
+
+    def agree_skips(self, local: dict[int, bool]) -> set[int]:
+        """The split parameters whose every piece is still diagonal (``BlockEngine``)."""
+        split = [self.params[i] for i in self.split]
+        pieces = [len(parts) for parts in self.split.values()]
+        device = self.comm_device()
+        return agree_on_skips(split, pieces, local, self.group, device, self.stats)
 
     def _stack_layouts(self, param: torch.Tensor) -> tuple[str, str]:
         """Layout signatures of a stack stepped in place: the whole stack's and this rank's."""

@@ -8,6 +8,8 @@ parameter different owners; each owner then holds the state of its *piece*, in r
   blocks: a non-finite gradient skips the whole parameter, and a drift-guard verdict (any
   block's new low-precision bases drifting too far) moves all its bases to fp32. The owners of
   a split parameter decide them together, with one all-reduce, before the update.
+- :func:`agree_on_skips`: the adaptive refresh skips a parameter's due refresh only while all its
+  blocks are still diagonal; the owners of a split parameter combine what each measured.
 - :func:`join_pieces`: a parameter's delta from its pieces' deltas.
 """
 
@@ -65,6 +67,37 @@ def agree_on_split(
     if drifts:
         engine.settle_drift({id(p) for j, p in enumerate(split) if drifted[j] > 0})
     return {id(p) for j, p in enumerate(split) if bad[j] > 0}
+
+
+def agree_on_skips(
+    split: list[torch.Tensor],
+    pieces: list[int],
+    local: dict[int, bool],
+    group: dist.ProcessGroup | None,
+    device: torch.device,
+    stats: CommStats,
+) -> set[int]:
+    """The split parameters whose every piece is still diagonal (one all-reduce, every rank).
+
+    Args:
+        split: the split parameters, in an order every rank shares.
+        pieces: per split parameter, its number of pieces.
+        local: ``id(param)`` -> whether this rank's piece of it is still diagonal (held pieces
+            whose adaptive refresh is due; every piece of a parameter is due at once).
+        group: the process group.
+        device: where the flags are reduced.
+        stats: where to count the bytes.
+    """
+    if not split:
+        return set()
+    flags = torch.zeros(len(split), device=device)
+    for j, p in enumerate(split):
+        if local.get(id(p), False):
+            flags[j] = 1.0
+    dist.all_reduce(flags, group=group)
+    world = dist.get_world_size(group)
+    stats.add("fault_check", flags.element_size() * flags.numel() * 2 * (world - 1) // world)
+    return {id(p) for j, p in enumerate(split) if flags[j].item() == pieces[j]}
 
 
 def join_pieces(

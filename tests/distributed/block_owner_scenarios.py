@@ -251,13 +251,13 @@ def train_split_fsdp2(rank: int, world: int, steps: int, hsdp: bool = False) -> 
     }
 
 
-def _fsdp2_model_and_optimizer(world: int) -> tuple[ProblemModel, SOAP]:
+def _fsdp2_model_and_optimizer(world: int, **options) -> tuple[ProblemModel, SOAP]:
     from torch.distributed.device_mesh import init_device_mesh  # noqa: PLC0415
     from torch.distributed.fsdp import fully_shard  # noqa: PLC0415
 
     model = ProblemModel(torch.float64, FSDP_SHAPES, "global")
     fully_shard(model, mesh=init_device_mesh("cpu", (world,)))
-    return model, SOAP(model.param_groups(), strategy="fsdp2", **OPTIONS, **BLOCKS)
+    return model, SOAP(model.param_groups(), strategy="fsdp2", **OPTIONS, **BLOCKS, **options)
 
 
 def fsdp2_save_and_continue(
@@ -299,3 +299,65 @@ def fsdp2_resume(
         "params": [p.full_tensor().detach().clone() for p in model.parameters()],
         "pieces": pieces,
     }
+
+
+ADAPTIVE = {"refresh_tolerance": 1e-12, "max_skipped_refreshes": 2}
+"""A tolerance no real mass is below: a block skips only where the mass is made 0."""
+
+
+def _zero_masses(factors, bases, products):
+    """Every row's off-diagonal mass reads 0: its bases still diagonalise it."""
+    return torch.zeros(next(b for b in bases if b is not None).shape[0], dtype=torch.float64)
+
+
+def adaptive_split(rank: int, world: int, strategy: str, zero_on: str) -> dict:
+    """Adaptive refresh; the masses read 0 on the last rank only or on every rank.
+
+    Returns the parameters and, per parameter held here, its ``skipped_refreshes``.
+    """
+    from distsoap.engine import update  # noqa: PLC0415 (patched here, in this rank only)
+
+    if strategy == "fsdp2":
+        model, opt = _fsdp2_model_and_optimizer(world, **ADAPTIVE)
+    else:
+        model = ProblemModel(torch.float64)
+        opt = SOAP(model.param_groups(), strategy=strategy, **OPTIONS, **BLOCKS, **ADAPTIVE)
+    real = update.off_diagonal_mass_of_products
+    if zero_on == "every_rank" or rank == world - 1:
+        update.off_diagonal_mass_of_products = _zero_masses
+    try:
+        train(model, opt, range(12), rank, world, ddp=strategy == "ddp")
+    finally:
+        update.off_diagonal_mass_of_products = real
+    skipped = {
+        index: opt.state[p].get("skipped_refreshes", 0)
+        for index, p in enumerate(opt.strategy.params)
+        if opt.state[p] and "basis_0" in opt.state[p]
+    }
+    if strategy == "fsdp2":
+        pieces = [(p.param, p.owner, p.rows) for ps in opt.strategy.split.values() for p in ps]
+        pieces += [
+            (i, o, None) for i, o in enumerate(opt.strategy.owners) if i not in opt.strategy.split
+        ]
+        params = [p.full_tensor().detach().clone() for p in model.parameters()]
+    else:
+        pieces = [(p.param, p.owner, p.rows) for p in opt.strategy.pieces]
+        params = [p.detach().clone() for p in model.parameters()]
+    return {"params": params, "skipped": skipped, "pieces": pieces}
+
+
+def single_adaptive(world: int, steps: int, zero_masses: bool, fsdp2: bool = False) -> dict:
+    """One process with the adaptive refresh, the masses optionally all read 0."""
+    from distsoap.engine import update  # noqa: PLC0415
+
+    model = ProblemModel(torch.float64, *((FSDP_SHAPES, "global") if fsdp2 else ()))
+    opt = SOAP(model.param_groups(), strategy="single", **OPTIONS, **BLOCKS, **ADAPTIVE)
+    real = update.off_diagonal_mass_of_products
+    if zero_masses:
+        update.off_diagonal_mass_of_products = _zero_masses
+    try:
+        train(model, opt, range(steps), 0, world)
+    finally:
+        update.off_diagonal_mass_of_products = real
+    skipped = sum(s.get("skipped_refreshes", 0) for s in opt.state.values())
+    return {"params": [p.detach().clone() for p in model.parameters()], "skipped": skipped}

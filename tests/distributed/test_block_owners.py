@@ -137,3 +137,33 @@ def test_fsdp2_split_state_resumes_with_dcp_on_another_split(tmp_path):
         for rank, result in enumerate(resumed[world]):
             assert relative_difference(result["params"], uninterrupted) < TOLERANCE, (world, rank)
     assert resumed[3][0]["pieces"] != resumed[2][0]["pieces"]  # another placement of the rows
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "zero2", "fsdp2"])
+def test_adaptive_refresh_skips_a_split_parameter_only_when_every_piece_may(strategy):
+    """One process skips a due refresh only if all of a parameter's blocks are still diagonal.
+
+    The masses are made to read 0 (every block diagonal) on the last rank only: the pieces
+    there may not skip, since the other pieces of their parameters are not diagonal, while the
+    parameters held whole there do skip. With 0 on every rank, every piece skips, as in one
+    process with the same masses.
+    """
+    world, last = 3, 2
+    results = run_ranks(bo.adaptive_split, world, strategy=strategy, zero_on="last_rank")
+    pieces = results[0]["pieces"]
+    split_on_last = {p for p, owner, rows in pieces if rows is not None and owner == last}
+    whole_on_last = {p for p, owner, rows in pieces if rows is None and owner == last}
+    assert {p for p in split_on_last if p in results[last]["skipped"]}  # with bases
+    assert any(results[last]["skipped"].get(p, 0) > 0 for p in whole_on_last)  # the zero worked
+    for param in split_on_last:
+        for owner in {o for p, o, _ in pieces if p == param}:
+            assert results[owner]["skipped"].get(param, 0) == 0, (param, owner)
+    everywhere = run_ranks(bo.adaptive_split, world, strategy=strategy, zero_on="every_rank")
+    fsdp2 = strategy == "fsdp2"
+    reference = bo.single_adaptive(world, 12, zero_masses=True, fsdp2=fsdp2)
+    assert reference["skipped"] > 0
+    plain = bo.single_adaptive(world, 12, zero_masses=False, fsdp2=fsdp2)
+    assert plain["skipped"] == 0
+    assert relative_difference(plain["params"], reference["params"]) > 1e-3  # skips matter
+    for rank, result in enumerate(everywhere):
+        assert relative_difference(result["params"], reference["params"]) < TOLERANCE, rank
