@@ -14,11 +14,11 @@ mesh the owners are spread over the replicate dim too and no block is computed t
 Each parameter's part of both payloads starts with one flag element (gradient present / update
 computed), so parameters without gradients behave as in single-process SOAP.
 
-Under ``fsdp2`` the blocks of a large blocked or stacked parameter may have several owners
-(:func:`~distsoap.placement.place_blocks`, as under ``ddp``). The owner of its first piece, the
-*assembler*, takes the steps above for the whole parameter; between them, one more
-``all_to_all_single`` sends each other owner the rows of the assembled gradient it holds, and one
-more brings their update rows back, before the assembler scatters the whole update (the
+Under ``fsdp2`` and ``fsdp1`` the blocks of a large blocked or stacked parameter may have
+several owners (:func:`~distsoap.placement.place_blocks`, as under ``ddp``). The owner of its
+first piece, the *assembler*, takes the steps above for the whole parameter; between them, one
+more ``all_to_all_single`` sends each other owner the rows of the assembled gradient it holds,
+and one more brings their update rows back, before the assembler scatters the whole update (the
 owners agree on non-finite gradients and drift verdicts with
 :func:`~distsoap.strategies.split_params.agree_on_split`). A split costs that extra round trip of
 its rows, so it happens only where placing whole parameters would leave a rank over-loaded.
@@ -209,7 +209,7 @@ class ShardedLossless(Strategy):
         pieces = place_blocks(
             [self.costs[i] for i in exchanged],
             [self.specs[i].rows if self.specs[i].stacked else 1 for i in exchanged],
-            [name == "fsdp2"] * len(exchanged),
+            [name in ("fsdp2", "fsdp1")] * len(exchanged),  # DeepSpeed: one owner each
             self.world,
         )
         for piece in pieces:

@@ -361,3 +361,24 @@ def single_adaptive(world: int, steps: int, zero_masses: bool, fsdp2: bool = Fal
         update.off_diagonal_mass_of_products = real
     skipped = sum(s.get("skipped_refreshes", 0) for s in opt.state.values())
     return {"params": [p.detach().clone() for p in model.parameters()], "skipped": skipped}
+
+
+def train_split_fsdp1(rank: int, world: int, steps: int) -> dict:
+    """fp64 FSDP1 (``use_orig_params``) training with lossless SOAP, every block stepped."""
+    from torch.distributed.fsdp import FullyShardedDataParallel  # noqa: PLC0415
+
+    # FSDP1 hands an unused parameter a zero gradient, not None: no skipped blocks here
+    model = ProblemModel(torch.float64, FSDP_SHAPES, "none")
+    wrapped = FullyShardedDataParallel(model, use_orig_params=True, device_id=torch.device("cpu"))
+    opt = SOAP(model.param_groups(), strategy="fsdp1", fsdp_model=wrapped, **OPTIONS, **BLOCKS)
+    for step in range(steps):
+        opt.zero_grad(set_to_none=True)
+        wrapped(step, rank, (rank, world)).backward()
+        opt.step()
+    with FullyShardedDataParallel.summon_full_params(wrapped):
+        params = [p.detach().clone() for p in model.parameters()]
+    split = opt.strategy.split
+    return {
+        "params": params,
+        "pieces": [(p.param, p.owner, p.rows) for ps in split.values() for p in ps],
+    }

@@ -167,3 +167,13 @@ def test_adaptive_refresh_skips_a_split_parameter_only_when_every_piece_may(stra
     assert relative_difference(plain["params"], reference["params"]) > 1e-3  # skips matter
     for rank, result in enumerate(everywhere):
         assert relative_difference(result["params"], reference["params"]) < TOLERANCE, rank
+
+
+def test_fsdp1_split_parameters_match_single_process():
+    """FSDP1 takes the same assembler round trip as FSDP2 (its pieces: flat-parameter ranges)."""
+    results = run_ranks(bo.train_split_fsdp1, 3, steps=12)
+    split = _split(results[0]["pieces"])
+    assert split and all(len(set(o)) >= 2 for o in split.values())
+    reference = bo.single(3, 12, skips="none", shapes=bo.FSDP_SHAPES)["params"]
+    for rank, result in enumerate(results):
+        assert relative_difference(result["params"], reference) < TOLERANCE, rank
