@@ -471,24 +471,22 @@ class ShardedLossless(Strategy):
             if self.owners[i] == self.rank:
                 whole = grads.pop(id(self.params[i]), None)
                 rows_of[i] = None if whole is None else self.specs[i].to_rows(whole)
-        for destination in range(self.world):
-            for i in split:
-                if self.owners[i] != self.rank:
-                    continue
-                for piece in self.split[i]:
-                    if piece.owner != destination:
-                        continue
-                    rows, numel = rows_of[i], self._piece_numel(i, piece)
-                    part = None if rows is None else rows[list(piece.rows)]
-                    send_blocks.append((float(rows is not None), part, numel))
-                    send_sizes[destination] += 1 + numel
-        for source in range(self.world):
-            for i in split:
-                mine = self._held.get(id(self.params[i]))
-                if self.owners[i] == source and mine is not None:
-                    numel = len(mine) * math.prod(self.specs[i].block_shape)
-                    recv_splits[source] += [1, numel]
-                    recv_items[source].append(i)
+        to: list[list[tuple[int, Piece]]] = [[] for _ in range(self.world)]
+        for i in rows_of:  # in split order: each destination reads its pieces in that order
+            for piece in self.split[i]:
+                to[piece.owner].append((i, piece))
+        for destination, pieces in enumerate(to):
+            for i, piece in pieces:
+                rows, numel = rows_of[i], self._piece_numel(i, piece)
+                part = None if rows is None else rows[list(piece.rows)]
+                send_blocks.append((float(rows is not None), part, numel))
+                send_sizes[destination] += 1 + numel
+        for i in split:
+            mine = self._held.get(id(self.params[i]))
+            if mine is not None:
+                source = self.owners[i]
+                recv_splits[source] += [1, len(mine) * math.prod(self.specs[i].block_shape)]
+                recv_items[source].append(i)
         send = pack_flagged(send_blocks, self.exact, device)
         recv_sizes = [sum(sizes) for sizes in recv_splits]
         received = self._exchange(send, send_sizes, recv_sizes, "grad_rows")
@@ -514,23 +512,22 @@ class ShardedLossless(Strategy):
         for i in split:
             if id(self.params[i]) in self._held:
                 deltas[i] = updates.pop(id(self.params[i]), (None, None))
-        for destination in range(self.world):
-            for i in split:
-                if self.owners[i] != destination or i not in deltas:
-                    continue
-                piece = next(p for p in self.split[i] if p.owner == self.rank)
+        to: list[list[int]] = [[] for _ in range(self.world)]
+        for i in deltas:  # in split order: each assembler reads its pieces in that order
+            to[self.owners[i]].append(i)
+        for destination, indices in enumerate(to):
+            for i in indices:
+                numel = len(self._held[id(self.params[i])]) * math.prod(self.specs[i].block_shape)
                 delta = deltas[i][1]
-                flag = update_flag(delta is not None, error is not None)
-                send_blocks.append((flag, delta, self._piece_numel(i, piece)))
-                send_sizes[destination] += 1 + self._piece_numel(i, piece)
-        for source in range(self.world):
-            for i in split:
-                if self.owners[i] != self.rank:
-                    continue
+                send_blocks.append(
+                    (update_flag(delta is not None, error is not None), delta, numel)
+                )
+                send_sizes[destination] += 1 + numel
+        for i in split:
+            if self.owners[i] == self.rank:
                 for piece in self.split[i]:
-                    if piece.owner == source:
-                        recv_splits[source] += [1, self._piece_numel(i, piece)]
-                        recv_items[source].append((i, piece))
+                    recv_splits[piece.owner] += [1, self._piece_numel(i, piece)]
+                    recv_items[piece.owner].append((i, piece))
         send = pack_flagged(send_blocks, self.comm_dtype or self.exact, device)
         recv_sizes = [sum(sizes) for sizes in recv_splits]
         received = self._exchange(send, send_sizes, recv_sizes, "update_rows")
