@@ -95,7 +95,8 @@ class DataParallel(Strategy):
                 if not p.requires_grad:
                     continue
                 self.params.append(p)
-                spec = engine.block_spec(p, group)
+                # whole: the engine may still ask the strategy this one replaces for held rows
+                spec = engine.block_spec(p, group).whole()
                 self.specs.append(spec)
                 frequency = group["precondition_frequency"]
                 costs.append(block_cost(spec, frequency, *engine.state_element_bytes(p)))
