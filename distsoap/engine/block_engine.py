@@ -186,14 +186,21 @@ class BlockEngine:
                 comes from the whole parameter's (:attr:`state_shape`).
         """
         rows = self.state_rows(param)
-        whole = _cached_block_spec(
-            tuple(
-                self.state_shape(param)
-                if rows is not None
-                else param.shape
-                if shape is None
-                else shape
-            ),
+        if rows is None:
+            return self.whole_block_spec(param, group, shape)
+        whole = self.whole_block_spec(param, group, tuple(self.state_shape(param)))
+        return _cached_holding(whole, rows)
+
+    def whole_block_spec(
+        self, param: torch.Tensor, group: dict[str, Any], shape: tuple[int, ...] | None = None
+    ) -> BlockSpec:
+        """The block spec of a whole tensor of ``shape`` (default ``param.shape``).
+
+        What a strategy places: it never asks which rows the installed strategy holds (while a
+        strategy is being replaced, the old one's answer is about another placement).
+        """
+        return _cached_block_spec(
+            tuple(param.shape if shape is None else shape),
             max_precond_dim=group["max_precond_dim"],
             merge_dims=group["merge_dims"],
             precondition_1d=group["precondition_1d"],
@@ -202,7 +209,6 @@ class BlockEngine:
             one_sided=group.get("one_sided", False),
             block_size=group.get("block_size"),
         )
-        return whole if rows is None else _cached_holding(whole, rows)
 
     def storage_dtypes(
         self, param: torch.Tensor, state: dict[str, Any] | None = None
@@ -580,14 +586,18 @@ class BlockEngine:
         """Drop the unsettled verdicts (the state they were about was replaced by a load)."""
         self._deferred_drift = {}
 
-    def settle_drift(self, drifted: set[int]) -> None:
-        """Settle the deferred drift verdicts: ``drifted`` parameters (``id``) keep fp32 bases.
+    def settle_drift(self, drifted: set[int], considered: set[int]) -> None:
+        """Settle the deferred drift verdicts on ``considered`` parameters (``id``).
 
-        Their pieces here take the new bases in the compute dtype, as a single process would
-        have stored them when it refreshed (nothing has used the rounded ones yet: the
-        strategy settles before the next update). The others keep the rounded bases.
+        The ``drifted`` ones keep fp32 bases: their pieces here take the new bases in the
+        compute dtype, as a single process would have stored them when it refreshed (nothing
+        has used the rounded ones yet: the strategy settles before the next update). The
+        others keep the rounded bases. Verdicts on parameters not considered wait for their
+        own step call (DeepSpeed steps one param group per call).
         """
-        entries, self._deferred_drift = self._deferred_drift, {}
+        entries = {k: e for k, e in self._deferred_drift.items() if k in considered}
+        for key in entries:
+            del self._deferred_drift[key]
         moved = False
         for key, entry in entries.items():
             if key in drifted:

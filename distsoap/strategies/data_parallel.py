@@ -95,8 +95,7 @@ class DataParallel(Strategy):
                 if not p.requires_grad:
                     continue
                 self.params.append(p)
-                # whole: the engine may still ask the strategy this one replaces for held rows
-                spec = engine.block_spec(p, group).whole()
+                spec = engine.whole_block_spec(p, group)
                 self.specs.append(spec)
                 frequency = group["precondition_frequency"]
                 costs.append(block_cost(spec, frequency, *engine.state_element_bytes(p)))

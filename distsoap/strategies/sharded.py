@@ -189,7 +189,7 @@ class ShardedLossless(Strategy):
                 layout = layouts[id(p)]
                 self.params.append(p)
                 self.layouts.append(layout)
-                spec = engine.block_spec(p, group_, layout.full_shape).whole()
+                spec = engine.whole_block_spec(p, group_, layout.full_shape)
                 self.specs.append(spec)
                 frequency = group_["precondition_frequency"]
                 self.costs.append(block_cost(spec, frequency, *engine.state_element_bytes(p)))
@@ -209,7 +209,7 @@ class ShardedLossless(Strategy):
         pieces = place_blocks(
             [self.costs[i] for i in exchanged],
             [self.specs[i].rows if self.specs[i].stacked else 1 for i in exchanged],
-            [name in ("fsdp2", "fsdp1")] * len(exchanged),  # DeepSpeed: one owner each
+            [True] * len(exchanged),
             self.world,
         )
         for piece in pieces:

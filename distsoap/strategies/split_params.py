@@ -65,7 +65,8 @@ def agree_on_split(
     stats.add("fault_check", flags.element_size() * flags.numel() * 2 * (world - 1) // world)
     bad, drifted = flags.tolist()
     if drifts:
-        engine.settle_drift({id(p) for j, p in enumerate(split) if drifted[j] > 0})
+        considered = {id(p) for p in split}
+        engine.settle_drift({id(p) for j, p in enumerate(split) if drifted[j] > 0}, considered)
     return {id(p) for j, p in enumerate(split) if bad[j] > 0}
 
 

@@ -100,9 +100,10 @@ def single(
     start: int = 0,
     skips: str = "per_rank",
     shapes=None,
+    dtype: torch.dtype = torch.float64,
 ) -> dict:
     """One process on the full batch (``world``'s shards), optionally from a saved state."""
-    model = ProblemModel(torch.float64, shapes, skips)
+    model = ProblemModel(dtype, shapes, skips)
     opt = SOAP(model.param_groups(), strategy="single", nonfinite_grads="skip", **OPTIONS, **BLOCKS)
     if saved is not None:
         state = torch.load(io.BytesIO(saved), weights_only=False)
@@ -221,9 +222,15 @@ def train_split(rank: int, world: int, strategy: str, steps: int) -> dict:
     }
 
 
-def single_bytes(world: int, steps: int, skips: str = "per_rank", shapes=None) -> int:
+def single_bytes(
+    world: int,
+    steps: int,
+    skips: str = "per_rank",
+    shapes=None,
+    dtype: torch.dtype = torch.float64,
+) -> int:
     """One process's SOAP state bytes after ``steps`` steps."""
-    model = ProblemModel(torch.float64, shapes, skips)
+    model = ProblemModel(dtype, shapes, skips)
     opt = SOAP(model.param_groups(), strategy="single", **OPTIONS, **BLOCKS)
     train(model, opt, range(steps), 0, world)
     return opt.state_bytes()
@@ -381,4 +388,89 @@ def train_split_fsdp1(rank: int, world: int, steps: int) -> dict:
     return {
         "params": params,
         "pieces": [(p.param, p.owner, p.rows) for ps in split.values() for p in ps],
+    }
+
+
+def _deepspeed_engine(rank: int, world: int, stage: int, **options):
+    """A DeepSpeed ZeRO ``stage`` engine over a fresh fp32 problem, SOAP with blocks of 8."""
+    from tests.distributed.deepspeed_scenarios import build_engine, ds_config  # noqa: PLC0415
+
+    config = ds_config(stage, world=world)
+    config["optimizer"]["params"].update(BLOCKS, **options)
+    model = ProblemModel(torch.float32, FSDP_SHAPES, "none")  # DeepSpeed: zero gradients
+    return build_engine(rank, world, config, model=model)
+
+
+def deepspeed_save_and_resume(rank: int, world: int, stage: int, path: str) -> dict:
+    """12 steps with DeepSpeed's ``save_checkpoint`` at step 6; a fresh engine loads it and
+    takes the last 6 steps again. Returns both runs' parameters and whether any was split."""
+    from tests.distributed.deepspeed_scenarios import full_params  # noqa: PLC0415
+
+    model, engine = _deepspeed_engine(rank, world, stage)
+    for step in range(12):
+        if step == 6:
+            engine.save_checkpoint(path, tag="step_6")
+        engine.backward(engine(step, rank, (rank, world)))
+        engine.step()
+    straight = full_params(engine, model)
+    split = bool(engine.basic_optimizer.strategy.split)
+    model, engine = _deepspeed_engine(rank, world, stage)
+    engine.load_checkpoint(path, tag="step_6")
+    for step in range(6, 12):
+        engine.backward(engine(step, rank, (rank, world)))
+        engine.step()
+    return {"straight": straight, "resumed": full_params(engine, model), "split": split}
+
+
+def train_split_deepspeed(
+    rank: int, world: int, stage: int, steps: int, drift_at_first_call: bool | None = None
+) -> dict:
+    """fp32 DeepSpeed ZeRO ``stage`` training of the problem (every parameter gets a gradient).
+
+    DeepSpeed steps one param group per ``step()`` call at stages 1 and 2, and the problem has
+    three, so a split parameter's owners agree within its own group's call.
+    ``drift_at_first_call``: None, or bf16 bases with the drift guard made to fire on the last
+    rank only, as in :func:`drift_on_one_rank` (at the first call, or at every refresh).
+    """
+    from distsoap.engine import update  # noqa: PLC0415 (patched here, in this rank only)
+    from tests.distributed.deepspeed_scenarios import full_params  # noqa: PLC0415
+
+    extra = {}
+    if drift_at_first_call is not None:
+        extra = dict(basis_dtype="bf16", basis_orthogonality_tol=0.05)
+    model, engine = _deepspeed_engine(rank, world, stage, **extra)
+    soap = engine.basic_optimizer
+    real = update.drifting_rows
+
+    def one_rank_drifts(bases, dtypes, tol):  # every row of this rank's refresh drifts
+        low = any(d is not None and d.itemsize < 4 for d in dtypes)
+        if rank == world - 1 and low and (model.step == 0) == drift_at_first_call:
+            return list(range(next(b.shape[0] for b in bases if b is not None)))
+        return real(bases, dtypes, tol)
+
+    if drift_at_first_call is not None:
+        update.drifting_rows = one_rank_drifts
+    try:
+        for step in range(steps):
+            model.step = step
+            engine.backward(engine(step, rank, (rank, world)))
+            engine.step()
+    finally:
+        update.drifting_rows = real
+    strategy = soap.strategy
+    held = {}
+    with strategy.model_view():
+        for index, param in enumerate(strategy.params):
+            state = soap.state[param]
+            if state and "basis_0" in state:
+                held[index] = (state["basis_0"].dtype, state.get("basis_fallbacks", 0))
+    pieces = [(p.param, p.owner, p.rows) for ps in strategy.split.values() for p in ps]
+    pieces += [(i, o, None) for i, o in enumerate(strategy.owners) if i not in strategy.split]
+    return {
+        "strategy": strategy.name,
+        "params": full_params(engine, model),
+        "pieces": sorted(pieces, key=lambda p: (p[0], p[1])),
+        "split_shapes": {tuple(strategy.layouts[i].full_shape) for i in strategy.split},
+        "state_bytes": soap.state_bytes(),
+        "held": held,
     }

@@ -60,11 +60,17 @@ def allow_cpu_fp16() -> None:
     accelerator.is_fp16_supported = lambda: True
 
 
-def build_engine(rank: int, world: int, config: dict, entry: str = "wrapper"):
-    """A DeepSpeed engine over a fresh ProblemModel; ``entry``: how SOAP gets in."""
+def build_engine(
+    rank: int, world: int, config: dict, entry: str = "wrapper", model: torch.nn.Module = None
+):
+    """A DeepSpeed engine over ``model`` (default: a fresh fp32 ProblemModel on DS_SHAPES).
+
+    ``entry``: how SOAP gets in.
+    """
     if config.get("fp16", {}).get("enabled"):
         allow_cpu_fp16()
-    model = ProblemModel(torch.float32, DS_SHAPES, skips="none")
+    if model is None:
+        model = ProblemModel(torch.float32, DS_SHAPES, skips="none")
     groups = model.param_groups()
     if entry == "wrapper":
         from distsoap.integrations.deepspeed import initialize

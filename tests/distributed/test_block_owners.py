@@ -11,11 +11,14 @@ stepped twice, skipped, or put back in the wrong place moves the result by > 1e-
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
 from distsoap.testing.local_ranks import run_ranks
 from tests.distributed import block_owner_scenarios as bo
+from tests.distributed.scenarios import UNUSED_SHAPE
 from tests.problems import relative_difference
 
 TOLERANCE = 1e-10  # fp64: summation order only (see the module docstring)
@@ -83,6 +86,11 @@ def test_a_drift_in_one_piece_moves_every_piece_to_fp32(strategy, at_first_call)
     the last rank alone, for every block it refreshes then)."""
     world = 3
     results = run_ranks(bo.drift_on_one_rank, world, strategy=strategy, at_first_call=at_first_call)
+    _check_every_piece_moved(results, world)
+
+
+def _check_every_piece_moved(results: list[dict], world: int) -> None:
+    """The drift fired on the last rank: every piece of its split parameters is fp32 now."""
     pieces = results[0]["pieces"]
     last = world - 1
     split_on_last = {
@@ -177,3 +185,64 @@ def test_fsdp1_split_parameters_match_single_process():
     reference = bo.single(3, 12, skips="none", shapes=bo.FSDP_SHAPES)["params"]
     for rank, result in enumerate(results):
         assert relative_difference(result["params"], reference) < TOLERANCE, rank
+
+
+DEEPSPEED_FP32 = 1e-4  # fp32 on both sides: same math, sums in another order (test_deepspeed.py)
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_deepspeed_split_parameters_match_single_process(stage):
+    """ZeRO 1-3 take the assembler round trip too, on DeepSpeed's flat fp32 partitions; at
+    stages 1 and 2 DeepSpeed steps each of the problem's three param groups in its own call."""
+    pytest.importorskip("deepspeed")
+    world = 3
+    results = run_ranks(bo.train_split_deepspeed, world, stage=stage, steps=12, timeout=600)
+    assert results[0]["strategy"] == f"deepspeed_zero{stage}"
+    pieces = results[0]["pieces"]
+    split = _split(pieces)
+    assert split and all(len(set(o)) >= 2 for o in split.values())
+    assert (64, 64) in results[0]["split_shapes"]
+    assert all(r["pieces"] == pieces for r in results)
+    shapes, skips = bo.FSDP_SHAPES, "none"
+    reference = bo.single(world, 12, skips=skips, shapes=shapes, dtype=torch.float32)["params"]
+    for rank, result in enumerate(results):
+        assert relative_difference(result["params"], reference) < DEEPSPEED_FP32, rank
+    single_bytes = bo.single_bytes(world, 2, skips=skips, shapes=shapes, dtype=torch.float32)
+    # DeepSpeed gives the unused (8, 8) parameter a zero gradient, so it has state there: two
+    # moments, two factors and two bases of 8 x 8 fp32 (one process never allocates it)
+    unused = 6 * math.prod(UNUSED_SHAPE) * 4
+    assert sum(r["state_bytes"] for r in results) == single_bytes + unused
+
+
+@pytest.mark.parametrize("at_first_call", [True, False], ids=["first_call", "refresh"])
+def test_deepspeed_drift_in_one_piece_moves_every_piece_to_fp32(at_first_call):
+    """As under ddp, with DeepSpeed stepping one param group per call (ZeRO-2): a piece's
+    verdict waits for its own group's call (the (24, 24) parameter, split, is in the second)."""
+    pytest.importorskip("deepspeed")
+    world = 3
+    results = run_ranks(
+        bo.train_split_deepspeed,
+        world,
+        stage=2,
+        steps=12,
+        drift_at_first_call=at_first_call,
+        timeout=600,
+    )
+    assert (24, 24) in results[0]["split_shapes"]
+    _check_every_piece_moved(results, world)
+
+
+@pytest.mark.parametrize("stage", [0, 3])
+def test_deepspeed_split_checkpoint_continues_bit_identically(stage, tmp_path):
+    """DeepSpeed's own save_checkpoint / load_checkpoint with split parameters: at stage 0
+    rank 0 writes every owner's rows (gathered) and each rank loads its own; from stage 1 on
+    each rank writes and loads its own pieces. Same process layout, same data, same ops: the
+    resumed run repeats the first one bit for bit."""
+    pytest.importorskip("deepspeed")
+    results = run_ranks(
+        bo.deepspeed_save_and_resume, 3, stage=stage, path=str(tmp_path), timeout=600
+    )
+    assert results[0]["split"]
+    for rank, result in enumerate(results):
+        for a, b in zip(result["straight"], result["resumed"], strict=True):
+            assert torch.equal(a, b), rank
