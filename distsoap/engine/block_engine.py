@@ -27,7 +27,14 @@ from distsoap.engine.elementwise import ElementwiseFn
 from distsoap.engine.schedule import staggered_offsets
 from distsoap.engine.step_plan import BucketStep
 from distsoap.engine.storage import StorageDtypes
-from distsoap.engine.update import first_call, refresh_rows, soap_update
+from distsoap.engine.update import (
+    RefreshInputs,
+    first_call,
+    off_diagonal_masses,
+    refresh_inputs,
+    refresh_rows,
+    soap_update,
+)
 from distsoap.faults import FaultPolicy, parameter_names
 
 MAX_STEP_PLANS = 8
@@ -330,9 +337,11 @@ class BlockEngine:
         step's updates are on the wire.
         """
         due, self._due_refreshes = self._due_refreshes, []
-        agreed = self._agreed_skips(due) if self.agree_skips is not None else set()
+        agreed, measured = set(), {}
+        if self.agree_skips is not None:
+            agreed, measured = self._agreed_skips(due)
         drifted_any = False
-        for bucket, rows, key in due:
+        for position, (bucket, rows, key) in enumerate(due):
             group = self.param_groups[key.group_index]
             still_diagonal = None
             if group.get("refresh_tolerance", 0.0) > 0:
@@ -349,6 +358,7 @@ class BlockEngine:
                 self.basis_orthogonality_tol,
                 bucket.padding_of(rows),
                 still_diagonal,
+                measured.pop(position, None),
             )
             if not done.refreshed:
                 continue  # every block skipped: its state is untouched
@@ -370,16 +380,24 @@ class BlockEngine:
         if drifted_any:
             self.reset()  # those blocks move to buckets of fp32 bases
 
-    def _agreed_skips(self, due: list[tuple[Bucket, list[int], BucketKey]]) -> set[int]:
+    def _agreed_skips(
+        self, due: list[tuple[Bucket, list[int], BucketKey]]
+    ) -> tuple[set[int], dict[int, RefreshInputs]]:
         """The split parameters whose every piece is still diagonal (adaptive refresh).
 
         One process skips a parameter's refresh only if all its blocks are still diagonal, so
         the owners of a split parameter's pieces decide together: each measures the masses of
-        its due pieces first (the ``GG Q`` products, computed again by the refresh that
-        follows), then :attr:`agree_skips` combines them (every rank, every call).
+        its due pieces first, then :attr:`agree_skips` combines them (every rank, every call).
+        The measuring computes the ``GG Q`` products of every due row of the buckets holding
+        such pieces; the refresh that follows reuses them.
+
+        Returns:
+            The agreed parameters (``id``), and per position in ``due`` the refresh inputs
+            measured there.
         """
         local: dict[int, bool] = {}
-        for bucket, rows, key in due:
+        measured: dict[int, RefreshInputs] = {}
+        for position, (bucket, rows, key) in enumerate(due):
             group = self.param_groups[key.group_index]
             if not group.get("refresh_tolerance", 0.0) > 0:
                 continue
@@ -390,30 +408,19 @@ class BlockEngine:
             }
             if not members:
                 continue
-            positions = sorted(i for p in members.values() for i in p)
-            masses: list[torch.Tensor | None] = []
-
-            def measure(mass, masses=masses):
-                masses.append(mass)
-                return []  # nothing refreshed, nothing written: the refresh comes after
-
-            refresh_rows(
-                bucket.select(rows),
-                positions,
-                len(key.block_shape),
-                key.dtype,
-                None,
+            tensors = bucket.select(rows)
+            inputs = refresh_inputs(
+                tensors, list(range(len(rows))), len(key.block_shape), key.dtype,
                 bucket.padding_of(rows),
-                measure,
-            )
-            mass = masses[0] if masses else None
+            )  # fmt: skip
+            measured[position] = inputs
+            mass = off_diagonal_masses(inputs)
             below = [] if mass is None else (mass < group["refresh_tolerance"]).tolist()
-            where = {i: j for j, i in enumerate(positions)}
             for member, member_positions in members.items():
                 local[id(bucket.params[member])] = bool(below) and all(
-                    below[where[i]] for i in member_positions
+                    below[i] for i in member_positions
                 )
-        return self.agree_skips(local)
+        return self.agree_skips(local), measured
 
     def _positions_to_refresh(
         self,

@@ -132,6 +132,65 @@ class Refreshed(NamedTuple):
     ``(len(refreshed), d, d)`` (None where not factored)."""
 
 
+class RefreshInputs(NamedTuple):
+    """What a refresh of some rows of a stack starts from, in the compute dtype."""
+
+    stored: list[torch.dtype | None]
+    """Per block dim, the storage dtype of the bases (None where not factored)."""
+    bases: list[torch.Tensor | None]
+    """Per block dim, the rows' current bases."""
+    factors: list[torch.Tensor | None]
+    """Per block dim, the rows' factors."""
+    shifted: list[torch.Tensor | None]
+    """The factors with their padding's eigenvalue shifted (:mod:`distsoap.engine.blocking`)."""
+    padding: list[torch.Tensor | None] | None
+    """Per block dim, the rows' padding masks, or None."""
+    products: list[torch.Tensor | None]
+    """Per block dim, ``GG Q`` of the shifted factors (:func:`basis_products`)."""
+
+
+def refresh_inputs(
+    tensors: dict[str, torch.Tensor],
+    rows: list[int],
+    rank: int,
+    compute: torch.dtype = torch.float32,
+    padding: list[torch.Tensor | None] | None = None,
+) -> RefreshInputs:
+    """The bases, factors and ``GG Q`` products a refresh of ``rows`` starts from.
+
+    Args: as :func:`refresh_rows`.
+    """
+    index = None if len(rows) == tensors["exp_avg"].shape[0] else _index(rows, tensors)
+
+    def pick(t: torch.Tensor | None) -> torch.Tensor | None:
+        if t is None:
+            return None
+        return (t if index is None else t.index_select(0, index)).to(compute)
+
+    stored = [b.dtype if b is not None else None for b in _stacked(tensors, "basis", rank)]
+    bases = [pick(b) for b in _stacked(tensors, "basis", rank)]
+    factors = [pick(f) for f in _stacked(tensors, "factor", rank)]
+    if padding is not None and index is not None:
+        padding = [m if m is None else m.index_select(0, index) for m in padding]
+    shifted = shifted_for_padding(factors, padding)
+    return RefreshInputs(stored, bases, factors, shifted, padding, basis_products(shifted, bases))
+
+
+def off_diagonal_masses(inputs: RefreshInputs) -> torch.Tensor | None:
+    """The adaptive refresh's test of every row (``(rows,)``), from the refresh's own products.
+
+    The mass is that of the real factor: its padding reads 0 (``GG Q`` of the real factor is
+    ``(shifted GG) Q - PADDING_EIGENVALUE diag(mask) Q``). None for a block without factors.
+    """
+    unshifted = inputs.products
+    if inputs.padding is not None:
+        unshifted = [
+            p if p is None or m is None else p - PADDING_EIGENVALUE * m.to(b).unsqueeze(-1) * b
+            for p, m, b in zip(inputs.products, inputs.padding, inputs.bases, strict=True)
+        ]
+    return off_diagonal_mass_of_products(inputs.factors, inputs.bases, unshifted)
+
+
 def refresh_rows(
     tensors: dict[str, torch.Tensor],
     rows: list[int],
@@ -140,6 +199,7 @@ def refresh_rows(
     drift_tol: float | None = None,
     padding: list[torch.Tensor | None] | None = None,
     still_diagonal: Callable[[torch.Tensor], list[int]] | None = None,
+    inputs: RefreshInputs | None = None,
 ) -> Refreshed:
     """Refresh the bases of some rows of the stack, carrying the moments into the new bases.
 
@@ -153,9 +213,11 @@ def refresh_rows(
         padding: per block dim, the ``(B, d)`` padding masks of the stack's rows (blocked
             parameters, :mod:`distsoap.engine.blocking`), or None.
         still_diagonal: the adaptive refresh. Given the ``(len(rows),)`` off-diagonal masses
-            (:func:`~distsoap.math.adaptive.off_diagonal_mass_of_products`, from the same
-            ``GG Q`` products the refresh uses), it returns the positions to refresh; the
-            others keep their state untouched. None: refresh every row.
+            (:func:`off_diagonal_masses`, from the same ``GG Q`` products the refresh uses), it
+            returns the positions to refresh; the others keep their state untouched. None:
+            refresh every row.
+        inputs: :func:`refresh_inputs` of these rows and this state, when the caller has them
+            already (a split parameter's owners measured the masses first); else computed here.
     """
     index = None if len(rows) == tensors["exp_avg"].shape[0] else _index(rows, tensors)
 
@@ -171,22 +233,12 @@ def refresh_rows(
         else:
             current.index_copy_(0, index, value.to(current.dtype))
 
-    stored = [b.dtype if b is not None else None for b in _stacked(tensors, "basis", rank)]
-    bases = [pick(b) for b in _stacked(tensors, "basis", rank)]
-    factors = [pick(f) for f in _stacked(tensors, "factor", rank)]
-    if padding is not None and index is not None:
-        padding = [m if m is None else m.index_select(0, index) for m in padding]
-    shifted = shifted_for_padding(factors, padding)
-    products = basis_products(shifted, bases)
+    if inputs is None:
+        inputs = refresh_inputs(tensors, rows, rank, compute, padding)
+    stored, bases, _, shifted, _, products = inputs
     refreshed = list(range(len(rows)))
     if still_diagonal is not None:
-        unshifted = products  # the mass is that of the real factor: padding reads 0 there
-        if padding is not None:  # GG Q = (shifted GG) Q - PADDING_EIGENVALUE diag(mask) Q
-            unshifted = [
-                p if p is None or m is None else p - PADDING_EIGENVALUE * m.to(b).unsqueeze(-1) * b
-                for p, m, b in zip(products, padding, bases, strict=True)
-            ]
-        refreshed = sorted(still_diagonal(off_diagonal_mass_of_products(factors, bases, unshifted)))
+        refreshed = sorted(still_diagonal(off_diagonal_masses(inputs)))
         if not refreshed:
             return Refreshed([], [], [], [None] * rank)
         if len(refreshed) < len(rows):

@@ -24,7 +24,9 @@ The table shows, per rank, the max, mean and min over ranks and the total of eac
 (each row on its own); "SOAP / AdamW" divides the SOAP row by the AdamW row, column by column.
 Refresh FLOPs are modelled (distsoap/plan/costs.py): (14/3) d^3 per factored dim of size d per
 matrix and refresh, divided by the precondition frequency; "on a refresh step" is the step on
-which, under the default aligned schedule, every block refreshes."""
+which, under the default aligned schedule, every block refreshes. With --refresh-tolerance > 0,
+"fewest (adaptive)" is the least the adaptive refresh can bring the per-step figure to: a skip
+still costs the 2 d^3 product, and at most --max-skipped-refreshes skips in a row."""
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -81,6 +83,18 @@ def make_parser() -> argparse.ArgumentParser:
         "--precondition-frequency", type=_positive_int, default=PlanOptions.precondition_frequency
     )
     parser.add_argument(
+        "--refresh-tolerance",
+        type=float,
+        default=0.0,
+        help="the adaptive refresh's tolerance (0: off)",
+    )
+    parser.add_argument(
+        "--max-skipped-refreshes",
+        type=int,
+        default=PlanOptions.max_skipped_refreshes,
+        help="the adaptive refresh's bound on consecutive skips",
+    )
+    parser.add_argument(
         "--stack-dims",
         type=int,
         default=0,
@@ -119,6 +133,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             factor_dtype=args.factor_dtype,
             basis_dtype=args.basis_dtype,
             precondition_frequency=args.precondition_frequency,
+            refresh_tolerance=args.refresh_tolerance,
+            max_skipped_refreshes=args.max_skipped_refreshes,
             stack_dims=args.stack_dims,
             stack_pattern=args.stack_pattern,
             param_dtype=args.param_dtype,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 
@@ -55,6 +56,10 @@ class PlanOptions:
     """Storage dtype of the eigenbases."""
     precondition_frequency: int = DEFAULTS["precondition_frequency"]
     """Refresh interval of the eigenbases, in steps."""
+    refresh_tolerance: float = 0.0
+    """The adaptive refresh's tolerance (> 0: a due refresh may be skipped; 0: never)."""
+    max_skipped_refreshes: int = 4
+    """The adaptive refresh's bound on consecutive skipped refreshes of a block."""
     stack_dims: int = 0
     """Leading dims of the parameters named by ``stack_pattern`` that index a stack of matrices."""
     stack_pattern: str = DEFAULT_STACK_PATTERN
@@ -73,6 +78,14 @@ class PlanOptions:
         size = self.block_size
         if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
             raise PlanError(f"block_size must be None or an integer >= 1, got {size!r}")
+        tolerance = self.refresh_tolerance
+        if isinstance(tolerance, bool) or not isinstance(tolerance, int | float):
+            raise PlanError(f"refresh_tolerance must be a real number >= 0, got {tolerance!r}")
+        if not (math.isfinite(tolerance) and tolerance >= 0):
+            raise PlanError(f"refresh_tolerance must be a real number >= 0, got {tolerance!r}")
+        skips = self.max_skipped_refreshes
+        if isinstance(skips, bool) or not isinstance(skips, int) or skips < 0:
+            raise PlanError(f"max_skipped_refreshes must be an integer >= 0, got {skips!r}")
         if isinstance(self.stack_dims, bool) or not isinstance(self.stack_dims, int):
             raise PlanError(f"stack_dims must be an integer >= 0, got {self.stack_dims!r}")
         if self.stack_dims < 0:
@@ -88,6 +101,11 @@ class PlanOptions:
             re.compile(self.stack_pattern)
         except re.error as error:
             raise PlanError(f"stack_pattern is not a regular expression: {error}") from None
+
+    @property
+    def skip_bound(self) -> int | None:
+        """``max_skipped_refreshes`` with the adaptive refresh on; None with it off."""
+        return self.max_skipped_refreshes if self.refresh_tolerance > 0 else None
 
     def element_bytes(self, param_dtype: torch.dtype) -> tuple[int, int, int]:
         """Bytes per element of a parameter's moments, factors and bases.

@@ -87,6 +87,9 @@ class RankPlan:
     """Bytes of SOAP's eigenbases."""
     refresh_flops: float = 0.0
     """Modelled FLOPs per step of the eigenbasis refreshes (see :mod:`distsoap.plan.costs`)."""
+    refresh_flops_fewest: float = 0.0
+    """The same with every skip the adaptive refresh may take taken (``refresh_flops``
+    without the adaptive refresh)."""
     blocks: int = 0
     """Number of blocks (parameters or shards) whose state is here."""
     adamw: int = 0
@@ -105,6 +108,7 @@ class RankPlan:
         self.factors += state.factors
         self.bases += state.bases
         self.refresh_flops += state.refresh_flops
+        self.refresh_flops_fewest += state.refresh_flops_fewest
         self.blocks += 1
 
 
@@ -265,6 +269,7 @@ def plan(model: nn.Module, options: PlanOptions) -> Plan:
         PlanError: a parameter the options cannot lay out (``stack_dims`` too large for it).
     """
     world, frequency = options.world, options.precondition_frequency
+    skips = options.skip_bound
     specs = _Specs(options)
     entries = [
         _Entry(name, tuple(p.shape), options.param_dtype or p.dtype, stack_dims, spec)
@@ -280,16 +285,17 @@ def plan(model: nn.Module, options: PlanOptions) -> Plan:
         if owner == SPLIT:
             total = NO_STATE
             for piece in (piece for piece in split if piece.param == index):
-                state = block_state(entry.spec.holding(piece.rows), element_bytes, frequency)
+                held = entry.spec.holding(piece.rows)
+                state = block_state(held, element_bytes, frequency, skips)
                 ranks[piece.owner].add(state)
                 total = total + state
         elif owner == EVERY_RANK:
-            state = block_state(entry.spec, element_bytes, frequency)
+            state = block_state(entry.spec, element_bytes, frequency, skips)
             for rank in ranks:
                 rank.add(state)
             total = state.times(world)
         elif owner >= 0:
-            total = block_state(entry.spec, element_bytes, frequency)
+            total = block_state(entry.spec, element_bytes, frequency, skips)
             ranks[owner].add(total)
         else:  # each rank its dim-0 shard (at most three distinct shard shapes)
             total = NO_STATE
@@ -298,7 +304,7 @@ def plan(model: nn.Module, options: PlanOptions) -> Plan:
                 local = shard_shape(entry.shape, world, r)
                 if local not in pieces:
                     local_spec = specs(entry.name, local, entry.stack_dims)
-                    pieces[local] = block_state(local_spec, element_bytes, frequency)
+                    pieces[local] = block_state(local_spec, element_bytes, frequency, skips)
                 rank.add(pieces[local])
                 total = total + pieces[local]
         params.append(

@@ -19,9 +19,16 @@ ROWS: tuple[tuple[str, str, str], ...] = (
     ("SOAP / AdamW", "ratio", "ratio"),
     ("refresh FLOP / step", "refresh_flops", "flops"),
     ("  on a refresh step", "refresh_peak", "flops"),
+    ("  fewest (adaptive)", "refresh_flops_fewest", "flops"),
     ("blocks", "blocks", "count"),
 )
-"""(label, quantity, unit) of each table row."""
+"""(label, quantity, unit) of each table row (the adaptive row only with ``refresh_tolerance``)."""
+
+
+def _rows(options: PlanOptions) -> list[tuple[str, str, str]]:
+    """The rows this plan shows: the adaptive refresh's bound only when it is on."""
+    return [r for r in ROWS if r[1] != "refresh_flops_fewest" or options.skip_bound is not None]
+
 
 _BINARY = ("B", "KiB", "MiB", "GiB", "TiB", "PiB")
 _DECIMAL = ("", "k", "M", "G", "T", "P", "E")
@@ -83,7 +90,7 @@ def summary(plan: Plan) -> dict[str, dict[str, float]]:
     """
     result: dict[str, dict[str, float]] = {}
     world = len(plan.ranks)
-    for _, name, _ in ROWS:
+    for _, name, _ in _rows(plan.options):
         if name == "ratio":
             continue
         values = [_quantity(r, name, plan.options) for r in plan.ranks]
@@ -118,7 +125,13 @@ def options_lines(plan: Plan) -> list[str]:
         f"SOAP: max_precond_dim={o.max_precond_dim} merge_dims={o.merge_dims} "
         f"precondition_1d={o.precondition_1d} one_sided={o.one_sided} "
         f"block_size={o.block_size} stack_dims={o.stack_dims} "
-        f"precondition_frequency={o.precondition_frequency}",
+        f"precondition_frequency={o.precondition_frequency}"
+        + (
+            f" refresh_tolerance={o.refresh_tolerance:g} "
+            f"max_skipped_refreshes={o.max_skipped_refreshes}"
+            if o.skip_bound is not None
+            else ""
+        ),
         f"state: moments {dtype_name(o.moment_dtype)}, factors {dtype_name(o.factor_dtype)}, "
         f"bases {dtype_name(o.basis_dtype)}; parameters {params}",
     ]
@@ -144,7 +157,7 @@ def table(plan: Plan, model_name: str) -> str:
         "",
         f"{'per rank':<22}" + "".join(f"{c:>13}" for c in columns),
     ]
-    for label, name, unit in ROWS:
+    for label, name, unit in _rows(o):
         cells = "".join(f"{_cell(stats[name][c], unit):>13}" for c in columns)
         lines.append(f"{label:<22}{cells}")
     return "\n".join(lines)

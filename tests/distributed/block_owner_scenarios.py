@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import io
+import math
 
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from distsoap import SOAP
 from tests.distributed.scenarios import OPTIONS, SHAPES
@@ -332,10 +334,26 @@ def adaptive_split(rank: int, world: int, strategy: str, zero_on: str) -> dict:
     real = update.off_diagonal_mass_of_products
     if zero_on == "every_rank" or rank == world - 1:
         update.off_diagonal_mass_of_products = _zero_masses
+    finish, refresh_flops = opt.engine.finish_refreshes, []
+
+    def counted_finish():  # every matmul of the refreshes (and of the skip tests)
+        with FlopCounterMode(display=False) as counter:
+            finish()
+        refresh_flops.append(counter.get_total_flops())
+
+    opt.engine.finish_refreshes = counted_finish
     try:
         train(model, opt, range(12), rank, world, ddp=strategy == "ddp")
     finally:
         update.off_diagonal_mass_of_products = real
+    # per skipped refresh, GG Q once per factor of the blocks held: (d, d) or (rows, d, d)
+    # bases, 2 d^3 per matrix
+    product_flops = sum(
+        state.get("skipped_refreshes", 0) * 2 * math.prod(b.shape[:-2]) * b.shape[-1] ** 3
+        for state in opt.state.values()
+        for key, b in state.items()
+        if key.startswith("basis_") and torch.is_tensor(b)
+    )
     skipped = {
         index: opt.state[p].get("skipped_refreshes", 0)
         for index, p in enumerate(opt.strategy.params)
@@ -350,7 +368,13 @@ def adaptive_split(rank: int, world: int, strategy: str, zero_on: str) -> dict:
     else:
         pieces = [(p.param, p.owner, p.rows) for p in opt.strategy.pieces]
         params = [p.detach().clone() for p in model.parameters()]
-    return {"params": params, "skipped": skipped, "pieces": pieces}
+    return {
+        "params": params,
+        "skipped": skipped,
+        "pieces": pieces,
+        "refresh_flops": sum(refresh_flops),
+        "product_flops": product_flops,
+    }
 
 
 def single_adaptive(world: int, steps: int, zero_masses: bool, fsdp2: bool = False) -> dict:

@@ -175,6 +175,11 @@ def test_adaptive_refresh_skips_a_split_parameter_only_when_every_piece_may(stra
     assert relative_difference(plain["params"], reference["params"]) > 1e-3  # skips matter
     for rank, result in enumerate(everywhere):
         assert relative_difference(result["params"], reference["params"]) < TOLERANCE, rank
+        # every due refresh of the 12 steps was skipped (at most 2 in a row; at most 2 were
+        # due): each cost GG Q once per block held, the pieces of split parameters too (the
+        # measuring before the owners agree computes the products the refresh then reuses)
+        assert result["product_flops"] > 0, rank
+        assert result["refresh_flops"] == result["product_flops"], rank
 
 
 def test_fsdp1_split_parameters_match_single_process():

@@ -267,6 +267,61 @@ def test_refresh_flops_model():
     assert (state.moments, state.factors, state.bases) == (2 * 2400 * 4, 4 * 400 * 4, 4 * 400 * 4)
 
 
+def test_adaptive_refresh_flops_bounds():
+    spec = make_block_spec(
+        (4, 30, 20),
+        max_precond_dim=25,
+        merge_dims=False,
+        precondition_1d=False,
+        data_format="channels_first",
+        stack_dims=1,
+    )
+    cubes = 4 * 20**3 / 10  # four matrices, their 20-dim factored, one refresh in 10 steps
+    plain = block_state(spec, (4, 4, 4), 10)
+    assert plain.refresh_flops_fewest == plain.refresh_flops
+    adaptive = block_state(spec, (4, 4, 4), 10, max_skipped_refreshes=4)
+    # the test reads the refresh's own GG Q: no more without skips; a skip costs GG Q alone,
+    # and at most 4 of 5 due refreshes are skipped
+    assert adaptive.refresh_flops == pytest.approx(plain.refresh_flops)
+    assert adaptive.refresh_flops_fewest == pytest.approx((2 + (8 / 3) / 5) * cubes)
+
+
+def test_a_skipped_refresh_costs_the_product_alone():
+    """What the planner's adaptive bound assumes, counted on the real optimizer: on a due step
+    whose refresh is skipped, ``finish_refreshes`` multiplies ``GG Q`` once per factor and
+    nothing else (``torch.utils.flop_counter`` counts every matmul)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from distsoap.engine import update
+
+    torch.manual_seed(0)
+    weight = nn.Parameter(torch.randn(12, 20))
+    opt = SOAP([weight], precondition_frequency=2, refresh_tolerance=1e-12, max_skipped_refreshes=2)
+    counted: list[int] = []
+    finish = opt.engine.finish_refreshes
+
+    def counted_finish():
+        with FlopCounterMode(display=False) as counter:
+            finish()
+        counted.append(counter.get_total_flops())
+
+    opt.engine.finish_refreshes = counted_finish
+    real = update.off_diagonal_mass_of_products
+    update.off_diagonal_mass_of_products = lambda f, b, p: torch.zeros(p[0].shape[0])
+    try:
+        for _ in range(14):
+            weight.grad = torch.randn(12, 20)
+            opt.step()
+    finally:
+        update.off_diagonal_mass_of_products = real
+    product = 2 * (12**3 + 20**3)  # GG Q of both factors
+    due = [flops for flops in counted if flops > 0]  # every second step: 6 of 12 updates
+    # every mass reads 0: two skips (the most allowed in a row), then a refresh, which costs more
+    assert [flops == product for flops in due] == [True, True, False] * 2
+    assert all(flops > product for flops in due[2::3])
+    assert opt.state[weight]["skipped_refreshes"] == 4
+
+
 def test_large_presets_build_on_meta_with_published_sizes():
     counts = {}
     for name in ("gpt2-124m", "llama3-8b", "llama3-70b"):
@@ -290,6 +345,13 @@ def test_cli_prints_the_table():
     for row in ("SOAP state", "moments", "factors", "bases", "AdamW state", "SOAP / AdamW"):
         assert f"\n{row}" in out or f"\n  {row}" in out
     assert "refresh FLOP / step" in out
+    assert "fewest (adaptive)" not in out  # only with the adaptive refresh on
+    done = subprocess.run(
+        [*command, "--refresh-tolerance", "0.05"], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert "refresh_tolerance=0.05 max_skipped_refreshes=4" in done.stdout
+    assert "\n  fewest (adaptive)" in done.stdout
 
 
 def test_cli_bad_input_exits_2(capsys):
@@ -303,6 +365,8 @@ def test_cli_bad_input_exits_2(capsys):
         (["--model", "gpt2-tiny", "--strategy", "fsdp9"], "invalid choice: 'fsdp9'"),
         (["--model", "gpt2-tiny", "--moment-dtype", "int8"], "--moment-dtype: dtype must be"),
         (["--model", "missing.py"], "model file 'missing.py' does not exist"),
+        (["--model", "gpt2-tiny", "--refresh-tolerance", "-1"], "refresh_tolerance must be"),
+        (["--model", "gpt2-tiny", "--max-skipped-refreshes", "-1"], "max_skipped_refreshes"),
         (
             ["--model", "gpt2-tiny", "--stack-dims", "2", "--stack-pattern", "wte"],
             "'wte.weight': stack_dims=2",
