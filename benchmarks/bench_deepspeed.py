@@ -8,7 +8,15 @@ run: mean time of ``engine.step()`` (the optimizer, including SOAP's exchanges a
 whole training step, and the optimizer state bytes on the largest rank (SOAP: its per-block
 state on the owner; AdamW: DeepSpeed's partitioned moments).
 
+With ``--block-size B`` two more SOAP runs per stage use ``block_size=B``: "blocks", where the
+placement may give a large parameter's blocks several owners, and "blocks, whole", with every
+parameter kept on one owner (the placement before blocks had owners of their own). ``--vocab``
+widens the demo GPT's embedding (tied output head; the byte data use ids below 256 only) so that
+one parameter dominates, as a real vocabulary does.
+
     python benchmarks/bench_deepspeed.py [--world 2] [--steps 20] [--stages 0,1,2,3]
+    python benchmarks/bench_deepspeed.py --world 3 --block-size 128 --vocab 16384 \
+        --out benchmarks/results/bench_deepspeed_blocks.json
 """
 
 from __future__ import annotations
@@ -16,7 +24,7 @@ from __future__ import annotations
 import time
 
 import torch
-from common import base_parser, write_results
+from common import base_parser, place_whole_parameters, write_results
 
 from distsoap.demo.corpus import ByteBatches, load_corpus
 from distsoap.demo.model import GPT, GPTConfig
@@ -26,10 +34,12 @@ WARMUP = 3
 MICRO_BATCH = 8
 
 
-def _config(optimizer: str, stage: int) -> dict:
+def _config(optimizer: str, stage: int, block_size: int | None = None) -> dict:
     params = {"lr": 3e-3, "betas": [0.95, 0.95], "weight_decay": 0.01}
     if optimizer == "SOAP":
         params["precondition_frequency"] = 10
+        if block_size is not None:
+            params["block_size"] = block_size
     else:
         params["torch_adam"] = True
     return {
@@ -50,16 +60,30 @@ def _state_bytes(optimizer) -> int:
     )
 
 
-def measure(rank: int, world: int, optimizer: str, stage: int, steps: int) -> dict:
-    """Mean step times and this rank's optimizer state for one (optimizer, stage)."""
+def measure(
+    rank: int,
+    world: int,
+    optimizer: str,
+    stage: int,
+    steps: int,
+    block_size: int | None = None,
+    whole: bool = False,
+    vocab: int = 256,
+) -> dict:
+    """Mean step times and this rank's optimizer state for one (optimizer, stage).
+
+    ``block_size``: SOAP's; ``whole``: every parameter on one owner (never split); ``vocab``:
+    the embedding's rows.
+    """
     from distsoap.integrations.deepspeed import initialize
 
+    if whole:
+        place_whole_parameters()  # in this rank's process only
     torch.manual_seed(0)
-    cfg = GPTConfig()
+    cfg = GPTConfig(vocab_size=vocab)
     model = GPT(cfg)
-    engine, *_ = initialize(
-        model=model, model_parameters=model.parameters(), config=_config(optimizer, stage)
-    )
+    config = _config(optimizer, stage, block_size)
+    engine, *_ = initialize(model=model, model_parameters=model.parameters(), config=config)
     data = ByteBatches(load_corpus(2**20), cfg.context)
     generator = torch.Generator().manual_seed(1)
     step_times, total_times = [], []
@@ -75,56 +99,72 @@ def measure(rank: int, world: int, optimizer: str, stage: int, steps: int) -> di
         if step >= WARMUP:
             step_times.append(end - before_step)
             total_times.append(end - start)
+    strategy = getattr(engine.basic_optimizer, "strategy", None)
     return {
         "step_ms": 1e3 * sum(step_times) / len(step_times),
         "train_step_ms": 1e3 * sum(total_times) / len(total_times),
         "state_bytes": _state_bytes(engine.basic_optimizer),
+        "split": len(getattr(strategy, "split", ())),
         "loss": loss.item(),
     }
 
 
 def main() -> None:
-    """Run every stage for both optimizers and print the ratios."""
+    """Run every stage for every contender and print the ratios to AdamW."""
     parser = base_parser(__doc__.splitlines()[0], "bench_deepspeed")
     parser.add_argument("--world", type=int, default=2)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--stages", default="0,1,2,3")
+    parser.add_argument("--block-size", type=int, default=None, help="add the blocks runs")
+    parser.add_argument("--vocab", type=int, default=256, help="embedding rows")
     args = parser.parse_args()
+    contenders = {"soap": dict(optimizer="SOAP"), "adamw": dict(optimizer="AdamW")}
+    if args.block_size is not None:
+        blocks = dict(optimizer="SOAP", block_size=args.block_size)
+        contenders["soap_blocks"] = blocks
+        contenders["soap_blocks_whole"] = blocks | dict(whole=True)
     rows = []
     header = (
-        f"{'stage':>5} {'SOAP step ms':>12} {'AdamW step ms':>13} {'ratio':>6} "
-        f"{'SOAP train ms':>13} {'AdamW train ms':>14} {'ratio':>6} "
-        f"{'SOAP state MiB':>14} {'AdamW state MiB':>15}"
+        f"{'stage':>5} {'contender':>18} {'step ms':>8} {'x AdamW':>8} {'train ms':>9} "
+        f"{'x AdamW':>8} {'state MiB (max)':>15} {'total MiB':>10} {'split':>5}"
     )
-    print(f"DeepSpeed ZeRO, {args.world} ranks, demo GPT {GPTConfig()}")
+    print(f"DeepSpeed ZeRO, {args.world} ranks, demo GPT {GPTConfig(vocab_size=args.vocab)}")
     print(header)
     for stage in (int(s) for s in args.stages.split(",")):
-        by_optimizer = {}
-        for optimizer in ("SOAP", "AdamW"):
+        row: dict = {"stage": stage}
+        for name, options in contenders.items():
             results = run_ranks(
                 measure,
                 args.world,
-                optimizer=optimizer,
                 stage=stage,
                 steps=args.steps,
+                vocab=args.vocab,
                 timeout=1200,
+                **options,
             )
-            by_optimizer[optimizer] = {
+            row[name] = {
                 "step_ms": max(r["step_ms"] for r in results),
                 "train_step_ms": max(r["train_step_ms"] for r in results),
                 "max_state_mib": max(r["state_bytes"] for r in results) / 2**20,
+                "total_state_mib": sum(r["state_bytes"] for r in results) / 2**20,
+                "split_params": results[0]["split"],
             }
-        soap, adamw = by_optimizer["SOAP"], by_optimizer["AdamW"]
-        rows.append({"stage": stage, "soap": soap, "adamw": adamw})
-        print(
-            f"{stage:>5} {soap['step_ms']:>12.1f} {adamw['step_ms']:>13.1f} "
-            f"{soap['step_ms'] / adamw['step_ms']:>6.2f} {soap['train_step_ms']:>13.1f} "
-            f"{adamw['train_step_ms']:>14.1f} "
-            f"{soap['train_step_ms'] / adamw['train_step_ms']:>6.2f} "
-            f"{soap['max_state_mib']:>14.2f} {adamw['max_state_mib']:>15.2f}",
-            flush=True,
-        )
-    write_results(args.out, {"world": args.world, "rows": rows})
+        rows.append(row)
+        adamw = row["adamw"]
+        for name in contenders:
+            m = row[name]
+            print(
+                f"{stage:>5} {name:>18} {m['step_ms']:>8.1f} "
+                f"{m['step_ms'] / adamw['step_ms']:>8.2f} {m['train_step_ms']:>9.1f} "
+                f"{m['train_step_ms'] / adamw['train_step_ms']:>8.2f} "
+                f"{m['max_state_mib']:>15.2f} {m['total_state_mib']:>10.2f} "
+                f"{m['split_params']:>5}",
+                flush=True,
+            )
+    write_results(
+        args.out,
+        {"world": args.world, "block_size": args.block_size, "vocab": args.vocab, "rows": rows},
+    )
 
 
 if __name__ == "__main__":

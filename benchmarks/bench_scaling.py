@@ -28,7 +28,14 @@ from __future__ import annotations
 import itertools
 
 import torch
-from common import GPT_PRESETS, base_parser, gpt_shapes, time_calls, write_results
+from common import (
+    GPT_PRESETS,
+    base_parser,
+    gpt_shapes,
+    place_whole_parameters,
+    time_calls,
+    write_results,
+)
 
 from distsoap import SOAP
 from distsoap.placement import BlockCost, Piece, load_balance
@@ -67,7 +74,7 @@ def measure(
         grads = [[distribute_tensor(g, mesh, [Shard(0)]) for g in gs] for gs in grads]
     if strategy.endswith("_whole"):
         strategy = strategy.removesuffix("_whole")
-        _place_whole()  # in this rank's process only
+        place_whole_parameters()  # in this rank's process only
         if strategy == "fsdp2":
             from torch.distributed.device_mesh import init_device_mesh
             from torch.distributed.tensor import Shard, distribute_tensor
@@ -95,18 +102,6 @@ def measure(
     if strategy in ("ddp", "fsdp2"):
         balance = load_balance(*_piece_costs(opt.strategy), world)
     return {"seconds": seconds, "state_bytes": state, "balance": balance}
-
-
-def _place_whole() -> None:
-    """Make ddp and fsdp2 keep every parameter on one owner (never split its blocks)."""
-    import distsoap.placement as placement
-    import distsoap.strategies.data_parallel as data_parallel
-    import distsoap.strategies.sharded as sharded
-
-    def whole(costs, rows, splittable, world):
-        return placement.place_blocks(costs, rows, [False] * len(costs), world)
-
-    data_parallel.place_blocks = sharded.place_blocks = whole
 
 
 def _piece_costs(strategy) -> tuple[list[BlockCost], list[int]]:

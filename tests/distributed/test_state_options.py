@@ -3,6 +3,7 @@
 Each option changes the math of a block, never where it is computed, so ddp, zero2 and fsdp2 at
 2 ranks must end where single-process SOAP with the same option ends (tests/distributed/
 scenarios.py's mixed-shape model: square, one-sided, conv and 1-D blocks, two param groups).
+DeepSpeed ZeRO-2 too, in fp32 (DeepSpeed keeps fp32 master weights), at 2 ranks.
 """
 
 from __future__ import annotations
@@ -51,4 +52,28 @@ def test_lossless_strategies_match_single_process_with_the_option(strategy, opti
     changed = relative_difference(plain, reference)
     assert changed > 1e-3  # the option changes the result
     for rank, result in enumerate(results):
+        assert relative_difference(result["params"], reference) < tolerance, rank
+
+
+# DeepSpeed runs fp32: same math, sums in another order (tests/distributed/test_deepspeed.py),
+# and bf16 storage as above
+DEEPSPEED_TOLERANCE = {"bf16_storage": 1e-3, "bf16_blocks": 1e-3}
+
+
+@pytest.mark.parametrize("options", list(OPTION_SETS))
+def test_deepspeed_zero2_matches_single_process_with_the_option(options):
+    pytest.importorskip("deepspeed")
+    from tests.distributed.deepspeed_scenarios import DS_SHAPES, ds_config, train_deepspeed
+
+    kwargs = OPTION_SETS[options][0]
+    config = ds_config(2)
+    config["optimizer"]["params"].update(kwargs)
+    results = run_ranks(train_deepspeed, 2, config=config, steps=STEPS, timeout=600)
+    # DeepSpeed gives every parameter a gradient (a zero one if unused): no skipped blocks
+    reference = single_process_reference(FP32, 2, STEPS, DS_SHAPES, "none", soap_kwargs=kwargs)
+    plain = single_process_reference(FP32, 2, STEPS, DS_SHAPES, "none")
+    assert relative_difference(plain, reference) > 1e-3  # the option changes the result
+    tolerance = DEEPSPEED_TOLERANCE.get(options, 1e-4)
+    for rank, result in enumerate(results):
+        assert result["strategy"] == "deepspeed_zero2"
         assert relative_difference(result["params"], reference) < tolerance, rank
