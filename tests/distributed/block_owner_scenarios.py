@@ -8,7 +8,6 @@ import math
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
 from distsoap import SOAP
 from tests.distributed.scenarios import OPTIONS, SHAPES
@@ -324,6 +323,10 @@ def adaptive_split(rank: int, world: int, strategy: str, zero_on: str) -> dict:
 
     Returns the parameters and, per parameter held here, its ``skipped_refreshes``.
     """
+    # imported here, in the ranks only: torch.utils.flop_counter imports Triton, which must
+    # not load in pytest's own process before tests/kernels/conftest.py sets TRITON_INTERPRET
+    from torch.utils.flop_counter import FlopCounterMode  # noqa: PLC0415
+
     from distsoap.engine import update  # noqa: PLC0415 (patched here, in this rank only)
 
     if strategy == "fsdp2":

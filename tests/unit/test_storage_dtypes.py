@@ -88,12 +88,16 @@ def test_a_zero_tolerance_drift_guard_keeps_fp32_bases_from_the_first_call(caplo
 
 def test_drift_at_a_refresh_moves_the_block_to_fp32_bases_and_it_stays(monkeypatch):
     drifting = {"on": False}
-    measured = storage.orthogonality_loss_bound
+    measured, ceiling = storage.orthogonality_loss_bound, storage.orthogonality_loss_ceiling
 
     def drifting_when_on(bases, dtype):
         return measured(bases, dtype) + (1.0 if drifting["on"] else 0.0)
 
+    def ceiling_when_on(bases, dtype):
+        return ceiling(bases, dtype) + (1.0 if drifting["on"] else 0.0)
+
     monkeypatch.setattr(storage, "orthogonality_loss_bound", drifting_when_on)
+    monkeypatch.setattr(storage, "orthogonality_loss_ceiling", ceiling_when_on)
     problem = RegressionProblem(SHAPES)
     params = problem.make_params()
     opt = SOAP(params, **OPTIONS, basis_dtype="bf16")
@@ -162,3 +166,43 @@ def test_the_drift_guard_bound_covers_the_loss_and_stays_close_to_it(dtype):
         # independent rounding errors: the bound reads about sqrt(2) times the loss (measured
         # 1.23-1.45x for d 8-1024)
         assert (bound <= 1.8 * loss).all(), (d, bound, loss)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_the_ceiling_covers_the_bound_and_gives_the_same_verdicts(dtype):
+    """The one-pass ceiling never reads below the exact bound (orthonormal bases, and scaled or
+    tiny ones that are not), and drifting_rows gives the exact bound's verdicts at every
+    tolerance, whether the ceiling settles a row or sends it to the exact bound."""
+    gen = torch.Generator().manual_seed(1)
+    stacks = []
+    for d in (8, 64, 300):
+        q = torch.linalg.qr(torch.randn(4, d, d, generator=gen, dtype=torch.float64))[0].float()
+        q[1] *= 3.0  # not orthonormal: larger entries, larger rounding errors
+        q[2] *= 1e-6  # tiny entries: fp16's subnormal range
+        stacks.append(q)
+    for q in stacks:
+        exact = storage.orthogonality_loss_bound(q, dtype)
+        ceiling = storage.orthogonality_loss_ceiling(q, dtype)
+        assert (ceiling >= exact).all(), (ceiling, exact)
+        for tol in (0.0, 1e-4, 1e-3, 0.004, 0.0079, 0.01, 0.03, 1.0):
+            want = sorted((~(exact <= tol)).nonzero().flatten().tolist())
+            assert storage.drifting_rows([q], [dtype], tol) == want, (tol, want)
+    nan = stacks[0].clone()
+    nan[3, 0, 0] = float("nan")
+    exact = storage.orthogonality_loss_bound(stacks[0], dtype)
+    want = sorted({*(~(exact <= 0.01)).nonzero().flatten().tolist(), 3})  # NaN drifts, as before
+    assert storage.drifting_rows([nan], [dtype], 0.01) == want
+
+
+def test_at_the_default_tolerance_bf16_bases_take_the_one_pass_ceiling(monkeypatch):
+    """bf16's ceiling (about 2u = 0.0078) is below the default 0.01 up to d of about 20000:
+    the exact bound's four passes are never needed there."""
+
+    def not_expected(bases, dtype):
+        raise AssertionError("the exact bound was computed")
+
+    monkeypatch.setattr(storage, "orthogonality_loss_bound", not_expected)
+    gen = torch.Generator().manual_seed(2)
+    for d in (8, 128, 1024):
+        q = torch.linalg.qr(torch.randn(2, d, d, generator=gen))[0]
+        assert storage.drifting_rows([q, None], [torch.bfloat16, None], 0.01) == []
