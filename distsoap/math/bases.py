@@ -39,6 +39,17 @@ def _jittered(factor: torch.Tensor, jitter: float) -> torch.Tensor:
     return factor + jitter * scale * eye
 
 
+def nonfinite_rows(stack: torch.Tensor) -> list[int]:
+    """The rows of a ``(B, d, d)`` stack of bases holding a NaN or an Inf, in one reduction.
+
+    A row's sum is non-finite exactly when one of its entries is, as long as finite entries
+    cannot overflow it: bases have entries of at most 1 in magnitude (orthonormal columns), so
+    ``d^2`` of them sum far below the dtype's range. A garbage row large enough to overflow is
+    reported too; it then takes the retries, whose result is checked entry by entry.
+    """
+    return (~torch.isfinite(stack.sum(dim=(1, 2)))).nonzero().flatten().tolist()
+
+
 def _first_success(attempts) -> torch.Tensor | None:
     """The first attempt that neither raises nor returns non-finite values."""
     for attempt in attempts:
@@ -77,7 +88,7 @@ def initial_basis(factor: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
     """
     try:
         bases = _eigh_descending(factor)
-        bad = (~torch.isfinite(bases).flatten(1).all(dim=1)).nonzero().flatten().tolist()
+        bad = nonfinite_rows(bases)
     except (torch.linalg.LinAlgError, RuntimeError):
         bases = torch.empty_like(factor)
         bad = list(range(factor.shape[0]))
@@ -122,7 +133,7 @@ def _batched_qr(power: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
         q = q_factor(power)
     except (torch.linalg.LinAlgError, RuntimeError):
         return torch.empty_like(power), list(range(power.shape[0]))
-    bad = (~torch.isfinite(q).flatten(1).all(dim=1)).nonzero().flatten().tolist()
+    bad = nonfinite_rows(q)
     return q, bad
 
 

@@ -107,3 +107,20 @@ def test_q_without_r_is_the_q_of_torch_qr(dtype):
     a = torch.randn(4, 33, 33, generator=gen, dtype=dtype)
     tol = 1e-5 if dtype == torch.float32 else 1e-12  # the same LAPACK calls; slack for BLAS paths
     torch.testing.assert_close(q_factor(a), torch.linalg.qr(a)[0], rtol=0, atol=tol)
+
+
+def test_nonfinite_rows_matches_an_entrywise_check():
+    """The one-reduction check of new bases against the readable entry-by-entry one."""
+    from distsoap.math.bases import nonfinite_rows
+
+    gen = torch.Generator().manual_seed(0)
+    stack = torch.linalg.qr(torch.randn(7, 16, 16, generator=gen))[0]
+    stack[1, 3, 4] = float("nan")
+    stack[2, 0, 0] = float("inf")
+    stack[3, 5, 5] = float("-inf")
+    stack[4, 1, 1], stack[4, 2, 2] = float("inf"), float("-inf")  # their sum is NaN
+    stack[6, 15, 15] = float("nan")
+    reference = (~torch.isfinite(stack).flatten(1).all(dim=1)).nonzero().flatten().tolist()
+    assert reference == [1, 2, 3, 4, 6]
+    assert nonfinite_rows(stack) == reference
+    assert nonfinite_rows(stack[[0, 5]]) == []
