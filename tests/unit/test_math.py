@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from distsoap.math.bases import initial_basis, q_factor, refresh_bases
+from distsoap.math.bases import initial_basis, nonfinite_rows, q_factor, refresh_bases
 from distsoap.math.reference import ReferenceSOAP, _contract
 from distsoap.math.rotations import rotate_in, rotate_out, update_factors
 
@@ -111,8 +111,6 @@ def test_q_without_r_is_the_q_of_torch_qr(dtype):
 
 def test_nonfinite_rows_matches_an_entrywise_check():
     """The one-reduction check of new bases against the readable entry-by-entry one."""
-    from distsoap.math.bases import nonfinite_rows
-
     gen = torch.Generator().manual_seed(0)
     stack = torch.linalg.qr(torch.randn(7, 16, 16, generator=gen))[0]
     stack[1, 3, 4] = float("nan")
