@@ -170,6 +170,19 @@ def saved_single(world: int, steps: int) -> bytes:
     return buffer.getvalue()
 
 
+def _drifting_on_last_rank(real, rank: int, world: int, model, at_first_call: bool):
+    """``update.drifting_rows`` that reports every row of a low-precision basis as drifting on
+    the last rank only, at the first call (step 0) or at the refreshes (``model.step`` > 0)."""
+
+    def drifting_rows(bases, dtypes, tol):
+        low = any(d is not None and d.itemsize < 4 for d in dtypes)
+        if rank == world - 1 and low and (model.step == 0) == at_first_call:
+            return list(range(next(b.shape[0] for b in bases if b is not None)))
+        return real(bases, dtypes, tol)
+
+    return drifting_rows
+
+
 def drift_on_one_rank(rank: int, world: int, strategy: str, at_first_call: bool) -> dict:
     """bf16 bases; the drift guard reports a drift on the last rank only.
 
@@ -189,14 +202,7 @@ def drift_on_one_rank(rank: int, world: int, strategy: str, at_first_call: bool)
         **BLOCKS,
     )
     real = update.drifting_rows
-
-    def one_rank_drifts(bases, dtypes, tol):  # every row of this rank's refresh drifts
-        low = any(d is not None and d.itemsize < 4 for d in dtypes)
-        if rank == world - 1 and low and (model.step == 0) == at_first_call:
-            return list(range(next(b.shape[0] for b in bases if b is not None)))
-        return real(bases, dtypes, tol)
-
-    update.drifting_rows = one_rank_drifts
+    update.drifting_rows = _drifting_on_last_rank(real, rank, world, model, at_first_call)
     try:
         train(model, opt, range(12), rank, world, ddp=strategy == "ddp")
     finally:
@@ -468,15 +474,9 @@ def train_split_deepspeed(
     model, engine = _deepspeed_engine(rank, world, stage, **extra)
     soap = engine.basic_optimizer
     real = update.drifting_rows
-
-    def one_rank_drifts(bases, dtypes, tol):  # every row of this rank's refresh drifts
-        low = any(d is not None and d.itemsize < 4 for d in dtypes)
-        if rank == world - 1 and low and (model.step == 0) == drift_at_first_call:
-            return list(range(next(b.shape[0] for b in bases if b is not None)))
-        return real(bases, dtypes, tol)
-
     if drift_at_first_call is not None:
-        update.drifting_rows = one_rank_drifts
+        patched = _drifting_on_last_rank(real, rank, world, model, drift_at_first_call)
+        update.drifting_rows = patched
     try:
         for step in range(steps):
             model.step = step

@@ -195,10 +195,11 @@ def test_fsdp1_split_parameters_match_single_process():
 DEEPSPEED_FP32 = 1e-4  # fp32 on both sides: same math, sums in another order (test_deepspeed.py)
 
 
-@pytest.mark.parametrize("stage", [1, 2, 3])
+@pytest.mark.parametrize("stage", [2, 3])
 def test_deepspeed_split_parameters_match_single_process(stage):
-    """ZeRO 1-3 take the assembler round trip too, on DeepSpeed's flat fp32 partitions; at
-    stages 1 and 2 DeepSpeed steps each of the problem's three param groups in its own call."""
+    """ZeRO 2 and 3 take the assembler round trip too, on DeepSpeed's flat fp32 partitions (stage
+    1 finds its pieces through the same ``_hp_mapping`` as 2); at stage 2 DeepSpeed steps each of
+    the problem's three param groups in its own call."""
     pytest.importorskip("deepspeed")
     world = 3
     results = run_ranks(bo.train_split_deepspeed, world, stage=stage, steps=12, timeout=600)
@@ -219,10 +220,11 @@ def test_deepspeed_split_parameters_match_single_process(stage):
     assert sum(r["state_bytes"] for r in results) == single_bytes + unused
 
 
-@pytest.mark.parametrize("at_first_call", [True, False], ids=["first_call", "refresh"])
-def test_deepspeed_drift_in_one_piece_moves_every_piece_to_fp32(at_first_call):
+def test_deepspeed_drift_in_one_piece_moves_every_piece_to_fp32():
     """As under ddp, with DeepSpeed stepping one param group per call (ZeRO-2): a piece's
-    verdict waits for its own group's call (the (24, 24) parameter, split, is in the second)."""
+    verdict at a refresh waits for its own group's call (the (24, 24) parameter, split, is in
+    the second). The first call's verdicts are deferred and settled the same way (ddp, zero2
+    above)."""
     pytest.importorskip("deepspeed")
     world = 3
     results = run_ranks(
@@ -230,7 +232,7 @@ def test_deepspeed_drift_in_one_piece_moves_every_piece_to_fp32(at_first_call):
         world,
         stage=2,
         steps=12,
-        drift_at_first_call=at_first_call,
+        drift_at_first_call=False,
         timeout=600,
     )
     assert (24, 24) in results[0]["split_shapes"]
