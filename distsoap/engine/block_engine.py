@@ -408,11 +408,10 @@ class BlockEngine:
             }
             if not members:
                 continue
+            every_row = list(range(len(rows)))
+            padding = bucket.padding_of(rows)
             tensors = bucket.select(rows)
-            inputs = refresh_inputs(
-                tensors, list(range(len(rows))), len(key.block_shape), key.dtype,
-                bucket.padding_of(rows),
-            )  # fmt: skip
+            inputs = refresh_inputs(tensors, every_row, len(key.block_shape), key.dtype, padding)
             measured[position] = inputs
             mass = off_diagonal_masses(inputs)
             below = [] if mass is None else (mass < group["refresh_tolerance"]).tolist()
