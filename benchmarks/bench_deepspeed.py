@@ -24,7 +24,7 @@ from __future__ import annotations
 import time
 
 import torch
-from common import base_parser, place_whole_parameters, write_results
+from common import base_parser, write_results
 
 from distsoap.demo.corpus import ByteBatches, load_corpus
 from distsoap.demo.model import GPT, GPTConfig
@@ -34,12 +34,14 @@ WARMUP = 3
 MICRO_BATCH = 8
 
 
-def _config(optimizer: str, stage: int, block_size: int | None = None) -> dict:
+def _config(optimizer: str, stage: int, block_size: int | None = None, whole: bool = False) -> dict:
     params = {"lr": 3e-3, "betas": [0.95, 0.95], "weight_decay": 0.01}
     if optimizer == "SOAP":
         params["precondition_frequency"] = 10
         if block_size is not None:
             params["block_size"] = block_size
+        if whole:
+            params["split_blocks"] = "never"
     else:
         params["torch_adam"] = True
     return {
@@ -72,17 +74,16 @@ def measure(
 ) -> dict:
     """Mean step times and this rank's optimizer state for one (optimizer, stage).
 
-    ``block_size``: SOAP's; ``whole``: every parameter on one owner (never split); ``vocab``:
+    ``block_size``: SOAP's; ``whole``: ``split_blocks="never"``, every parameter on one owner;
+    ``vocab``:
     the embedding's rows.
     """
     from distsoap.integrations.deepspeed import initialize
 
-    if whole:
-        place_whole_parameters()  # in this rank's process only
     torch.manual_seed(0)
     cfg = GPTConfig(vocab_size=vocab)
     model = GPT(cfg)
-    config = _config(optimizer, stage, block_size)
+    config = _config(optimizer, stage, block_size, whole)
     engine, *_ = initialize(model=model, model_parameters=model.parameters(), config=config)
     data = ByteBatches(load_corpus(2**20), cfg.context)
     generator = torch.Generator().manual_seed(1)

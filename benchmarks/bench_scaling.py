@@ -9,9 +9,9 @@ The parameter set is bench_step.py's GPT shape (CPU preset), with synthetic grad
 - "fsdp2_tp" (world 4 only): DTensors on a (dp, tp) = (2, 2) mesh, matrices sharded on both
   dims (``(Shard(0), Shard(1))``: FSDP2 over rowwise tensor parallel), vectors sharded on dp and
   replicated on tp; lossless SOAP over the whole mesh;
-- "ddp_whole", "fsdp2_whole": "ddp" / "fsdp2" with every parameter on one owner even when
-  ``--block-size`` cuts it into blocks (what they did before blocks got owners of their own):
-  the comparison for "ddp" and "fsdp2" there.
+- "ddp_whole", "fsdp2_whole": "ddp" / "fsdp2" with ``split_blocks="never"``: every parameter on
+  one owner even when ``--block-size`` cuts it into blocks (what they did before blocks got
+  owners of their own): the comparison for "ddp" and "fsdp2" there.
 ``--block-size N`` passes ``block_size=N`` to SOAP; ``--vocab N`` replaces the preset's
 vocabulary size (a large one makes the embedding outweigh a rank's share of the work).
 Also printed: the load balance of the placement, max / mean over ranks of the modelled compute
@@ -32,7 +32,6 @@ from common import (
     GPT_PRESETS,
     base_parser,
     gpt_shapes,
-    place_whole_parameters,
     time_calls,
     write_results,
 )
@@ -72,9 +71,10 @@ def measure(
         mesh = init_device_mesh("cpu", (world,))
         weights = [distribute_tensor(w, mesh, [Shard(0)]) for w in weights]
         grads = [[distribute_tensor(g, mesh, [Shard(0)]) for g in gs] for gs in grads]
+    split_blocks = "auto"
     if strategy.endswith("_whole"):
         strategy = strategy.removesuffix("_whole")
-        place_whole_parameters()  # in this rank's process only
+        split_blocks = "never"
         if strategy == "fsdp2":
             from torch.distributed.device_mesh import init_device_mesh
             from torch.distributed.tensor import Shard, distribute_tensor
@@ -84,7 +84,11 @@ def measure(
             grads = [[distribute_tensor(g, mesh, [Shard(0)]) for g in gs] for gs in grads]
     params = [torch.nn.Parameter(w) for w in weights]
     opt = SOAP(
-        params, max_precond_dim=preset["max_precond_dim"], strategy=strategy, block_size=block_size
+        params,
+        max_precond_dim=preset["max_precond_dim"],
+        strategy=strategy,
+        block_size=block_size,
+        split_blocks=split_blocks,
     )
     if strategy == "ddp":
         opt.strategy._checked_replicas = True  # the grads are equal by construction

@@ -253,21 +253,6 @@ def optimizers(max_dim: int, frequency: int) -> dict[str, Callable]:
     return makers
 
 
-def place_whole_parameters() -> None:
-    """Make every placing strategy keep each parameter on one owner (never split its blocks).
-
-    For "whole" comparison runs; patches this process only (call it in each rank).
-    """
-    import distsoap.placement as placement
-    import distsoap.strategies.data_parallel as data_parallel
-    import distsoap.strategies.sharded as sharded
-
-    def whole(costs, rows, splittable, world):
-        return placement.place_blocks(costs, rows, [False] * len(costs), world)
-
-    data_parallel.place_blocks = sharded.place_blocks = whole
-
-
 def base_parser(
     description: str,
     name: str,

@@ -37,6 +37,7 @@ from distsoap.hyperparams import (
     validate_group,
     validate_params,
 )
+from distsoap.placement import SPLIT_BLOCKS
 from distsoap.strategies import Strategy, make_strategy
 from distsoap.strategies.single import SingleProcess
 
@@ -111,8 +112,8 @@ class SOAP(torch.optim.Optimizer):
         block_size: keyword-only; cut every dim larger than this into the fewest equal blocks
             of at most this size (the last zero-padded), each its own SOAP block with its own
             factors and bases, instead of leaving dims above ``max_precond_dim`` unrotated
-            (None, the default: no blocking). A parameter's blocks stay on one owner. A
-            param-group option.
+            (None, the default: no blocking). Under a distributed strategy the blocks of one
+            parameter may get different owners (see ``split_blocks``). A param-group option.
         one_sided: keyword-only; rotate only the smallest factored dim of each block (the SOAP
             paper's one-sided variant: a ``(m, n)`` matrix with ``m <= n`` keeps an ``m x m``
             factor and basis, its other side unrotated). A param-group option.
@@ -148,6 +149,13 @@ class SOAP(torch.optim.Optimizer):
             and are approximate (updates rounded once, equally on every rank, so replicas stay
             identical).
         bucket_cap_mb: keyword-only; MiB of gradients per communication bucket.
+        split_blocks: keyword-only; whether placement may give the blocks of one blocked or
+            stacked parameter several owner ranks: ``"auto"`` (default: only where placing
+            every parameter whole would leave the busiest rank more than 5% above the mean)
+            or ``"never"`` (every parameter whole on one owner, as before blocks had owners of
+            their own). Under ``fsdp2``, ``fsdp1`` and DeepSpeed ZeRO 1-3 a split parameter
+            costs a round trip of its rows each step (``python -m distsoap.plan`` gives its
+            bytes); the result is the same either way.
         fsdp_model: keyword-only; the FullyShardedDataParallel (FSDP1) model, for
             ``strategy="fsdp1"``, whose flat-parameter metadata says where each piece lives.
         nonfinite_grads: keyword-only; ``"skip"`` (default) leaves a block whose gradient holds
@@ -200,6 +208,7 @@ class SOAP(torch.optim.Optimizer):
         process_group: dist.ProcessGroup | None = None,
         comm_dtype: torch.dtype | str | None = None,
         bucket_cap_mb: float = 25.0,
+        split_blocks: str = "auto",
         fsdp_model: torch.nn.Module | None = None,
         nonfinite_grads: str = "skip",
         max_basis_failures: int = 3,
@@ -226,6 +235,8 @@ class SOAP(torch.optim.Optimizer):
                 "basis_orthogonality_tol must be a real number >= 0 and finite, got "
                 f"{basis_orthogonality_tol!r}"
             )
+        if split_blocks not in SPLIT_BLOCKS:
+            raise ValueError(f"split_blocks must be one of {SPLIT_BLOCKS}, got {split_blocks!r}")
         faults = FaultPolicy(nonfinite_grads, max_basis_failures)
         if refresh_schedule not in SCHEDULES:
             raise ValueError(
@@ -245,6 +256,7 @@ class SOAP(torch.optim.Optimizer):
             factor_dtype=factor_dtype,
             basis_dtype=basis_dtype,
             basis_orthogonality_tol=float(basis_orthogonality_tol),
+            split_blocks=split_blocks,
         )
         """Buckets, step plans and due refreshes: the SOAP math strategies call."""
         self._consolidated: dict[int, dict[str, Any]] | None = None
@@ -310,6 +322,11 @@ class SOAP(torch.optim.Optimizer):
     def basis_orthogonality_tol(self) -> float:
         """The drift guard's tolerance for bases stored below fp32."""
         return self.engine.basis_orthogonality_tol
+
+    @property
+    def split_blocks(self) -> str:
+        """``"auto"`` or ``"never"``: whether a parameter's blocks may have several owners."""
+        return self.engine.split_blocks
 
     @property
     def faults(self) -> FaultPolicy:
@@ -418,6 +435,7 @@ class SOAP(torch.optim.Optimizer):
             factor_dtype=engine.factor_dtype,
             basis_dtype=engine.basis_dtype,
             basis_orthogonality_tol=engine.basis_orthogonality_tol,
+            split_blocks=engine.split_blocks,
             faults=engine.faults,
             refresh_schedule=engine.refresh_schedule,
             elementwise=self.elementwise,
@@ -450,6 +468,7 @@ class SOAP(torch.optim.Optimizer):
                 factor_dtype=state.pop("factor_dtype", torch.float32),
                 basis_dtype=state.pop("basis_dtype", torch.float32),
                 basis_orthogonality_tol=state.pop("basis_orthogonality_tol", 0.01),
+                split_blocks=state.pop("split_blocks", "auto"),
             )
         super().__setstate__(state)
         for group in self.param_groups:  # pickles and state dicts from before maximize existed

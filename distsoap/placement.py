@@ -36,6 +36,8 @@ SWAP_SEARCH_LIMIT = 256
 """Above this many blocks the local search only moves blocks (see the module docstring)."""
 SPLIT_ABOVE_IMBALANCE = 0.05
 """Split parameters only when whole ones leave the busiest rank this far above the mean."""
+SPLIT_BLOCKS = ("auto", "never")
+"""The values of SOAP's ``split_blocks``: split where needed (above), or never."""
 
 
 @dataclass(frozen=True)
@@ -137,7 +139,7 @@ def place_blocks(
     """
     whole = assign_owners(costs, world_size)
     balance = load_balance(costs, whole, world_size)
-    if max(balance.values()) <= 1 + SPLIT_ABOVE_IMBALANCE:
+    if not any(splittable) or max(balance.values()) <= 1 + SPLIT_ABOVE_IMBALANCE:
         return [Piece(i, owner, None) for i, owner in enumerate(whole)]
     total_flops = sum(c.flops for c in costs) or 1.0
     total_bytes = sum(c.state_bytes for c in costs) or 1
@@ -166,6 +168,48 @@ def place_blocks(
             continue
         pieces += [Piece(i, owner, tuple(sorted(held[owner]))) for owner in sorted(held)]
     return pieces
+
+
+def choose_assemblers(pieces: list[Piece], row_numel: list[int], world_size: int) -> dict[int, int]:
+    """The owner that assembles each split parameter under the sharded strategies.
+
+    Under ``fsdp2``, ``fsdp1`` and DeepSpeed ZeRO 1-3 one owner of a split parameter, its
+    *assembler*, gathers the whole gradient, sends every other owner its rows and receives
+    their update rows back (:class:`~distsoap.strategies.sharded.ShardedLossless`): each row it
+    does not hold travels out and back through it. Taking the owner of the most rows alone
+    would pile every parameter's round trip onto the same ranks, so the parameters are taken
+    largest first and each goes to the owner whose round-trip traffic after taking it is the
+    least (ties: the owner of more rows, then the lowest rank). The same on every rank.
+
+    Args:
+        pieces: :func:`place_blocks`'s pieces (whole parameters are left alone).
+        row_numel: per parameter, the elements of one row of its state (one block).
+        world_size: number of ranks.
+
+    Returns:
+        Split parameter -> its assembler rank.
+    """
+    held: dict[int, dict[int, int]] = {}
+    for piece in pieces:
+        if piece.rows is not None:
+            held.setdefault(piece.param, {})[piece.owner] = len(piece.rows)
+    traffic = [0] * world_size  # elements each rank sends and receives in the round trips
+    for param, rows in held.items():
+        for owner, n in rows.items():
+            traffic[owner] += 2 * n * row_numel[param]  # as a non-assembling owner
+    chosen: dict[int, int] = {}
+    by_size = sorted(held, key=lambda i: (-sum(held[i].values()) * row_numel[i], i))
+    for param in by_size:
+        rows, total = held[param], sum(held[param].values())
+
+        def after(owner: int, rows=rows, total=total, param=param) -> int:
+            # its own rows stay; every other row goes out and comes back through it
+            return traffic[owner] + 2 * (total - 2 * rows[owner]) * row_numel[param]
+
+        best = min(rows, key=lambda o: (after(o), -rows[o], o))
+        traffic[best] = after(best)
+        chosen[param] = best
+    return chosen
 
 
 def _improve(

@@ -22,13 +22,13 @@ def optimizer_fingerprint(
 ) -> int:
     """A 63-bit hash of what must agree across ranks.
 
-    Covers the strategy, communication dtype and bucket size (both shape the collectives), every
-    parameter's shape, dtype and requires_grad,
-    and every param group's hyperparameters. Under FSDP1 the optimizer sees each rank's local
-    1-D piece, whose shape differs between ranks by design, so shapes are left out there (the
-    full shapes are compared when FSDP's metadata is gathered). Parameter names
-    (``param_names``, recorded by torch when the optimizer is given ``named_parameters()``) are
-    left to :func:`names_fingerprint`.
+    Covers the strategy, communication dtype and bucket size (both shape the collectives), the
+    storage options and ``split_blocks`` (placement depends on it), every parameter's shape,
+    dtype and requires_grad, and every param group's hyperparameters. Under FSDP1 the optimizer
+    sees each rank's local 1-D piece, whose shape differs between ranks by design, so shapes are
+    left out there (the full shapes are compared when FSDP's metadata is gathered). Parameter
+    names (``param_names``, recorded by torch when the optimizer is given
+    ``named_parameters()``) are left to :func:`names_fingerprint`.
     """
     local_pieces = strategy == "fsdp1"
     parts: list[str] = [
@@ -40,6 +40,7 @@ def optimizer_fingerprint(
         str(engine.factor_dtype),
         str(engine.basis_dtype),
         repr(engine.basis_orthogonality_tol),
+        engine.split_blocks,
     ]
     for group in engine.param_groups:
         hyper = sorted((k, hyperparameter_text(v)) for k, v in group.items() if k not in _NOT_HYPER)

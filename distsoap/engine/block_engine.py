@@ -142,6 +142,7 @@ class BlockEngine:
         factor_dtype: torch.dtype = torch.float32,
         basis_dtype: torch.dtype = torch.float32,
         basis_orthogonality_tol: float = 0.01,
+        split_blocks: str = "auto",
     ):
         self.host = host
         self.data_format = data_format
@@ -152,6 +153,9 @@ class BlockEngine:
         self.factor_dtype = factor_dtype
         self.basis_dtype = basis_dtype
         self.basis_orthogonality_tol = basis_orthogonality_tol
+        self.split_blocks = split_blocks
+        """``"auto"``: placement may give a parameter's blocks several owners; ``"never"``: every
+        parameter stays whole on one owner (:func:`~distsoap.placement.place_blocks`)."""
         self.state_shape: Callable[[torch.Tensor], tuple[int, ...]] = lambda p: tuple(p.shape)
         """Shape of the tensor whose state is kept for a parameter (set by the strategy)."""
         self.state_rows: Callable[[torch.Tensor], tuple[int, ...] | None] = lambda p: None

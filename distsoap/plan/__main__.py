@@ -11,6 +11,7 @@ import sys
 from collections.abc import Sequence
 
 from distsoap.hyperparams import parse_dtype
+from distsoap.placement import SPLIT_BLOCKS
 from distsoap.plan.models import PRESETS, build_model
 from distsoap.plan.options import DEFAULT_STACK_PATTERN, STRATEGIES, PlanError, PlanOptions
 from distsoap.plan.planner import plan
@@ -26,7 +27,9 @@ Refresh FLOPs are modelled (distsoap/plan/costs.py): (14/3) d^3 per factored dim
 matrix and refresh, divided by the precondition frequency; "on a refresh step" is the step on
 which, under the default aligned schedule, every block refreshes. With --refresh-tolerance > 0,
 "fewest (adaptive)" is the least the adaptive refresh can bring the per-step figure to: a skip
-still costs the 2 d^3 product, and at most --max-skipped-refreshes skips in a row."""
+still costs the 2 d^3 product, and at most --max-skipped-refreshes skips in a row. Under fsdp2,
+"split exchange / step" is what each rank sends per step for the round trip of the rows of
+parameters whose blocks have several owners (--split-blocks never: none is split)."""
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -75,6 +78,12 @@ def make_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--block-size", type=_positive_int, default=None, help="cut larger dims into blocks"
+    )
+    parser.add_argument(
+        "--split-blocks",
+        choices=SPLIT_BLOCKS,
+        default="auto",
+        help="whether a parameter's blocks may get several owners",
     )
     parser.add_argument("--channels-last", action="store_true", help="data_format=channels_last")
     for name in ("moment", "factor", "basis"):
@@ -128,6 +137,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             precondition_1d=args.precondition_1d,
             one_sided=args.one_sided,
             block_size=args.block_size,
+            split_blocks=args.split_blocks,
             data_format="channels_last" if args.channels_last else "channels_first",
             moment_dtype=args.moment_dtype,
             factor_dtype=args.factor_dtype,

@@ -10,6 +10,7 @@ import torch
 
 from distsoap.engine.blocks import DATA_FORMATS
 from distsoap.hyperparams import DEFAULTS
+from distsoap.placement import SPLIT_BLOCKS
 
 STRATEGIES = ("single", "ddp", "zero2", "fsdp2", "fsdp2_local")
 """The strategies the planner models (``fsdp1`` and DeepSpeed are not modelled)."""
@@ -66,6 +67,8 @@ class PlanOptions:
     """Regular expression (``re.search``) on parameter names: the ``stack_dims`` param group."""
     param_dtype: torch.dtype | None = None
     """Dtype of every parameter (None: as the model was built); fp64 parameters keep fp64 state."""
+    split_blocks: str = "auto"
+    """``"auto"``: a parameter's blocks may get several owners where needed; ``"never"``."""
 
     def __post_init__(self) -> None:
         """Check every option; a :class:`PlanError` names the first bad one."""
@@ -90,6 +93,10 @@ class PlanOptions:
             raise PlanError(f"stack_dims must be an integer >= 0, got {self.stack_dims!r}")
         if self.stack_dims < 0:
             raise PlanError(f"stack_dims must be an integer >= 0, got {self.stack_dims!r}")
+        if self.split_blocks not in SPLIT_BLOCKS:
+            raise PlanError(
+                f"split_blocks must be one of {SPLIT_BLOCKS}, got {self.split_blocks!r}"
+            )
         if self.data_format not in DATA_FORMATS:
             raise PlanError(f"data_format must be one of {DATA_FORMATS}, got {self.data_format!r}")
         for name in ("moment_dtype", "factor_dtype", "basis_dtype"):

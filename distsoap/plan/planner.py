@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from distsoap.engine.blocks import BlockSpec, make_block_spec
-from distsoap.placement import Piece, block_cost, place_blocks
+from distsoap.placement import Piece, block_cost, choose_assemblers, place_blocks
 from distsoap.plan.costs import NO_STATE, BlockState, block_state
 from distsoap.plan.options import PlanError, PlanOptions
 from distsoap.sharding import chunk_range
@@ -92,6 +92,9 @@ class RankPlan:
     without the adaptive refresh)."""
     blocks: int = 0
     """Number of blocks (parameters or shards) whose state is here."""
+    split_exchange: int = 0
+    """Bytes this rank sends per step for the round trip of split parameters' rows
+    (``fsdp2``: see :func:`split_exchange_bytes`; 0 elsewhere)."""
     adamw: int = 0
     """Bytes of AdamW's state for the same strategy."""
 
@@ -243,7 +246,8 @@ def _owners(entries: list[_Entry], options: PlanOptions) -> tuple[list[int], lis
         for i in placed
     ]
     rows = [entries[i].spec.rows if entries[i].spec.stacked else 1 for i in placed]
-    pieces = place_blocks(costs, rows, [True] * len(placed), options.world)
+    splittable = [options.split_blocks == "auto"] * len(placed)
+    pieces = place_blocks(costs, rows, splittable, options.world)
     split = []
     for piece in pieces:
         i = placed[piece.param]
@@ -253,6 +257,30 @@ def _owners(entries: list[_Entry], options: PlanOptions) -> tuple[list[int], lis
             owners[i] = SPLIT
             split.append(Piece(i, piece.owner, piece.rows))
     return owners, split
+
+
+def split_exchange_bytes(entries: list[_Entry], split: list[Piece], world: int) -> list[int]:
+    """Per rank, the bytes it sends per step for the round trip of split parameters (``fsdp2``).
+
+    One owner of a split parameter, its *assembler*
+    (:func:`~distsoap.placement.choose_assemblers`), assembles the whole gradient as for a
+    parameter placed whole, sends every other owner its piece's rows and receives their
+    update rows back (:class:`~distsoap.strategies.sharded.ShardedLossless`); each direction
+    carries one flag element per piece and the piece's rows, the zero padding of blocks
+    included, in fp32 (fp64 when some parameter is fp64). Under ``ddp`` and ``zero2`` a split
+    parameter's pieces travel where the whole one would: no round trip.
+    """
+    element = 8 if any(e.dtype == torch.float64 for e in entries) else 4
+    row_numel = [math.prod(e.spec.block_shape) for e in entries]
+    assemblers = choose_assemblers(split, row_numel, world)
+    sent = [0] * world
+    for piece in split:
+        assembler = assemblers[piece.param]
+        if piece.owner != assembler:
+            elements = 1 + len(piece.rows) * row_numel[piece.param]
+            sent[assembler] += elements * element  # gradient rows out
+            sent[piece.owner] += elements * element  # update rows back
+    return sent
 
 
 def plan(model: nn.Module, options: PlanOptions) -> Plan:
@@ -314,4 +342,7 @@ def plan(model: nn.Module, options: PlanOptions) -> Plan:
         )
     for rank, adamw in zip(ranks, _adamw_bytes(params, options)):
         rank.adamw = adamw
+    if options.strategy == "fsdp2":
+        for rank, sent in zip(ranks, split_exchange_bytes(entries, split, world)):
+            rank.split_exchange = sent
     return Plan(options, params, ranks)

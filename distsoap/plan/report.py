@@ -21,13 +21,24 @@ ROWS: tuple[tuple[str, str, str], ...] = (
     ("  on a refresh step", "refresh_peak", "flops"),
     ("  fewest (adaptive)", "refresh_flops_fewest", "flops"),
     ("blocks", "blocks", "count"),
+    ("split exchange / step", "split_exchange", "bytes"),
 )
-"""(label, quantity, unit) of each table row (the adaptive row only with ``refresh_tolerance``)."""
+"""(label, quantity, unit) of each table row (the adaptive row only with ``refresh_tolerance``,
+the split exchange only under ``fsdp2``)."""
 
 
 def _rows(options: PlanOptions) -> list[tuple[str, str, str]]:
-    """The rows this plan shows: the adaptive refresh's bound only when it is on."""
-    return [r for r in ROWS if r[1] != "refresh_flops_fewest" or options.skip_bound is not None]
+    """The rows this plan shows.
+
+    The adaptive refresh's bound only when it is on, the round trip of split parameters only
+    where it exists.
+    """
+    return [
+        r
+        for r in ROWS
+        if (r[1] != "refresh_flops_fewest" or options.skip_bound is not None)
+        and (r[1] != "split_exchange" or options.strategy == "fsdp2")
+    ]
 
 
 _BINARY = ("B", "KiB", "MiB", "GiB", "TiB", "PiB")

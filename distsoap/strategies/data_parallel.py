@@ -100,7 +100,7 @@ class DataParallel(Strategy):
                 frequency = group["precondition_frequency"]
                 costs.append(block_cost(spec, frequency, *engine.state_element_bytes(p)))
                 rows.append(spec.rows if spec.stacked else 1)
-                splittable.append(True)
+                splittable.append(engine.split_blocks == "auto")
         self.costs = costs
         self.pieces: list[Piece] = place_blocks(costs, rows, splittable, self.world)
         self.owners = [-1] * len(self.params)

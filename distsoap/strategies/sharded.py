@@ -15,8 +15,9 @@ Each parameter's part of both payloads starts with one flag element (gradient pr
 computed), so parameters without gradients behave as in single-process SOAP.
 
 Under ``fsdp2`` and ``fsdp1`` the blocks of a large blocked or stacked parameter may have
-several owners (:func:`~distsoap.placement.place_blocks`, as under ``ddp``). The owner of its
-first piece, the *assembler*, takes the steps above for the whole parameter; between them, one
+several owners (:func:`~distsoap.placement.place_blocks`, as under ``ddp``). One of them, the
+*assembler* (:func:`~distsoap.placement.choose_assemblers`: round trips spread over the ranks),
+takes the steps above for the whole parameter; between them, one
 more ``all_to_all_single`` sends each other owner the rows of the assembled gradient it holds,
 and one more brings their update rows back, before the assembler scatters the whole update (the
 owners agree on non-finite gradients and drift verdicts with
@@ -42,7 +43,7 @@ from distsoap.checks.replicas import check_copies
 from distsoap.comm import pack_flagged, read_flag, unpack_flagged, update_flag
 from distsoap.engine.block_engine import BlockEngine
 from distsoap.engine.blocks import layout_signature
-from distsoap.placement import Piece, block_cost, place_blocks
+from distsoap.placement import Piece, block_cost, choose_assemblers, place_blocks
 from distsoap.sharding import Layout, held_stack_rows, local_view
 from distsoap.strategies.base import Strategy, apply_updates, groups_by_param
 from distsoap.strategies.frozen import check_still_frozen, frozen_params
@@ -203,13 +204,13 @@ class ShardedLossless(Strategy):
         exchanged = [i for i, rows in enumerate(self.held_rows) if rows is None]
         self.owners = [-1] * len(self.params)
         """Per parameter, its owner rank (-1: stepped in place by every rank holding it); of a
-        split parameter, its assembler (the owner of its first piece)."""
+        split parameter, its assembler (:func:`~distsoap.placement.choose_assemblers`)."""
         self.split: dict[int, list[Piece]] = {}
         """Split parameters: index -> its pieces, by owner."""
         pieces = place_blocks(
             [self.costs[i] for i in exchanged],
             [self.specs[i].rows if self.specs[i].stacked else 1 for i in exchanged],
-            [True] * len(exchanged),
+            [engine.split_blocks == "auto"] * len(exchanged),
             self.world,
         )
         for piece in pieces:
@@ -218,8 +219,9 @@ class ShardedLossless(Strategy):
                 self.owners[i] = piece.owner
             else:
                 self.split.setdefault(i, []).append(Piece(i, piece.owner, piece.rows))
-        for i, parts in self.split.items():
-            self.owners[i] = parts[0].owner
+        row_numel = [math.prod(self.specs[i].block_shape) for i in exchanged]
+        for j, assembler in choose_assemblers(pieces, row_numel, self.world).items():
+            self.owners[exchanged[j]] = assembler
         self._held = {
             id(self.params[i]): piece.rows
             for i, parts in self.split.items()

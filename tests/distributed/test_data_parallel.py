@@ -115,7 +115,7 @@ def test_clip_grad_norm_matches_torch_on_the_full_batch():
 
 
 @pytest.mark.parametrize(
-    "variant", ["shapes", "strategy", "hyperparameters", "count", "bucket_cap_mb"]
+    "variant", ["shapes", "strategy", "hyperparameters", "count", "bucket_cap_mb", "split_blocks"]
 )
 def test_ranks_that_disagree_raise_the_same_error_everywhere(variant):
     messages = run_ranks(build_and_report, 2, variant, timeout=60)

@@ -4,7 +4,15 @@ import torch
 from distsoap import SOAP
 from distsoap.comm import build_buckets
 from distsoap.engine.blocks import make_block_spec
-from distsoap.placement import BlockCost, assign_owners, block_cost, load_balance, place_blocks
+from distsoap.placement import (
+    BlockCost,
+    Piece,
+    assign_owners,
+    block_cost,
+    choose_assemblers,
+    load_balance,
+    place_blocks,
+)
 
 
 def _gpt_costs(d=256, layers=4, vocab=4096, max_dim=2048):
@@ -140,3 +148,39 @@ def test_place_blocks_never_splits_what_may_not_be_split():
     costs = [BlockCost(64.0, 640)] + [BlockCost(1.0, 10)] * 12
     pieces = place_blocks(costs, [64] + [1] * 12, [False] + [True] * 12, 4)
     assert [p.rows for p in pieces if p.param == 0] == [None]
+
+
+def _round_trip_traffic(pieces, row_numel, assemblers, world):
+    """Elements each rank sends and receives in the round trips: the definition, per piece."""
+    traffic = [0] * world
+    for p in pieces:
+        if p.rows is not None and p.owner != assemblers[p.param]:
+            moved = 2 * len(p.rows) * row_numel[p.param]  # rows out, update rows back
+            traffic[p.owner] += moved
+            traffic[assemblers[p.param]] += moved
+    return traffic
+
+
+def test_assemblers_spread_the_round_trips():
+    # eight parameters split the same way over ranks 0-3: taking the lowest owner (or the one
+    # with the most rows) as every assembler would put all eight round trips on one rank
+    pieces = [
+        Piece(i, owner, tuple(range(4 * owner, 4 * owner + 4)))
+        for i in range(8)
+        for owner in range(4)
+    ]
+    assemblers = choose_assemblers(pieces, [100] * 8, 4)
+    assert sorted(assemblers) == list(range(8))
+    assert sorted(assemblers.values()) == [0, 0, 1, 1, 2, 2, 3, 3]
+    traffic = _round_trip_traffic(pieces, [100] * 8, assemblers, 4)
+    lowest = _round_trip_traffic(pieces, [100] * 8, dict.fromkeys(range(8), 0), 4)
+    assert max(traffic) == 2 * 2 * 12 * 100 + 6 * 2 * 4 * 100  # 2 assembled, 6 as an owner
+    assert max(lowest) == 8 * 2 * 12 * 100
+
+
+def test_an_assembler_is_an_owner_and_prefers_the_most_rows():
+    # alone, a parameter goes to the owner of most of its rows: the fewest rows travel
+    pieces = [Piece(0, 0, (0,)), Piece(0, 2, (1, 2, 3)), Piece(0, 3, (4,)), Piece(1, 1, None)]
+    assert choose_assemblers(pieces, [7, 7], 4) == {0: 2}
+    # an equal split: the lowest rank
+    assert choose_assemblers([Piece(0, 1, (0,)), Piece(0, 3, (1,))], [5], 4) == {0: 1}

@@ -3,7 +3,8 @@
 Each check builds the same model on the CPU, plans it, builds SOAP with the planner's param
 groups and options, takes one step with gradients (which allocates every block) and compares
 ``state_bytes()`` and its split, per rank: single process, ``ddp`` on 2 gloo ranks, and
-``fsdp2`` / ``fsdp2_local`` on 3 (uneven shards, an empty expert shard).
+``fsdp2`` / ``fsdp2_local`` on 3 (uneven shards, an empty expert shard; under ``fsdp2`` also
+the bytes each rank sent for the round trip of split parameters' rows).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from distsoap.engine.blocks import make_block_spec
 from distsoap.plan import PlanError, PlanOptions, build_model, param_groups, plan
 from distsoap.plan.__main__ import main
 from distsoap.plan.costs import block_state
+from distsoap.plan.planner import SPLIT
 from distsoap.testing.local_ranks import run_ranks
 
 
@@ -60,6 +62,7 @@ def _soap_kwargs(options: PlanOptions) -> dict:
         basis_orthogonality_tol=1.0,  # the plan assumes no block moves to fp32 bases
         block_size=options.block_size,
         precondition_frequency=options.precondition_frequency,
+        split_blocks=options.split_blocks,
     )
     return kwargs
 
@@ -124,6 +127,7 @@ CASES = {
         },
     ),
     "blocks": ("mixed", {"block_size": 7}),
+    "blocks, never split": ("mixed", {"block_size": 7, "split_blocks": "never"}),
     "blocks, one-sided, stack": ("mixed", {"block_size": 5, "one_sided": True, "stack_dims": 1}),
     "gpt2-tiny (tied)": ("gpt2-tiny", {}),
     "llama3-tiny": ("llama3-tiny", {}),
@@ -218,7 +222,9 @@ def fsdp2_state(rank: int, world: int, cases: list[tuple[str, str]]) -> list[dic
             if p.requires_grad:
                 p.grad = distribute_tensor(torch.randn(p.shape), mesh, [Shard(0)])
         opt.step()
-        result.append(_split(opt))
+        sent = opt.comm_stats["last_step_bytes"]
+        exchange = sent.get("grad_rows", 0) + sent.get("update_rows", 0)
+        result.append({**_split(opt), "split_exchange": exchange})
     return result
 
 
@@ -228,6 +234,8 @@ def test_fsdp2_plans_are_each_ranks_real_state():
         ("fsdp2", "expert stack"),  # 4 experts over 3 ranks: 2, 2 and none, stepped in place
         ("fsdp2", "moe-tiny"),
         ("fsdp2", "lean"),
+        ("fsdp2", "blocks"),  # 4 parameters split: the round trip of their rows
+        ("fsdp2", "blocks, never split"),
         ("fsdp2_local", "default"),
         ("fsdp2_local", "stack, one-sided, bf16"),
     ]
@@ -235,7 +243,16 @@ def test_fsdp2_plans_are_each_ranks_real_state():
     for i, (strategy, case) in enumerate(cases):
         name, kwargs = CASES[case]
         planned = plan(_model(name), PlanOptions(strategy=strategy, world=3, **kwargs))
-        assert [_planned(r) for r in planned.ranks] == [real[r][i] for r in range(3)], case
+        expected = [{**_planned(r), "split_exchange": r.split_exchange} for r in planned.ranks]
+        assert expected == [real[r][i] for r in range(3)], case
+    # the cases can tell: "blocks" splits and pays a round trip that never splitting avoids
+    split_plans = {
+        case: plan(_model("mixed"), PlanOptions(strategy="fsdp2", world=3, **CASES[case][1]))
+        for case in ("blocks", "blocks, never split")
+    }
+    assert sum(p.owner == SPLIT for p in split_plans["blocks"].params) == 4
+    assert all(r.split_exchange > 0 for r in split_plans["blocks"].ranks)
+    assert not any(p.owner == SPLIT for p in split_plans["blocks, never split"].params)
 
 
 def test_adamw_state_per_strategy():

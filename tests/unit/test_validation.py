@@ -92,6 +92,7 @@ def test_layout_options_cannot_change_mid_training(shape, change):
         (dict(strategy="zero2"), r"needs torch.distributed initialised"),
         (dict(comm_dtype=torch.int32), r"comm_dtype must be one of"),
         (dict(bucket_cap_mb=0), r"bucket_cap_mb must be > 0"),
+        (dict(split_blocks="always"), r"split_blocks must be one of \('auto', 'never'\)"),
     ],
 )
 def test_bad_distributed_options_raise_value_error(kwargs, message):
