@@ -192,13 +192,16 @@ def ddp_state(rank: int, world: int, cases: list[str]) -> list[dict[str, int]]:
 
 
 def test_ddp_plan_is_each_ranks_real_state():
-    cases = DISTRIBUTED_CASES + ["gpt2-tiny (tied)", "moe-tiny"]
+    cases = DISTRIBUTED_CASES + ["blocks, never split", "gpt2-tiny (tied)", "moe-tiny"]
     real = run_ranks(ddp_state, 2, cases)
     for i, case in enumerate(cases):
         name, kwargs = CASES[case]
         planned = plan(_model(name), PlanOptions(strategy="ddp", world=2, **kwargs))
         assert [_planned(r) for r in planned.ranks] == [real[r][i] for r in range(2)], case
         assert all(r.soap > 0 for r in planned.ranks)  # the cases do spread over both ranks
+        # the two block cases differ: split where allowed, whole where split_blocks="never"
+        split = any(p.owner == SPLIT for p in planned.params)
+        assert split == (case == "blocks"), case
 
 
 def fsdp2_state(rank: int, world: int, cases: list[tuple[str, str]]) -> list[dict[str, int]]:
