@@ -88,7 +88,7 @@ def orthogonality_loss_bound(computed: torch.Tensor, dtype: torch.dtype) -> torc
         ``(B,)``: at least the loss of the stored basis, up to the compute dtype's own
         (about 1e-6 in fp32).
     """
-    error = (computed.to(dtype).to(computed.dtype) - computed).flatten(1).norm(dim=1)
+    error = torch.linalg.vector_norm(computed.to(dtype).to(computed.dtype) - computed, dim=(1, 2))
     return (2 * error + error.square()) / computed.shape[-1] ** 0.5
 
 
@@ -112,7 +112,8 @@ def orthogonality_loss_ceiling(computed: torch.Tensor, dtype: torch.dtype) -> to
     d = computed.shape[-1]
     unit_roundoff = info.eps / 2  # round to nearest
     subnormal = info.tiny * info.eps / 2  # half the spacing below the normal range
-    error = unit_roundoff * computed.flatten(1).norm(dim=1) + d * subnormal
+    # no flatten: the new bases come column-major from the QR, and flattening them copies
+    error = unit_roundoff * torch.linalg.vector_norm(computed, dim=(1, 2)) + d * subnormal
     return (2 * error + error.square()) / d**0.5
 
 
