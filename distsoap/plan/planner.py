@@ -267,9 +267,9 @@ def split_exchange_bytes(entries: list[_Entry], split: list[Piece], world: int) 
     parameter placed whole, sends every other owner its piece's rows and receives their
     update rows back (:class:`~distsoap.strategies.sharded.ShardedLossless`); each direction
     carries one flag element per piece and the piece's rows, the zero padding of blocks
-    included, in fp32 (fp64 when some parameter is fp64; the default ``comm_dtype``, whose bf16
-    would halve the update rows). Under ``ddp`` and ``zero2`` a split
-    parameter's pieces travel where the whole one would: no round trip.
+    included, in fp32 (fp64 when some parameter is fp64), as with the default ``comm_dtype``
+    (bf16 would halve the update rows). Under ``ddp`` and ``zero2`` a split parameter's pieces
+    travel where the whole one would: no round trip.
     """
     element = 8 if any(e.dtype == torch.float64 for e in entries) else 4
     row_numel = [math.prod(e.spec.block_shape) for e in entries]
