@@ -72,13 +72,20 @@ def train_fsdp2(
     }
 
 
-def train_fsdp1(rank: int, world: int, steps: int = 20) -> dict:
+def train_fsdp1(
+    rank: int,
+    world: int,
+    steps: int = 20,
+    dtype: torch.dtype = torch.float64,
+    soap_kwargs: dict | None = None,
+) -> dict:
     """FSDP1 with use_orig_params=True; the optimizer reads the flat-parameter metadata."""
     # FSDP1 hands an unused parameter a zero gradient (one flat gradient per unit), not None,
     # so its step differs from single-process SOAP's skip: no skipped blocks here
-    model = ProblemModel(torch.float64, FSDP_SHAPES, skips="none")
+    model = ProblemModel(dtype, FSDP_SHAPES, skips="none")
     wrapped = FullyShardedDataParallel(model, use_orig_params=True, device_id=torch.device("cpu"))
-    opt = SOAP(model.param_groups(), strategy="fsdp1", fsdp_model=wrapped, **OPTIONS)
+    kwargs = {**OPTIONS, **(soap_kwargs or {})}
+    opt = SOAP(model.param_groups(), strategy="fsdp1", fsdp_model=wrapped, **kwargs)
     for step in range(steps):
         opt.zero_grad(set_to_none=True)
         wrapped(step, rank, (rank, world)).backward()

@@ -3,7 +3,7 @@
 Each option changes the math of a block, never where it is computed, so ddp, zero2 and fsdp2 at
 2 ranks must end where single-process SOAP with the same option ends (tests/distributed/
 scenarios.py's mixed-shape model: square, one-sided, conv and 1-D blocks, two param groups).
-DeepSpeed ZeRO-2 too, in fp32 (DeepSpeed keeps fp32 master weights), at 2 ranks.
+DeepSpeed ZeRO-2 too, in fp32 (DeepSpeed keeps fp32 master weights), and FSDP1, at 2 ranks.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from distsoap.testing.local_ranks import run_ranks
-from tests.distributed.fsdp_scenarios import FSDP_SHAPES, train_fsdp2
+from tests.distributed.fsdp_scenarios import FSDP_SHAPES, train_fsdp1, train_fsdp2
 from tests.distributed.scenarios import SHAPES, single_process_reference, train_data_parallel
 from tests.problems import relative_difference
 
@@ -51,6 +51,19 @@ def test_lossless_strategies_match_single_process_with_the_option(strategy, opti
     plain = single_process_reference(dtype, 2, STEPS, shapes, skips)
     changed = relative_difference(plain, reference)
     assert changed > 1e-3  # the option changes the result
+    for rank, result in enumerate(results):
+        assert relative_difference(result["params"], reference) < tolerance, rank
+
+
+# bf16_blocks covers bf16 storage and blocks together (block_size alone: test_block_owners.py)
+@pytest.mark.parametrize("options", ["one_sided", "adaptive_refresh", "bf16_blocks"])
+def test_fsdp1_matches_single_process_with_the_option(options):
+    """FSDP1's flat pieces (the same lossless exchange as fsdp2 on other layouts)."""
+    kwargs, dtype, tolerance = OPTION_SETS[options]
+    results = run_ranks(train_fsdp1, 2, steps=STEPS, dtype=dtype, soap_kwargs=kwargs)
+    reference = single_process_reference(dtype, 2, STEPS, FSDP_SHAPES, "none", soap_kwargs=kwargs)
+    plain = single_process_reference(dtype, 2, STEPS, FSDP_SHAPES, "none")
+    assert relative_difference(plain, reference) > 1e-3  # the option changes the result
     for rank, result in enumerate(results):
         assert relative_difference(result["params"], reference) < tolerance, rank
 
