@@ -41,6 +41,7 @@ from distsoap.placement import Piece, block_cost, choose_assemblers, place_block
 from distsoap.plan.costs import NO_STATE, BlockState, block_state
 from distsoap.plan.options import PlanError, PlanOptions
 from distsoap.sharding import chunk_range
+from distsoap.strategies.direct_rows import blocks_are_boxes
 
 EVERY_RANK = -1
 """``ParamPlan.owner`` of a parameter held by every rank (``single``)."""
@@ -262,7 +263,9 @@ def _owners(entries: list[_Entry], options: PlanOptions) -> tuple[list[int], lis
 def split_exchange_bytes(entries: list[_Entry], split: list[Piece], world: int) -> list[int]:
     """Per rank, the bytes it sends per step for the round trip of split parameters (``fsdp2``).
 
-    One owner of a split parameter, its *assembler*
+    A split parameter whose blocks are boxes of its own dims goes straight between the ranks
+    holding its dim-0 shards and its owners (:mod:`~distsoap.strategies.direct_rows`): no
+    round trip. Of any other, one owner, its *assembler*
     (:func:`~distsoap.placement.choose_assemblers`), assembles the whole gradient as for a
     parameter placed whole, sends every other owner its piece's rows and receives their
     update rows back (:class:`~distsoap.strategies.sharded.ShardedLossless`); each direction
@@ -273,6 +276,8 @@ def split_exchange_bytes(entries: list[_Entry], split: list[Piece], world: int) 
     """
     element = 8 if any(e.dtype == torch.float64 for e in entries) else 4
     row_numel = [math.prod(e.spec.block_shape) for e in entries]
+    # FSDP2's Shard(0): boxes of the parameter's own dims go straight to their owners
+    split = [piece for piece in split if not blocks_are_boxes(entries[piece.param].spec)]
     assemblers = choose_assemblers(split, row_numel, world)
     sent = [0] * world
     for piece in split:

@@ -46,6 +46,14 @@ from distsoap.engine.blocks import layout_signature
 from distsoap.placement import Piece, block_cost, choose_assemblers, place_blocks
 from distsoap.sharding import Layout, held_stack_rows, local_view
 from distsoap.strategies.base import Strategy, apply_updates, groups_by_param
+from distsoap.strategies.direct_rows import (
+    BoxPart,
+    box_parts,
+    direct_exchange_applies,
+    gather_block_parts,
+    gather_parts,
+    scatter_parts,
+)
 from distsoap.strategies.frozen import check_still_frozen, frozen_params
 from distsoap.strategies.split_params import agree_on_skips, agree_on_split, join_pieces
 
@@ -158,6 +166,11 @@ class ShardedLossless(Strategy):
             there); default: the param groups.
     """
 
+    direct_exchange: bool = True
+    """Send the blocks of split parameters straight between shard holders and owners where
+    :func:`~distsoap.strategies.direct_rows.direct_exchange_applies` (else every split
+    parameter takes the assembler's round trip: what tests hold the direct exchange against)."""
+
     def __init__(
         self,
         engine: BlockEngine,
@@ -203,8 +216,9 @@ class ShardedLossless(Strategy):
                 )
         exchanged = [i for i, rows in enumerate(self.held_rows) if rows is None]
         self.owners = [-1] * len(self.params)
-        """Per parameter, its owner rank (-1: stepped in place by every rank holding it); of a
-        split parameter, its assembler (:func:`~distsoap.placement.choose_assemblers`)."""
+        """Per parameter, its owner rank (-1: stepped in place by every rank holding it, or a
+        split parameter exchanged directly); of another split parameter, its assembler
+        (:func:`~distsoap.placement.choose_assemblers`)."""
         self.split: dict[int, list[Piece]] = {}
         """Split parameters: index -> its pieces, by owner."""
         pieces = place_blocks(
@@ -219,9 +233,20 @@ class ShardedLossless(Strategy):
                 self.owners[i] = piece.owner
             else:
                 self.split.setdefault(i, []).append(Piece(i, piece.owner, piece.rows))
+        self.direct = {
+            i
+            for i in self.split
+            if self.direct_exchange and direct_exchange_applies(self.specs[i], self.layouts[i])
+        }
+        """Split parameters whose blocks go straight between shard holders and piece owners
+        (:mod:`~distsoap.strategies.direct_rows`); the others take the assembler's round trip."""
+        self._parts: dict[tuple[int, int, int], list[BoxPart]] = {}
+        routed = [p for p in pieces if exchanged[p.param] not in self.direct]
         row_numel = [math.prod(self.specs[i].block_shape) for i in exchanged]
-        for j, assembler in choose_assemblers(pieces, row_numel, self.world).items():
+        for j, assembler in choose_assemblers(routed, row_numel, self.world).items():
             self.owners[exchanged[j]] = assembler
+        for i in self.direct:  # no assembler: in no exchange plan
+            self.owners[i] = -1
         self._held = {
             id(self.params[i]): piece.rows
             for i, parts in self.split.items()
@@ -403,15 +428,21 @@ class ShardedLossless(Strategy):
             if piece is not None and piece.numel() > 0:
                 grads[id(self.params[i])] = piece
         split = [i for i in items if i in self.split]
+        direct = [i for i in split if i in self.direct]
+        routed = [i for i in split if i not in self.direct]
         nonfinite: set[int] = set()
+        if direct:
+            self._direct_grads(direct, grads, device)
+        if routed:
+            self._send_rows(routed, grads, device)
         if split:
-            self._send_rows(split, grads, device)
             params = [self.params[i] for i in split]
             comm = self.comm_device()
             nonfinite = agree_on_split(self.engine, params, grads, self.group, comm, self.stats)
         updates = self.engine.compute_updates(grads, defer_refresh=True, nonfinite=nonfinite)
         error = self.engine.faults.take_pending()
-        pieces_abort = self._gather_rows(split, updates, error, device) if split else False
+        pieces_abort = self._gather_rows(routed, updates, error, device) if routed else False
+        direct_updates = self._direct_updates(direct, updates, error, device) if direct else []
         # 3. update pieces back to every rank
         out_dtype = self.comm_dtype or self.exact
         deltas = [updates.get(id(self.params[i]), (None, None))[1] for i in plan.mine]
@@ -446,12 +477,135 @@ class ShardedLossless(Strategy):
         )
         groups = groups_by_param(self.engine.param_groups)
         aborting = self.apply_flagged(received_blocks, self.params, self._local_target, groups)
+        aborting |= self.apply_flagged(direct_updates, self.params, self._local_target, groups)
         if in_place:
             targets = {id(self.params[i]): self._local_target(i) for i in in_place}
             local = {k: updates[k] for k in targets if k in updates}
             apply_updates(self.engine.param_groups, local, targets)
             aborting |= self._stop_flags(error)
         self.finish(error, aborting)
+
+    def _box_parts(self, index: int, piece: Piece, holder: int) -> list[BoxPart]:
+        """The parts of ``piece``'s blocks in ``holder``'s shard (cached)."""
+        key = (index, piece.owner, holder)
+        parts = self._parts.get(key)
+        if parts is None:
+            start, stop = self.layouts[index].ranges[holder]
+            parts = box_parts(self.specs[index], piece.rows, start, stop)
+            self._parts[key] = parts
+        return parts
+
+    def _shard(self, index: int, tensor: torch.Tensor) -> torch.Tensor:
+        """Reshape this rank's piece of parameter ``index`` as the dim-0 range it is."""
+        start, stop = self.layouts[index].ranges[self.rank]
+        return tensor.reshape(stop - start, *self.layouts[index].full_shape[1:])
+
+    def _direct_grads(self, direct: list[int], grads: dict[int, torch.Tensor], device) -> None:
+        """Shard holders send each owner of a piece the parts of their gradient in its blocks.
+
+        One ``all_to_all_single`` for all ``direct`` parameters; each (parameter, holder, owner)
+        carries a flag (gradient present) and the parts, so every owner of a parameter learns
+        the same presence. ``grads`` gains the row-form gradients of the pieces held here
+        (absent shards read as zeros, as the assembler would assemble them).
+        """
+        to: list[list[tuple[float, torch.Tensor | None, int]]] = [[] for _ in range(self.world)]
+        recv_splits: list[list[int]] = [[] for _ in range(self.world)]
+        recv_items: list[list[int]] = [[] for _ in range(self.world)]
+        for i in direct:
+            layout, local = self.layouts[i], self._local_grad(i)
+            for piece in self.split[i]:
+                if self.rank in layout.sources(piece.owner):
+                    parts = self._box_parts(i, piece, self.rank)
+                    values = None if local is None else gather_parts(self._shard(i, local), parts)
+                    numel = sum(p.numel for p in parts)
+                    to[piece.owner].append((float(local is not None), values, numel))
+                if piece.owner == self.rank:
+                    for source in layout.sources(self.rank):
+                        numel = sum(p.numel for p in self._box_parts(i, piece, source))
+                        recv_splits[source] += [1, numel]
+                        recv_items[source].append(i)
+        send = pack_flagged([b for blocks in to for b in blocks], self.exact, device)
+        send_sizes = [sum(1 + n for _, _, n in blocks) for blocks in to]
+        recv_sizes = [sum(sizes) for sizes in recv_splits]
+        received = self._exchange(send, send_sizes, recv_sizes, "grad_sync")
+        flags_from, values_from = unpack_flagged(received, recv_splits)
+        rows: dict[int, torch.Tensor] = {}
+        present: dict[int, bool] = {}
+        for source, indices in enumerate(recv_items):
+            for i, flag, values in zip(indices, flags_from[source], values_from[source]):
+                mine = next(p for p in self.split[i] if p.owner == self.rank)
+                if i not in rows:
+                    shape = (len(mine.rows), *self.specs[i].block_shape)
+                    rows[i] = torch.zeros(shape, dtype=self._grad_dtype(i), device=device)
+                present[i] = present.get(i, False) or flag != 0
+                scatter_parts(rows[i], values, self._box_parts(i, mine, source), blocks=True)
+        for i, gradient in rows.items():
+            if present[i]:
+                grads[id(self.params[i])] = gradient
+
+    def _direct_updates(
+        self, direct: list[int], updates, error: str | None, device
+    ) -> list[tuple[int, int, float, torch.Tensor]]:
+        """Owners of pieces send every rank the parts of their update in its shard.
+
+        One ``all_to_all_single``; each (parameter, owner, rank) carries a flag (update computed,
+        training must stop) and the parts, so every rank hears every owner. ``updates`` loses
+        the pieces' row-form deltas.
+
+        Returns:
+            Per direct parameter this rank holds a shard of, ``(index, owner, flag, shard
+            delta)`` for :meth:`apply_flagged` (the owners' flags combined: an update when every
+            owner computed one; the stop flags of all owners carried by one entry each).
+        """
+        wire = self.comm_dtype or self.exact
+        to: list[list[tuple[float, torch.Tensor | None, int]]] = [[] for _ in range(self.world)]
+        recv_splits: list[list[int]] = [[] for _ in range(self.world)]
+        recv_items: list[list[int]] = [[] for _ in range(self.world)]
+        for i in direct:
+            for piece in self.split[i]:
+                if piece.owner == self.rank:
+                    delta = updates.pop(id(self.params[i]), (None, None))[1]
+                    shape = (len(piece.rows), *self.specs[i].block_shape)
+                    blocks = None if delta is None else delta.reshape(shape)
+                    flag = update_flag(delta is not None, error is not None)
+                    for destination in range(self.world):
+                        parts = self._box_parts(i, piece, destination)
+                        values = None if blocks is None else gather_block_parts(blocks, parts)
+                        to[destination].append((flag, values, sum(p.numel for p in parts)))
+                numel = sum(p.numel for p in self._box_parts(i, piece, self.rank))
+                recv_splits[piece.owner] += [1, numel]
+                recv_items[piece.owner].append(i)
+        send = pack_flagged([b for blocks in to for b in blocks], wire, device)
+        send_sizes = [sum(1 + n for _, _, n in blocks) for blocks in to]
+        recv_sizes = [sum(sizes) for sizes in recv_splits]
+        received = self._exchange(send, send_sizes, recv_sizes, "update_scatter")
+        flags_from, values_from = unpack_flagged(received, recv_splits)
+        shards: dict[int, torch.Tensor] = {}
+        has: dict[int, list[bool]] = {}
+        result: list[tuple[int, int, float, torch.Tensor]] = []
+        for owner, indices in enumerate(recv_items):
+            for i, flag, values in zip(indices, flags_from[owner], values_from[owner]):
+                has_update, stop = read_flag(flag)
+                has.setdefault(i, []).append(has_update)
+                if stop:  # carried on its own, with no update
+                    result.append((i, owner, update_flag(False, True), values[:0]))
+                if i not in shards:
+                    start, stop_row = self.layouts[i].ranges[self.rank]
+                    shape = (stop_row - start, *self.layouts[i].full_shape[1:])
+                    shards[i] = torch.zeros(shape, dtype=wire, device=device)
+                piece = next(p for p in self.split[i] if p.owner == owner)
+                scatter_parts(shards[i], values, self._box_parts(i, piece, self.rank), False)
+        for i, flags in has.items():
+            if not any(flags):
+                continue
+            if not all(flags):
+                name = self.engine.param_name(self.params[i])
+                raise RuntimeError(
+                    f"internal error: the owners of parameter {name} disagree on whether it "
+                    "has an update this step"
+                )
+            result.append((i, -1, update_flag(True, False), shards[i].reshape(-1)))
+        return result
 
     def _piece_numel(self, index: int, piece: Piece) -> int:
         """Elements of a piece's rows (the padding of blocks included)."""

@@ -243,13 +243,20 @@ def single_bytes(
     return opt.state_bytes()
 
 
-def train_split_fsdp2(rank: int, world: int, steps: int, hsdp: bool = False) -> dict:
+def train_split_fsdp2(
+    rank: int, world: int, steps: int, hsdp: bool = False, direct: bool = True
+) -> dict:
     """fp64 FSDP2 training (dim 0 sharded over ``world`` ranks) with lossless SOAP.
 
-    ``hsdp``: a ``(2, world / 2)`` mesh, replicated over its first dim (HSDP).
+    ``hsdp``: a ``(2, world / 2)`` mesh, replicated over its first dim (HSDP). ``direct``:
+    False sends every split parameter through its assembler (in this rank's process).
     """
     from torch.distributed.device_mesh import init_device_mesh  # noqa: PLC0415
     from torch.distributed.fsdp import fully_shard  # noqa: PLC0415
+
+    from distsoap.strategies.sharded import ShardedLossless  # noqa: PLC0415
+
+    ShardedLossless.direct_exchange = direct
 
     model = ProblemModel(torch.float64, FSDP_SHAPES, "global")  # FSDP2 reduces every gradient
     shape, names = ((2, world // 2), ("replicate", "shard")) if hsdp else ((world,), ("shard",))
@@ -261,6 +268,9 @@ def train_split_fsdp2(rank: int, world: int, steps: int, hsdp: bool = False) -> 
         "params": [p.full_tensor().detach().clone() for p in model.parameters()],
         "pieces": [(p.param, p.owner, p.rows) for ps in strategy.split.values() for p in ps],
         "split_shapes": {tuple(strategy.params[i].shape) for i in strategy.split},
+        "direct": sorted(strategy.direct),
+        "split": sorted(strategy.split),
+        "sent": dict(opt.comm_stats["total_bytes"]),
         "state_bytes": opt.state_bytes(),
     }
 

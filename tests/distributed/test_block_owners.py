@@ -115,14 +115,25 @@ def _check_every_piece_moved(results: list[dict], world: int) -> None:
             assert results[owner]["held"][param] == (torch.bfloat16, 0), (param, owner)
 
 
-@pytest.mark.parametrize("world,hsdp", [(2, False), (3, False), (4, True)])
-def test_fsdp2_split_parameters_match_single_process(world, hsdp):
-    """Under FSDP2 (and HSDP on a (2, 2) mesh) the assembler of a split parameter sends the
-    other owners their rows and joins their update rows before scattering the whole update."""
-    results = run_ranks(bo.train_split_fsdp2, world, steps=12, hsdp=hsdp)
+@pytest.mark.parametrize(
+    "world,hsdp,direct", [(2, False, True), (3, False, True), (3, False, False), (4, True, True)]
+)
+def test_fsdp2_split_parameters_match_single_process(world, hsdp, direct):
+    """Under FSDP2 (and HSDP on a (2, 2) mesh) the blocks of a split parameter go straight
+    between the ranks holding its dim-0 shards and their owners (``direct``), or through an
+    assembler that sends the other owners their rows and joins their update rows before
+    scattering the whole update (the path of layouts with other pieces)."""
+    results = run_ranks(bo.train_split_fsdp2, world, steps=12, hsdp=hsdp, direct=direct)
     split = _split(results[0]["pieces"])
     assert split and all(len(set(o)) >= 2 for o in split.values())
     assert (64, 64) in results[0]["split_shapes"]
+    rows_sent = sum(
+        r["sent"].get("grad_rows", 0) + r["sent"].get("update_rows", 0) for r in results
+    )
+    if direct:  # every split parameter here is blocked in boxes of its own dims
+        assert results[0]["direct"] == results[0]["split"] and rows_sent == 0
+    else:
+        assert results[0]["direct"] == [] and rows_sent > 0
     reference = bo.single(world, 12, skips="global", shapes=bo.FSDP_SHAPES)["params"]
     for rank, result in enumerate(results):
         assert relative_difference(result["params"], reference) < TOLERANCE, rank

@@ -128,6 +128,8 @@ CASES = {
     ),
     "blocks": ("mixed", {"block_size": 7}),
     "blocks, never split": ("mixed", {"block_size": 7, "split_blocks": "never"}),
+    # the conv merged to (8, 6, 9): blocks that are no boxes of its own dims take the round trip
+    "blocks, merged": ("mixed", {"block_size": 5, "merge_dims": True, "max_precond_dim": 16}),
     "blocks, one-sided, stack": ("mixed", {"block_size": 5, "one_sided": True, "stack_dims": 1}),
     "gpt2-tiny (tied)": ("gpt2-tiny", {}),
     "llama3-tiny": ("llama3-tiny", {}),
@@ -237,7 +239,8 @@ def test_fsdp2_plans_are_each_ranks_real_state():
         ("fsdp2", "expert stack"),  # 4 experts over 3 ranks: 2, 2 and none, stepped in place
         ("fsdp2", "moe-tiny"),
         ("fsdp2", "lean"),
-        ("fsdp2", "blocks"),  # 4 parameters split: the round trip of their rows
+        ("fsdp2", "blocks"),  # 4 parameters split, all straight to their owners
+        ("fsdp2", "blocks, merged"),  # and one of 4 through an assembler
         ("fsdp2", "blocks, never split"),
         ("fsdp2_local", "default"),
         ("fsdp2_local", "stack, one-sided, bf16"),
@@ -248,13 +251,16 @@ def test_fsdp2_plans_are_each_ranks_real_state():
         planned = plan(_model(name), PlanOptions(strategy=strategy, world=3, **kwargs))
         expected = [{**_planned(r), "split_exchange": r.split_exchange} for r in planned.ranks]
         assert expected == [real[r][i] for r in range(3)], case
-    # the cases can tell: "blocks" splits and pays a round trip that never splitting avoids
+    # the cases can tell: "blocks" splits with no round trip (boxes of the parameters' own
+    # dims), "blocks, merged" pays one for its merged conv, never splitting splits nothing
     split_plans = {
         case: plan(_model("mixed"), PlanOptions(strategy="fsdp2", world=3, **CASES[case][1]))
-        for case in ("blocks", "blocks, never split")
+        for case in ("blocks", "blocks, merged", "blocks, never split")
     }
     assert sum(p.owner == SPLIT for p in split_plans["blocks"].params) == 4
-    assert all(r.split_exchange > 0 for r in split_plans["blocks"].ranks)
+    assert all(r.split_exchange == 0 for r in split_plans["blocks"].ranks)
+    assert sum(p.owner == SPLIT for p in split_plans["blocks, merged"].params) == 4
+    assert all(r.split_exchange > 0 for r in split_plans["blocks, merged"].ranks)
     assert not any(p.owner == SPLIT for p in split_plans["blocks, never split"].params)
 
 
