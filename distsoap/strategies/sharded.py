@@ -15,14 +15,18 @@ Each parameter's part of both payloads starts with one flag element (gradient pr
 computed), so parameters without gradients behave as in single-process SOAP.
 
 Under ``fsdp2`` and ``fsdp1`` the blocks of a large blocked or stacked parameter may have
-several owners (:func:`~distsoap.placement.place_blocks`, as under ``ddp``). One of them, the
-*assembler* (:func:`~distsoap.placement.choose_assemblers`: round trips spread over the ranks),
-takes the steps above for the whole parameter; between them, one
-more ``all_to_all_single`` sends each other owner the rows of the assembled gradient it holds,
-and one more brings their update rows back, before the assembler scatters the whole update (the
-owners agree on non-finite gradients and drift verdicts with
-:func:`~distsoap.strategies.split_params.agree_on_split`). A split costs that extra round trip of
-its rows, so it happens only where placing whole parameters would leave a rank over-loaded.
+several owners (:func:`~distsoap.placement.place_blocks`, as under ``ddp``; the owners agree on
+non-finite gradients and drift verdicts with
+:func:`~distsoap.strategies.split_params.agree_on_split`). Where its blocks are boxes of its own
+dims and every rank holds a range of its dim 0 (FSDP2's ``Shard(0)``, HSDP's replicas of it),
+steps 1 and 3 go straight between the ranks and the owners of the blocks, each part once
+(:mod:`~distsoap.strategies.direct_rows`). Elsewhere (FSDP1's and DeepSpeed's flat pieces,
+FSDP2 over tensor parallel, merged dims) one owner, the *assembler*
+(:func:`~distsoap.placement.choose_assemblers`: round trips spread over the ranks), takes the
+steps above for the whole parameter; between them, one more ``all_to_all_single`` sends each
+other owner the rows of the assembled gradient it holds, and one more brings their update rows
+back, before the assembler scatters the whole update: a round trip of the rows, so splits
+happen only where placing whole parameters would leave a rank over-loaded.
 
 Local (``strategy="fsdp2_local"``): every rank runs SOAP on its own local shards as if they
 were the parameters. No communication beyond FSDP's own; an approximation whose result depends
