@@ -65,12 +65,15 @@ def train(
     nan: bool = False,
     ddp: bool = False,
     data_world: int | None = None,
+    nan_in_shard: bool = False,
 ) -> None:
     """Steps on this rank's shard of ``world``; in one process, on all ``world`` shards.
 
     ``data_world``: the batch is cut into that many shards, dealt round-robin to the ranks and
     weighted so that the ranks' average is the mean over the shards (a run resumed on another
-    number of ranks sees the same data).
+    number of ranks sees the same data). ``nan_in_shard``: the last rank's reduced gradient
+    shard of the poisoned parameter gets one NaN at ``NAN_STEP`` (FSDP2, whose reduction
+    bypasses tensor hooks).
     """
     forward = model
     poisoned = list(model.blocks)[NAN_PARAM]
@@ -90,6 +93,8 @@ def train(
         else:
             loss = forward(step, rank, (rank, world))
         loss.backward()
+        if nan_in_shard and step == NAN_STEP and rank == world - 1:
+            poisoned.grad._local_tensor[0, 0] = float("nan")
         opt.step()
 
 
@@ -126,6 +131,26 @@ def nan_in_one_piece(rank: int, world: int, strategy: str) -> dict:
     return {
         "params": [p.detach().clone() for p in model.parameters()],
         "owners": owners,
+        "skips": state.get("nonfinite_skips") if state else None,
+    }
+
+
+def nan_in_one_piece_fsdp2(rank: int, world: int) -> dict:
+    """FSDP2 training with a NaN in one rank's shard of a split parameter at one step."""
+    from torch.distributed.device_mesh import init_device_mesh  # noqa: PLC0415
+    from torch.distributed.fsdp import fully_shard  # noqa: PLC0415
+
+    model = ProblemModel(torch.float64, FSDP_SHAPES, "global")
+    fully_shard(model, mesh=init_device_mesh("cpu", (world,)))
+    opt = SOAP(model.param_groups(), strategy="fsdp2", nonfinite_grads="skip", **OPTIONS, **BLOCKS)
+    train(model, opt, range(8), rank, world, nan_in_shard=True)
+    strategy = opt.strategy
+    index = next(i for i, p in enumerate(strategy.params) if p is list(model.blocks)[NAN_PARAM])
+    state = opt.state[list(model.blocks)[NAN_PARAM]]
+    return {
+        "params": [p.full_tensor().detach().clone() for p in model.parameters()],
+        "owners": [p.owner for p in strategy.split.get(index, [])],
+        "direct": index in strategy.direct,
         "skips": state.get("nonfinite_skips") if state else None,
     }
 

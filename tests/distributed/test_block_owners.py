@@ -63,6 +63,18 @@ def test_a_nan_in_one_piece_skips_every_piece(strategy):
             assert result["skips"] == 1, rank  # counted by every owner of a piece
 
 
+def test_a_nan_in_one_shard_skips_every_piece_under_fsdp2():
+    """The direct exchange: the owner whose blocks hold the NaN tells the others."""
+    results = run_ranks(bo.nan_in_one_piece_fsdp2, 3)
+    assert len(set(results[0]["owners"])) >= 2 and results[0]["direct"]
+    reference = bo.single(3, 8, nan=True, skips="global", shapes=bo.FSDP_SHAPES)
+    assert reference["skips"] == 1
+    for rank, result in enumerate(results):
+        assert relative_difference(result["params"], reference["params"]) < TOLERANCE, rank
+        if rank in results[0]["owners"]:
+            assert result["skips"] == 1, rank  # counted by every owner of a piece
+
+
 def test_split_state_resumes_in_one_process_and_back():
     world, split_at, steps = 3, 6, 12
     runs = run_ranks(bo.save_split_then_continue, world, split_at=split_at, steps=steps)
