@@ -46,7 +46,12 @@ from distsoap.placement import Piece, block_cost, place_blocks
 from distsoap.strategies.base import Strategy, groups_by_param
 from distsoap.strategies.frozen import check_still_frozen, frozen_params
 from distsoap.strategies.grad_sync import GradSync
-from distsoap.strategies.split_params import agree_on_skips, agree_on_split, join_pieces
+from distsoap.strategies.split_params import (
+    agree_on_skips,
+    agree_on_split,
+    has_update,
+    join_pieces,
+)
 
 
 class DataParallel(Strategy):
@@ -294,14 +299,8 @@ class DataParallel(Strategy):
         by_group: dict[int, tuple[dict, list, list]] = {}
         for i, keys in self.split.items():
             has = [read_flag(received[k][0])[0] for k in keys]
-            if not any(has):
+            if not has_update(self.engine, self.params[i], has):
                 continue
-            if not all(has):
-                name = self.engine.param_name(self.params[i])
-                raise RuntimeError(
-                    f"internal error: the owners of parameter {name} disagree on whether it "
-                    "has an update this step"
-                )
             pieces = [(self.pieces[k].rows, received[k][1]) for k in keys]
             delta = join_pieces(self.specs[i], pieces)
             param = self.params[i]

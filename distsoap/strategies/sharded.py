@@ -59,7 +59,12 @@ from distsoap.strategies.direct_rows import (
     scatter_parts,
 )
 from distsoap.strategies.frozen import check_still_frozen, frozen_params
-from distsoap.strategies.split_params import agree_on_skips, agree_on_split, join_pieces
+from distsoap.strategies.split_params import (
+    agree_on_skips,
+    agree_on_split,
+    has_update,
+    join_pieces,
+)
 
 
 @dataclass(frozen=True)
@@ -589,8 +594,8 @@ class ShardedLossless(Strategy):
         result: list[tuple[int, int, float, torch.Tensor]] = []
         for owner, indices in enumerate(recv_items):
             for i, flag, values in zip(indices, flags_from[owner], values_from[owner]):
-                has_update, stop = read_flag(flag)
-                has.setdefault(i, []).append(has_update)
+                computed, stop = read_flag(flag)
+                has.setdefault(i, []).append(computed)
                 if stop:  # carried on its own, with no update
                     result.append((i, owner, update_flag(False, True), values[:0]))
                 if i not in shards:
@@ -600,15 +605,8 @@ class ShardedLossless(Strategy):
                 piece = next(p for p in self.split[i] if p.owner == owner)
                 scatter_parts(shards[i], values, self._box_parts(i, piece, self.rank), False)
         for i, flags in has.items():
-            if not any(flags):
-                continue
-            if not all(flags):
-                name = self.engine.param_name(self.params[i])
-                raise RuntimeError(
-                    f"internal error: the owners of parameter {name} disagree on whether it "
-                    "has an update this step"
-                )
-            result.append((i, -1, update_flag(True, False), shards[i].reshape(-1)))
+            if has_update(self.engine, self.params[i], flags):
+                result.append((i, -1, update_flag(True, False), shards[i].reshape(-1)))
         return result
 
     def _piece_numel(self, index: int, piece: Piece) -> int:
@@ -696,21 +694,15 @@ class ShardedLossless(Strategy):
         abort = False
         for source, entries in enumerate(recv_items):
             for (i, piece), flag, rows in zip(entries, flags_from[source], rows_from[source]):
-                has_update, stop = read_flag(flag)
+                computed, stop = read_flag(flag)
                 abort = abort or stop
-                joined.setdefault(i, []).append((has_update, piece.rows, rows))
+                joined.setdefault(i, []).append((computed, piece.rows, rows))
         groups = groups_by_param(self.engine.param_groups)
         for i, parts in joined.items():
-            has = [h for h, _, _ in parts]
             param = self.params[i]
-            if not any(has):
+            if not has_update(self.engine, param, [h for h, _, _ in parts]):
                 updates[id(param)] = (groups[id(param)], None)
                 continue
-            if not all(has):
-                raise RuntimeError(
-                    f"internal error: the owners of parameter {self.engine.param_name(param)} "
-                    "disagree on whether it has an update this step"
-                )
             delta = join_pieces(self.specs[i], [(rows, d) for _, rows, d in parts])
             updates[id(param)] = (groups[id(param)], delta)
         return abort

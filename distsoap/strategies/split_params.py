@@ -10,6 +10,7 @@ parameter different owners; each owner then holds the state of its *piece*, in r
   a split parameter decide them together, with one all-reduce, before the update.
 - :func:`agree_on_skips`: the adaptive refresh skips a parameter's due refresh only while all its
   blocks are still diagonal; the owners of a split parameter combine what each measured.
+- :func:`has_update`: whether the owners' update flags say the parameter has an update;
 - :func:`join_pieces`: a parameter's delta from its pieces' deltas.
 """
 
@@ -99,6 +100,22 @@ def agree_on_skips(
     world = dist.get_world_size(group)
     stats.add("fault_check", flags.element_size() * flags.numel() * 2 * (world - 1) // world)
     return {id(p) for j, p in enumerate(split) if flags[j].item() == pieces[j]}
+
+
+def has_update(engine: BlockEngine, param: torch.Tensor, flags: list[bool]) -> bool:
+    """Whether a split parameter has an update this step, from its owners' flags.
+
+    Every owner computed one, or none did (they agreed on skipping it, :func:`agree_on_split`);
+    owners that disagree are an internal error, raised with the parameter's name.
+    """
+    if not any(flags):
+        return False
+    if not all(flags):
+        raise RuntimeError(
+            f"internal error: the owners of parameter {engine.param_name(param)} disagree on "
+            "whether it has an update this step"
+        )
+    return True
 
 
 def join_pieces(
