@@ -10,7 +10,9 @@ state on the owner; AdamW: DeepSpeed's partitioned moments).
 
 With ``--block-size B`` two more SOAP runs per stage use ``block_size=B``: "blocks", where the
 placement may give a large parameter's blocks several owners, and "blocks, whole", with every
-parameter kept on one owner (the placement before blocks had owners of their own). ``--vocab``
+parameter kept on one owner (the placement before blocks had owners of their own); at stages
+1-3 a third, "blocks, assembler", sends the split parameters through one owner's round trip
+instead of straight between partitions and owners (what the direct exchange replaced). ``--vocab``
 widens the demo GPT's embedding (tied output head; the byte data use ids below 256 only) so that
 one parameter dominates, as a real vocabulary does.
 
@@ -71,14 +73,18 @@ def measure(
     block_size: int | None = None,
     whole: bool = False,
     vocab: int = 256,
+    assembler: bool = False,
 ) -> dict:
     """Mean step times and this rank's optimizer state for one (optimizer, stage).
 
     ``block_size``: SOAP's; ``whole``: ``split_blocks="never"``, every parameter on one owner;
-    ``vocab``:
-    the embedding's rows.
+    ``vocab``: the embedding's rows; ``assembler``: split parameters take the assembler's round
+    trip (in this rank's process).
     """
     from distsoap.integrations.deepspeed import initialize
+    from distsoap.strategies.sharded import ShardedLossless
+
+    ShardedLossless.direct_exchange = not assembler
 
     torch.manual_seed(0)
     cfg = GPTConfig(vocab_size=vocab)
@@ -101,7 +107,10 @@ def measure(
             step_times.append(end - before_step)
             total_times.append(end - start)
     strategy = getattr(engine.basic_optimizer, "strategy", None)
+    stats = getattr(engine.basic_optimizer, "comm_stats", None)
+    sent = sum(stats["total_bytes"].values()) if stats else 0
     return {
+        "sent_kib_per_step": sent / 1024 / (WARMUP + steps),
         "step_ms": 1e3 * sum(step_times) / len(step_times),
         "train_step_ms": 1e3 * sum(total_times) / len(total_times),
         "state_bytes": _state_bytes(engine.basic_optimizer),
@@ -124,16 +133,20 @@ def main() -> None:
         blocks = dict(optimizer="SOAP", block_size=args.block_size)
         contenders["soap_blocks"] = blocks
         contenders["soap_blocks_whole"] = blocks | dict(whole=True)
+        contenders["soap_blocks_assembler"] = blocks | dict(assembler=True)
     rows = []
     header = (
-        f"{'stage':>5} {'contender':>18} {'step ms':>8} {'x AdamW':>8} {'train ms':>9} "
-        f"{'x AdamW':>8} {'state MiB (max)':>15} {'total MiB':>10} {'split':>5}"
+        f"{'stage':>5} {'contender':>21} {'step ms':>8} {'x AdamW':>8} {'train ms':>9} "
+        f"{'x AdamW':>8} {'state MiB (max)':>15} {'total MiB':>10} {'split':>5} "
+        f"{'SOAP sent KiB/step (max)':>24}"
     )
     print(f"DeepSpeed ZeRO, {args.world} ranks, demo GPT {GPTConfig(vocab_size=args.vocab)}")
     print(header)
     for stage in (int(s) for s in args.stages.split(",")):
         row: dict = {"stage": stage}
         for name, options in contenders.items():
+            if stage == 0 and options.get("assembler"):
+                continue  # stage 0 places as ddp: no assembler
             results = run_ranks(
                 measure,
                 args.world,
@@ -149,17 +162,18 @@ def main() -> None:
                 "max_state_mib": max(r["state_bytes"] for r in results) / 2**20,
                 "total_state_mib": sum(r["state_bytes"] for r in results) / 2**20,
                 "split_params": results[0]["split"],
+                "sent_kib_per_step_max": max(r["sent_kib_per_step"] for r in results),
             }
         rows.append(row)
         adamw = row["adamw"]
-        for name in contenders:
+        for name in [c for c in contenders if c in row]:
             m = row[name]
             print(
-                f"{stage:>5} {name:>18} {m['step_ms']:>8.1f} "
+                f"{stage:>5} {name:>21} {m['step_ms']:>8.1f} "
                 f"{m['step_ms'] / adamw['step_ms']:>8.2f} {m['train_step_ms']:>9.1f} "
                 f"{m['train_step_ms'] / adamw['train_step_ms']:>8.2f} "
                 f"{m['max_state_mib']:>15.2f} {m['total_state_mib']:>10.2f} "
-                f"{m['split_params']:>5}",
+                f"{m['split_params']:>5} {m['sent_kib_per_step_max']:>24.0f}",
                 flush=True,
             )
     write_results(

@@ -18,10 +18,10 @@ Under ``fsdp2`` and ``fsdp1`` the blocks of a large blocked or stacked parameter
 several owners (:func:`~distsoap.placement.place_blocks`, as under ``ddp``; the owners agree on
 non-finite gradients and drift verdicts with
 :func:`~distsoap.strategies.split_params.agree_on_split`). Where its blocks are boxes of its own
-dims and every rank holds a range of its dim 0 (FSDP2's ``Shard(0)``, HSDP's replicas of it),
-steps 1 and 3 go straight between the ranks and the owners of the blocks, each part once
-(:mod:`~distsoap.strategies.direct_rows`). Elsewhere (FSDP1's and DeepSpeed's flat pieces,
-FSDP2 over tensor parallel, merged dims) one owner, the *assembler*
+dims and every rank holds one range of the flattened parameter (FSDP2's ``Shard(0)``, HSDP's
+replicas of it, FSDP1's and DeepSpeed's flat pieces), steps 1 and 3 go straight between the
+ranks and the owners of the blocks, each part once (:mod:`~distsoap.strategies.direct_rows`).
+Elsewhere (FSDP2 over tensor parallel, merged dims, ``channels_last``) one owner, the *assembler*
 (:func:`~distsoap.placement.choose_assemblers`: round trips spread over the ranks), takes the
 steps above for the whole parameter; between them, one more ``all_to_all_single`` sends each
 other owner the rows of the assembled gradient it holds, and one more brings their update rows
@@ -52,10 +52,13 @@ from distsoap.sharding import Layout, held_stack_rows, local_view
 from distsoap.strategies.base import Strategy, apply_updates, groups_by_param
 from distsoap.strategies.direct_rows import (
     BoxPart,
+    Slab,
     box_parts,
     direct_exchange_applies,
+    flat_slabs,
     gather_block_parts,
     gather_parts,
+    scatter_block_parts,
     scatter_parts,
 )
 from distsoap.strategies.frozen import check_still_frozen, frozen_params
@@ -250,6 +253,9 @@ class ShardedLossless(Strategy):
         """Split parameters whose blocks go straight between shard holders and piece owners
         (:mod:`~distsoap.strategies.direct_rows`); the others take the assembler's round trip."""
         self._parts: dict[tuple[int, int, int], list[BoxPart]] = {}
+        self._slab_cache: dict[tuple[int, int], list[Slab]] = {}
+        self._piece_of = {(i, piece.owner): piece for i in self.direct for piece in self.split[i]}
+        """(direct parameter, owner) -> that owner's piece of it."""
         routed = [p for p in pieces if exchanged[p.param] not in self.direct]
         row_numel = [math.prod(self.specs[i].block_shape) for i in exchanged]
         for j, assembler in choose_assemblers(routed, row_numel, self.world).items():
@@ -494,20 +500,24 @@ class ShardedLossless(Strategy):
             aborting |= self._stop_flags(error)
         self.finish(error, aborting)
 
+    def _slabs(self, index: int, holder: int) -> list[Slab]:
+        """``holder``'s piece of parameter ``index`` as boxes of its flat range (cached)."""
+        key = (index, holder)
+        slabs = self._slab_cache.get(key)
+        if slabs is None:
+            layout = self.layouts[index]
+            slabs = flat_slabs(layout.full_shape, *layout.flat_ranges[holder])
+            self._slab_cache[key] = slabs
+        return slabs
+
     def _box_parts(self, index: int, piece: Piece, holder: int) -> list[BoxPart]:
         """The parts of ``piece``'s blocks in ``holder``'s shard (cached)."""
         key = (index, piece.owner, holder)
         parts = self._parts.get(key)
         if parts is None:
-            start, stop = self.layouts[index].ranges[holder]
-            parts = box_parts(self.specs[index], piece.rows, start, stop)
+            parts = box_parts(self.specs[index], piece.rows, self._slabs(index, holder))
             self._parts[key] = parts
         return parts
-
-    def _shard(self, index: int, tensor: torch.Tensor) -> torch.Tensor:
-        """Reshape this rank's piece of parameter ``index`` as the dim-0 range it is."""
-        start, stop = self.layouts[index].ranges[self.rank]
-        return tensor.reshape(stop - start, *self.layouts[index].full_shape[1:])
 
     def _direct_grads(self, direct: list[int], grads: dict[int, torch.Tensor], device) -> None:
         """Shard holders send each owner of a piece the parts of their gradient in its blocks.
@@ -525,7 +535,9 @@ class ShardedLossless(Strategy):
             for piece in self.split[i]:
                 if self.rank in layout.sources(piece.owner):
                     parts = self._box_parts(i, piece, self.rank)
-                    values = None if local is None else gather_parts(self._shard(i, local), parts)
+                    values = None
+                    if local is not None:
+                        values = gather_parts(local, self._slabs(i, self.rank), parts)
                     numel = sum(p.numel for p in parts)
                     to[piece.owner].append((float(local is not None), values, numel))
                 if piece.owner == self.rank:
@@ -542,12 +554,12 @@ class ShardedLossless(Strategy):
         present: dict[int, bool] = {}
         for source, indices in enumerate(recv_items):
             for i, flag, values in zip(indices, flags_from[source], values_from[source]):
-                mine = next(p for p in self.split[i] if p.owner == self.rank)
+                mine = self._piece_of[i, self.rank]
                 if i not in rows:
                     shape = (len(mine.rows), *self.specs[i].block_shape)
                     rows[i] = torch.zeros(shape, dtype=self._grad_dtype(i), device=device)
                 present[i] = present.get(i, False) or flag != 0
-                scatter_parts(rows[i], values, self._box_parts(i, mine, source), blocks=True)
+                scatter_block_parts(rows[i], values, self._box_parts(i, mine, source))
         for i, gradient in rows.items():
             if present[i]:
                 grads[id(self.params[i])] = gradient
@@ -562,7 +574,7 @@ class ShardedLossless(Strategy):
         the pieces' row-form deltas.
 
         Returns:
-            Per direct parameter this rank holds a shard of, ``(index, owner, flag, shard
+            Per direct parameter this rank holds a shard of, ``(index, owner, flag, flat shard
             delta)`` for :meth:`apply_flagged` (the owners' flags combined: an update when every
             owner computed one; the stop flags of all owners carried by one entry each).
         """
@@ -599,14 +611,13 @@ class ShardedLossless(Strategy):
                 if stop:  # carried on its own, with no update
                     result.append((i, owner, update_flag(False, True), values[:0]))
                 if i not in shards:
-                    start, stop_row = self.layouts[i].ranges[self.rank]
-                    shape = (stop_row - start, *self.layouts[i].full_shape[1:])
-                    shards[i] = torch.zeros(shape, dtype=wire, device=device)
-                piece = next(p for p in self.split[i] if p.owner == owner)
-                scatter_parts(shards[i], values, self._box_parts(i, piece, self.rank), False)
+                    numel = self.layouts[i].numel(self.rank)
+                    shards[i] = torch.zeros(numel, dtype=wire, device=device)
+                parts = self._box_parts(i, self._piece_of[i, owner], self.rank)
+                scatter_parts(shards[i], self._slabs(i, self.rank), values, parts)
         for i, flags in has.items():
             if has_update(self.engine, self.params[i], flags):
-                result.append((i, -1, update_flag(True, False), shards[i].reshape(-1)))
+                result.append((i, -1, update_flag(True, False), shards[i]))
         return result
 
     def _piece_numel(self, index: int, piece: Piece) -> int:

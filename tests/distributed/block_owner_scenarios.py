@@ -438,10 +438,17 @@ def single_adaptive(world: int, steps: int, zero_masses: bool, fsdp2: bool = Fal
     return {"params": [p.detach().clone() for p in model.parameters()], "skipped": skipped}
 
 
-def train_split_fsdp1(rank: int, world: int, steps: int) -> dict:
-    """fp64 FSDP1 (``use_orig_params``) training with lossless SOAP, every block stepped."""
+def train_split_fsdp1(rank: int, world: int, steps: int, direct: bool = True) -> dict:
+    """fp64 FSDP1 (``use_orig_params``) training with lossless SOAP, every block stepped.
+
+    ``direct``: False sends every split parameter through its assembler (in this rank's
+    process).
+    """
     from torch.distributed.fsdp import FullyShardedDataParallel  # noqa: PLC0415
 
+    from distsoap.strategies.sharded import ShardedLossless  # noqa: PLC0415
+
+    ShardedLossless.direct_exchange = direct
     # FSDP1 hands an unused parameter a zero gradient, not None: no skipped blocks here
     model = ProblemModel(torch.float64, FSDP_SHAPES, "none")
     wrapped = FullyShardedDataParallel(model, use_orig_params=True, device_id=torch.device("cpu"))
@@ -452,10 +459,19 @@ def train_split_fsdp1(rank: int, world: int, steps: int) -> dict:
         opt.step()
     with FullyShardedDataParallel.summon_full_params(wrapped):
         params = [p.detach().clone() for p in model.parameters()]
-    split = opt.strategy.split
+    strategy = opt.strategy
     return {
         "params": params,
-        "pieces": [(p.param, p.owner, p.rows) for ps in split.values() for p in ps],
+        "pieces": [(p.param, p.owner, p.rows) for ps in strategy.split.values() for p in ps],
+        "direct": sorted(strategy.direct),
+        "split": sorted(strategy.split),
+        "sent": dict(opt.comm_stats["total_bytes"]),
+        # whether some rank's flat range of a split parameter ends inside one of its rows
+        "cut_inside_rows": any(
+            stop % strategy.layouts[i].full_shape[-1] != 0
+            for i in strategy.split
+            for _, stop in strategy.layouts[i].ranges
+        ),
     }
 
 
@@ -533,6 +549,9 @@ def train_split_deepspeed(
         "params": full_params(engine, model),
         "pieces": sorted(pieces, key=lambda p: (p[0], p[1])),
         "split_shapes": {tuple(strategy.layouts[i].full_shape) for i in strategy.split},
+        "direct": sorted(strategy.direct),
+        "split": sorted(strategy.split),
+        "sent": dict(soap.comm_stats["total_bytes"]),
         "state_bytes": soap.state_bytes(),
         "held": held,
     }

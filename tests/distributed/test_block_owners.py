@@ -139,9 +139,7 @@ def test_fsdp2_split_parameters_match_single_process(world, hsdp, direct):
     split = _split(results[0]["pieces"])
     assert split and all(len(set(o)) >= 2 for o in split.values())
     assert (64, 64) in results[0]["split_shapes"]
-    rows_sent = sum(
-        r["sent"].get("grad_rows", 0) + r["sent"].get("update_rows", 0) for r in results
-    )
+    rows_sent = _rows_sent(results)
     if direct:  # every split parameter here is blocked in boxes of its own dims
         assert results[0]["direct"] == results[0]["split"] and rows_sent == 0
     else:
@@ -205,11 +203,24 @@ def test_adaptive_refresh_skips_a_split_parameter_only_when_every_piece_may(stra
         assert result["refresh_flops"] == result["product_flops"], rank
 
 
-def test_fsdp1_split_parameters_match_single_process():
-    """FSDP1 takes the same assembler round trip as FSDP2 (its pieces: flat-parameter ranges)."""
-    results = run_ranks(bo.train_split_fsdp1, 3, steps=12)
+def _rows_sent(results: list[dict]) -> int:
+    """Bytes of the assembler's round trips, all ranks together."""
+    return sum(r["sent"].get("grad_rows", 0) + r["sent"].get("update_rows", 0) for r in results)
+
+
+@pytest.mark.parametrize("direct", [True, False], ids=["direct", "assembler"])
+def test_fsdp1_split_parameters_match_single_process(direct):
+    """FSDP1's pieces are ranges of the flattened parameter, cut inside rows: the parts of a
+    block in one are a few boxes (``direct``), or the assembler takes the round trip."""
+    results = run_ranks(bo.train_split_fsdp1, 3, steps=12, direct=direct)
     split = _split(results[0]["pieces"])
     assert split and all(len(set(o)) >= 2 for o in split.values())
+    first = results[0]
+    assert first["cut_inside_rows"]
+    if direct:
+        assert first["direct"] == first["split"] and _rows_sent(results) == 0
+    else:
+        assert first["direct"] == [] and _rows_sent(results) > 0
     reference = bo.single(3, 12, skips="none", shapes=bo.FSDP_SHAPES)["params"]
     for rank, result in enumerate(results):
         assert relative_difference(result["params"], reference) < TOLERANCE, rank
@@ -232,6 +243,7 @@ def test_deepspeed_split_parameters_match_single_process(stage):
     assert split and all(len(set(o)) >= 2 for o in split.values())
     assert (64, 64) in results[0]["split_shapes"]
     assert all(r["pieces"] == pieces for r in results)
+    assert results[0]["direct"] == results[0]["split"] and _rows_sent(results) == 0
     shapes, skips = bo.FSDP_SHAPES, "none"
     reference = bo.single(world, 12, skips=skips, shapes=shapes, dtype=torch.float32)["params"]
     for rank, result in enumerate(results):
