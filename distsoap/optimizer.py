@@ -153,9 +153,10 @@ class SOAP(torch.optim.Optimizer):
             stacked parameter several owner ranks: ``"auto"`` (default: only where placing
             every parameter whole would leave the busiest rank more than 5% above the mean)
             or ``"never"`` (every parameter whole on one owner, as before blocks had owners of
-            their own). Under ``fsdp2`` over tensor parallel, or with merged dims, a split
-            parameter costs a round trip of its rows each step (``python -m distsoap.plan``
-            gives its bytes under ``fsdp2``); the result is the same either way.
+            their own). Where blocks are not boxes of the parameter's dims (merged dims,
+            ``channels_last``), a split parameter costs a round trip of its rows each step
+            under the sharded strategies (``python -m distsoap.plan`` gives its bytes under
+            ``fsdp2``); the result is the same either way.
         fsdp_model: keyword-only; the FullyShardedDataParallel (FSDP1) model, for
             ``strategy="fsdp1"``, whose flat-parameter metadata says where each piece lives.
         nonfinite_grads: keyword-only; ``"skip"`` (default) leaves a block whose gradient holds

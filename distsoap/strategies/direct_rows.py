@@ -4,17 +4,19 @@ Under the lossless sharded strategies a split parameter's blocks have several ow
 (:func:`~distsoap.placement.place_blocks`). In general one owner, the assembler, gathers the
 whole gradient and sends the others their rows, then gathers their update rows back
 (:class:`~distsoap.strategies.sharded.ShardedLossless`): each row it does not hold travels twice.
-Where a block is a box of the parameter's own dims and every rank holds one range of the
-flattened parameter (FSDP2's default ``Shard(0)`` and HSDP's replicas of it, FSDP1's and
-DeepSpeed's flat pieces), each rank can instead send every owner the parts of its shard that
-fall in that owner's blocks, and each owner send every rank the parts of its update that fall in
-that rank's shard: the same bytes as a parameter placed whole, with no assembler.
-:func:`direct_exchange_applies` says where.
+Where a block is a box of the parameter's own dims, each rank can instead send every owner the
+parts of its shard that fall in that owner's blocks, and each owner send every rank the parts of
+its update that fall in that rank's shard: the same bytes as a parameter placed whole, with no
+assembler. :func:`direct_exchange_applies` says where.
 
-A flat range of a parameter is a few boxes, each one contiguous run of the range
-(:func:`flat_slabs`: whole dim-0 rows in the middle, partial rows at the ends; one box for a
-``Shard(0)`` range), and a block meets a box in a box (:func:`box_parts`), so every part is a
-strided view of the shard and of the block, copied once. Both sides enumerate the same parts in
+Every shard the sharded strategies meet is a few boxes of the parameter (*slabs*): a range of
+the flattened parameter (FSDP2's ``Shard(0)`` and HSDP's replicas of it, FSDP1's and DeepSpeed's
+flat pieces) is whole dim-0 rows in the middle and partial rows at its ends
+(:func:`flat_slabs`; one box for a ``Shard(0)`` range), and a DTensor box (FSDP2 over tensor
+parallel, :class:`~distsoap.box_layout.BoxLayout`) is the product of its runs of consecutive
+indices per dim (:func:`box_slabs`; one box unless a strided shard interleaves rows). A block
+meets a slab in a box (:func:`box_parts`), so every part is a strided view of the shard and of
+the block, copied once. Both sides enumerate the same parts in
 the same order from the metadata alone (the owner's rows in sorted order, each row's box clipped
 to the shard's slabs in order), so nothing but the values and one flag per (parameter, sender,
 receiver) travels.
@@ -22,25 +24,37 @@ receiver) travels.
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 
 import torch
 
+from distsoap.box_layout import Box, BoxLayout
 from distsoap.engine.blocks import BlockSpec
 from distsoap.sharding import Layout, ShardLayout
 
 
 @dataclass(frozen=True)
 class Slab:
-    """A box of a parameter that is one contiguous run of a rank's flat piece of it."""
+    """A box of a parameter that is a view of a rank's piece of it."""
 
-    offset: int
-    """Where the run starts in the piece (elements from the piece's start)."""
     origin: tuple[int, ...]
     """The box's first index in the parameter, per dim."""
     shape: tuple[int, ...]
-    """The box's extent per dim (1 on the leading dims it does not span)."""
+    """The box's extent per dim (1 on the leading dims a flat run does not span)."""
+    piece_shape: tuple[int, ...]
+    """The shape the piece is seen in to cut the box out: ``(n,)`` for a flat range of ``n``
+    elements, the local tensor's shape for a DTensor box."""
+    in_piece: tuple[slice, ...]
+    """Where the box is in the piece seen in ``piece_shape``."""
+
+    def view(self, piece: torch.Tensor) -> torch.Tensor:
+        """The box in ``piece`` (any shape with its numel).
+
+        A view where ``piece`` is contiguous, else a copy (fine to read, not to write).
+        """
+        return piece.reshape(self.piece_shape)[self.in_piece].reshape(self.shape)
 
 
 @dataclass(frozen=True)
@@ -78,16 +92,21 @@ def direct_exchange_applies(spec: BlockSpec, layout: Layout) -> bool:
     """Whether a split parameter's blocks can go straight between holders and owners.
 
     Its blocks must be boxes of its own dims (:func:`blocks_are_boxes`) and every rank's piece
-    one range of the flattened parameter (:attr:`~distsoap.sharding.ShardLayout.flat_ranges`:
-    FSDP2's ``Shard(0)`` with or without HSDP replicas, FSDP1's and DeepSpeed's flat pieces; not
-    FSDP2 over tensor parallel, whose pieces are boxes across several dims).
+    a few boxes (:func:`slabs_of`): one range of the flattened parameter
+    (:attr:`~distsoap.sharding.ShardLayout.flat_ranges`: FSDP2's ``Shard(0)`` with or without
+    HSDP replicas, FSDP1's and DeepSpeed's flat pieces) or a DTensor box (FSDP2 over tensor
+    parallel); not FSDP2's ``Shard(d)`` of a later dim, whose ranges are columns.
     """
-    return (
-        isinstance(layout, ShardLayout)
-        and layout.pieces_concatenate
-        and tuple(layout.full_shape) == tuple(spec.param_shape)
-        and blocks_are_boxes(spec)
-    )
+    if isinstance(layout, ShardLayout) and not layout.pieces_concatenate:
+        return False
+    return tuple(layout.full_shape) == tuple(spec.param_shape) and blocks_are_boxes(spec)
+
+
+def slabs_of(layout: Layout, rank: int) -> list[Slab]:
+    """``rank``'s piece of a parameter as slabs (:func:`direct_exchange_applies` layouts)."""
+    if isinstance(layout, BoxLayout):
+        return box_slabs(layout.boxes[rank])
+    return flat_slabs(layout.full_shape, *layout.flat_ranges[rank])
 
 
 def flat_slabs(shape: tuple[int, ...], start: int, stop: int) -> list[Slab]:
@@ -116,8 +135,39 @@ def flat_slabs(shape: tuple[int, ...], start: int, stop: int) -> list[Slab]:
         dim = next(d for d, s in enumerate(strides) if at % s == 0 and at + s <= stop)
         count = min((stop - at) // strides[dim], shape[dim] - index[dim])
         extent = (1,) * dim + (count,) + shape[dim + 1 :]
-        slabs.append(Slab(at - start, tuple(index), extent))
+        run = slice(at - start, at - start + count * strides[dim])
+        slabs.append(Slab(tuple(index), extent, (stop - start,), (run,)))
         at += count * strides[dim]
+    return slabs
+
+
+def box_slabs(box: Box) -> list[Slab]:
+    """A DTensor box (per dim, the global indices held, in local order) as slabs.
+
+    Per dim the indices are cut into runs of consecutive ones; each combination of runs is one
+    slab (one in all unless a strided shard interleaves the indices of a dim).
+    """
+    piece_shape = tuple(len(indices) for indices in box)
+    if 0 in piece_shape:
+        return []
+    runs_per_dim = []
+    for indices in box:
+        runs, begin = [], 0  # (local start, global start, length)
+        for at in range(1, len(indices) + 1):
+            if at == len(indices) or indices[at] != indices[at - 1] + 1:
+                runs.append((begin, indices[begin], at - begin))
+                begin = at
+        runs_per_dim.append(runs)
+    slabs = []
+    for combination in itertools.product(*runs_per_dim):
+        slabs.append(
+            Slab(
+                origin=tuple(g for _, g, _ in combination),
+                shape=tuple(n for _, _, n in combination),
+                piece_shape=piece_shape,
+                in_piece=tuple(slice(lo, lo + n) for lo, _, n in combination),
+            )
+        )
     return slabs
 
 
@@ -159,17 +209,11 @@ def box_parts(spec: BlockSpec, rows: tuple[int, ...], slabs: list[Slab]) -> list
     return parts
 
 
-def slab_views(piece: torch.Tensor, slabs: list[Slab]) -> list[torch.Tensor]:
-    """Each slab of a flat piece as a view of its box shape."""
-    flat = piece.reshape(-1)
-    return [flat[s.offset : s.offset + math.prod(s.shape)].view(s.shape) for s in slabs]
-
-
 def gather_parts(piece: torch.Tensor, slabs: list[Slab], parts: list[BoxPart]) -> torch.Tensor:
-    """The values of ``parts`` of a shard (a flat piece cut into ``slabs``), in order (1-D)."""
+    """The values of ``parts`` of a shard cut into ``slabs``, one after the other (1-D)."""
     if not parts:
         return piece.new_empty(0)
-    views = slab_views(piece, slabs)
+    views = [slab.view(piece) for slab in slabs]
     return torch.cat([views[p.slab][p.in_slab].reshape(-1) for p in parts])
 
 
@@ -183,8 +227,8 @@ def gather_block_parts(blocks: torch.Tensor, parts: list[BoxPart]) -> torch.Tens
 def scatter_parts(
     piece: torch.Tensor, slabs: list[Slab], values: torch.Tensor, parts: list[BoxPart]
 ) -> None:
-    """Write ``values`` (laid out as :func:`gather_parts` does) into a contiguous flat piece."""
-    views = slab_views(piece, slabs)
+    """Write ``values`` (laid out as :func:`gather_parts` does) into a contiguous piece."""
+    views = [slab.view(piece) for slab in slabs]
     offset = 0
     for p in parts:
         region = views[p.slab][p.in_slab]

@@ -18,10 +18,11 @@ Under ``fsdp2`` and ``fsdp1`` the blocks of a large blocked or stacked parameter
 several owners (:func:`~distsoap.placement.place_blocks`, as under ``ddp``; the owners agree on
 non-finite gradients and drift verdicts with
 :func:`~distsoap.strategies.split_params.agree_on_split`). Where its blocks are boxes of its own
-dims and every rank holds one range of the flattened parameter (FSDP2's ``Shard(0)``, HSDP's
-replicas of it, FSDP1's and DeepSpeed's flat pieces), steps 1 and 3 go straight between the
-ranks and the owners of the blocks, each part once (:mod:`~distsoap.strategies.direct_rows`).
-Elsewhere (FSDP2 over tensor parallel, merged dims, ``channels_last``) one owner, the *assembler*
+dims (every layout here: FSDP2's ``Shard(0)``, HSDP's replicas of it, FSDP1's and DeepSpeed's
+flat pieces, FSDP2 over tensor parallel's boxes; not ``Shard(d)`` of a later dim), steps 1 and 3
+go straight between the ranks and the owners of the blocks, each part once
+(:mod:`~distsoap.strategies.direct_rows`). Elsewhere (merged dims, ``channels_last``, stacks
+cut along a matrix dim) one owner, the *assembler*
 (:func:`~distsoap.placement.choose_assemblers`: round trips spread over the ranks), takes the
 steps above for the whole parameter; between them, one more ``all_to_all_single`` sends each
 other owner the rows of the assembled gradient it holds, and one more brings their update rows
@@ -55,11 +56,11 @@ from distsoap.strategies.direct_rows import (
     Slab,
     box_parts,
     direct_exchange_applies,
-    flat_slabs,
     gather_block_parts,
     gather_parts,
     scatter_block_parts,
     scatter_parts,
+    slabs_of,
 )
 from distsoap.strategies.frozen import check_still_frozen, frozen_params
 from distsoap.strategies.split_params import (
@@ -501,12 +502,11 @@ class ShardedLossless(Strategy):
         self.finish(error, aborting)
 
     def _slabs(self, index: int, holder: int) -> list[Slab]:
-        """``holder``'s piece of parameter ``index`` as boxes of its flat range (cached)."""
+        """``holder``'s piece of parameter ``index`` as boxes of the parameter (cached)."""
         key = (index, holder)
         slabs = self._slab_cache.get(key)
         if slabs is None:
-            layout = self.layouts[index]
-            slabs = flat_slabs(layout.full_shape, *layout.flat_ranges[holder])
+            slabs = slabs_of(self.layouts[index], holder)
             self._slab_cache[key] = slabs
         return slabs
 

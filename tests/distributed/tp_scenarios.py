@@ -52,10 +52,11 @@ def loss_of(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return (model(x) - target_of(x)).square().mean()
 
 
-def reference(dtype: torch.dtype, steps: int, dp: int) -> list[torch.Tensor]:
-    """Single-process SOAP on the loss averaged over the ``dp`` batches of every step."""
+def reference(dtype: torch.dtype, steps: int, dp: int, **options) -> list[torch.Tensor]:
+    """Single-process SOAP on the loss averaged over the ``dp`` batches of every step
+    (``options``: more SOAP keywords)."""
     model = make_model(dtype)
-    opt = SOAP(model.parameters(), **OPTIONS)
+    opt = SOAP(model.parameters(), **OPTIONS, **options)
     for step in range(steps):
         opt.zero_grad()
         loss = sum(loss_of(model, batch(step, i, dtype)) for i in range(dp)) / dp
@@ -71,8 +72,14 @@ def train_fsdp_tp(
     dtype: torch.dtype = torch.float64,
     steps: int = 6,
     strategy: str = "auto",
+    options: dict | None = None,
+    direct: bool = True,
 ) -> dict:
-    """FSDP2 (mesh ``(dp, tp)``) or HSDP (``(replicate, shard, tp)``) over tensor parallel."""
+    """FSDP2 (mesh ``(dp, tp)``) or HSDP (``(replicate, shard, tp)``) over tensor parallel.
+
+    ``options``: more SOAP keywords; ``direct``: False sends every split parameter through its
+    assembler (in this rank's process).
+    """
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor.parallel import (
@@ -86,7 +93,10 @@ def train_fsdp_tp(
     model = make_model(dtype)
     parallelize_module(model, mesh["tp"], {"up": ColwiseParallel(), "down": RowwiseParallel()})
     fully_shard(model, mesh=mesh[names[:-1]])
-    opt = SOAP(model.parameters(), strategy=strategy, **OPTIONS)
+    from distsoap.strategies.sharded import ShardedLossless
+
+    ShardedLossless.direct_exchange = direct
+    opt = SOAP(model.parameters(), strategy=strategy, **OPTIONS, **(options or {}))
     tp = mesh_shape[-1]
     dp_index = rank // tp  # the mesh is row-major: ranks of one dp coordinate are adjacent
     sent = []
@@ -103,4 +113,7 @@ def train_fsdp_tp(
         strategy=opt.strategy.name,
         held=sum(1 for p in model.parameters() if opt.state[p]),
         bytes_per_step=sent,
+        split=sorted(getattr(opt.strategy, "split", ())),
+        direct=sorted(getattr(opt.strategy, "direct", ())),
+        owners=getattr(opt.strategy, "split", {}),
     )

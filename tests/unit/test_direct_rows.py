@@ -3,7 +3,8 @@
 What an owner puts together from every shard holder's parts must be its rows of the whole
 parameter in row form (padding zero), and what every rank puts together from every owner's
 update parts must be its shard of the whole update. Shards are dim-0 ranges (FSDP2's
-``Shard(0)``) and flat ranges that cut rows anywhere (FSDP1, DeepSpeed).
+``Shard(0)``), flat ranges that cut rows anywhere (FSDP1, DeepSpeed) and DTensor boxes with
+interleaved rows (FSDP2 over tensor parallel's strided shards).
 """
 
 from __future__ import annotations
@@ -13,17 +14,20 @@ import math
 import pytest
 import torch
 
+from distsoap.box_layout import BoxLayout
 from distsoap.engine.blocks import make_block_spec
 from distsoap.sharding import ShardLayout, chunk_range
 from distsoap.strategies.direct_rows import (
     blocks_are_boxes,
     box_parts,
+    box_slabs,
     direct_exchange_applies,
     flat_slabs,
     gather_block_parts,
     gather_parts,
     scatter_block_parts,
     scatter_parts,
+    slabs_of,
 )
 
 
@@ -52,7 +56,40 @@ def _flat_ranges(shape, world):
     return list(zip(cuts[:-1], cuts[1:], strict=True))
 
 
-@pytest.mark.parametrize("cut", [_row_ranges, _flat_ranges], ids=["dim0", "flat"])
+def _boxes(shape, world):
+    """DTensor-like boxes: dim 0 dealt out two rows at a time to two row groups (as a strided
+    shard does), the last dim cut in ``world // 2`` column ranges; ranks past those hold none."""
+    rows = [tuple(i for i in range(shape[0]) if (i // 2) % 2 == g) for g in range(2)]
+    columns = [tuple(range(*chunk_range(shape[-1], world // 2, c))) for c in range(world // 2)]
+    middle = [tuple(range(d)) for d in shape[1:-1]]
+    boxes = []
+    for rank in range(world):
+        if len(shape) == 1:
+            box = (rows[rank],) if rank < 2 else ((),)
+        elif rank < 2 * (world // 2):
+            box = (rows[rank % 2], *middle, columns[rank // 2])
+        else:
+            box = ((), *middle, ())
+        boxes.append(box)
+    return BoxLayout(tuple(shape), tuple(boxes))
+
+
+def _pieces(cut, shape, world, whole):
+    """Each rank's piece of ``whole`` (contiguous, as it holds it) and its slabs."""
+    if cut is _boxes:
+        layout = _boxes(shape, world)
+        layout.check_tiles()
+        pieces = [whole[layout._indices[r]].contiguous() for r in range(world)]
+    else:
+        ranges = cut(shape, world)
+        numel = math.prod(shape)
+        layout = ShardLayout(tuple(shape), (numel,), 0, tuple(ranges), (0,) * world)
+        pieces = [whole.reshape(-1)[start:stop] for start, stop in ranges]
+    assert sum(p.numel() for p in pieces) == whole.numel()
+    return pieces, [slabs_of(layout, r) for r in range(world)]
+
+
+@pytest.mark.parametrize("cut", [_row_ranges, _flat_ranges, _boxes], ids=["dim0", "flat", "box"])
 @pytest.mark.parametrize(
     "shape, block_size, world",
     [((37, 20), 8, 3), ((16, 16), 8, 2), ((61, 61), 8, 4), ((10, 7, 9), 4, 4), ((45,), 8, 4)],
@@ -62,10 +99,7 @@ def test_parts_rebuild_rows_and_shards(shape, block_size, world, cut):
     assert blocks_are_boxes(spec)
     whole = torch.randn(shape, dtype=torch.float64)
     rows = spec.to_rows(whole)  # the assembler's row form, padding zero
-    ranges = cut(shape, world)
-    assert sum(stop - start for start, stop in ranges) == whole.numel()
-    shards = [whole.reshape(-1)[start:stop] for start, stop in ranges]
-    slabs = [flat_slabs(shape, start, stop) for start, stop in ranges]
+    shards, slabs = _pieces(cut, shape, world, whole)
     if cut is _row_ranges:  # a range of whole rows is one box
         assert all(len(s) <= 1 for s in slabs)
     owners = [tuple(range(o, spec.rows, 3)) for o in range(3)]  # three owners, rows interleaved
@@ -92,12 +126,29 @@ def test_flat_slabs_tile_any_range_with_boxes(shape):
         for stop in range(start, numel + 1):
             slabs = flat_slabs(shape, start, stop)
             assert len(slabs) <= 2 * len(shape) - 1
+            piece = torch.arange(start, stop)  # the range, as a rank holds it
             covered = []
             for slab in slabs:
-                assert slab.offset == len(covered)
                 box = tuple(slice(o, o + n) for o, n in zip(slab.origin, slab.shape, strict=True))
+                assert torch.equal(slab.view(piece), index[box])
                 covered += index[box].reshape(-1).tolist()
             assert covered == list(range(start, stop)), (start, stop)
+
+
+def test_box_slabs_are_the_runs_of_a_box():
+    """A box's slabs hold exactly its elements, each where the local tensor has it."""
+    whole = torch.arange(12 * 10).reshape(12, 10)
+    box = ((2, 3, 6, 7, 10, 11), (4, 5, 6, 7, 8))  # strided rows, one column range
+    local = whole[torch.tensor(box[0])[:, None], torch.tensor(box[1])]
+    slabs = box_slabs(box)
+    assert len(slabs) == 3  # three runs of rows, one of columns
+    seen = []
+    for slab in slabs:
+        where = tuple(slice(o, o + n) for o, n in zip(slab.origin, slab.shape, strict=True))
+        assert torch.equal(slab.view(local), whole[where])
+        seen += slab.view(local).reshape(-1).tolist()
+    assert sorted(seen) == sorted(local.reshape(-1).tolist())
+    assert box_slabs(((), (1, 2))) == []  # an empty piece
 
 
 def test_where_the_direct_exchange_applies():
@@ -108,6 +159,7 @@ def test_where_the_direct_exchange_applies():
     assert direct_exchange_applies(spec, flat)
     dim_1 = ShardLayout((37, 20), (37, 20), 1, ((0, 10), (10, 20)), (0, 0))
     assert not direct_exchange_applies(spec, dim_1)  # columns: not one flat range each
+    assert direct_exchange_applies(spec, _boxes((37, 20), 4))  # FSDP2 over tensor parallel
     merged = _spec((8, 6, 3, 3), 5, merge_dims=True, max_precond_dim=16)  # (8, 6, 9)
     assert not blocks_are_boxes(merged)
     assert not blocks_are_boxes(_spec((37, 20), None))  # no blocks
