@@ -59,19 +59,34 @@ class Slab:
 
 @dataclass(frozen=True)
 class BoxPart:
-    """The part of one block that lies in one slab of one rank's shard."""
+    """The parts of ``count`` blocks side by side that lie in one slab of one rank's shard.
+
+    The blocks are consecutive rows of the owner's piece, neighbours along the parameter's
+    last dim and each whole along it (one copy for a run of blocks instead of one per block).
+    """
 
     position: int
-    """The block's position among the owner's rows (its index in the piece's row form)."""
+    """The first block's position among the owner's rows (its index in the piece's row form)."""
     slab: int
-    """Which of the shard's slabs (:func:`flat_slabs`) holds the part."""
+    """Which of the shard's slabs (:func:`slabs_of`) holds the part."""
     in_slab: tuple[slice, ...]
-    """Where the part is in the slab (``Slab.shape``)."""
+    """Where the part is in the slab (``Slab.shape``): all ``count`` blocks' parts."""
     in_block: tuple[slice, ...]
-    """Where the part is in the block (``block_shape``; the rest of the block is padding or
-    other shards)."""
+    """Where each block's part is in its block (``block_shape``; the rest of the block is
+    padding or other shards)."""
     numel: int
     """Its number of elements."""
+    count: int = 1
+    """How many blocks, side by side along the last dim."""
+
+    def of_slab(self, slab: torch.Tensor) -> torch.Tensor:
+        """The part in a slab's view, as ``(count, *in_block's shape)`` (a view)."""
+        region = slab[self.in_slab]
+        return region.unflatten(-1, (self.count, -1)).movedim(-2, 0)
+
+    def of_blocks(self, blocks: torch.Tensor) -> torch.Tensor:
+        """The part in a piece in row form, as ``(count, *in_block's shape)`` (a view)."""
+        return blocks[self.position : self.position + self.count][(slice(None), *self.in_block)]
 
 
 def blocks_are_boxes(spec: BlockSpec) -> bool:
@@ -180,12 +195,13 @@ def box_parts(spec: BlockSpec, rows: tuple[int, ...], slabs: list[Slab]) -> list
         slabs: the shard's boxes (:func:`flat_slabs`).
 
     Returns:
-        One part per (block, slab) that meet, blocks in the order of ``rows``, then slabs in
-        theirs.
+        Per slab in order, the parts of the blocks that meet it in the order of ``rows``, each
+        run of blocks side by side along the last dim (whole along it) merged into one part.
     """
-    parts = []
+    parts: list[BoxPart] = []
     sizes, shape = spec.block_shape, spec.merged_shape
-    for position, row in enumerate(rows):
+    bounds = []  # per row: its block's first and last index + 1, per dim
+    for row in rows:
         index = []
         for g in reversed(spec.grid):  # row-major over the grid
             index.append(row % g)
@@ -193,7 +209,9 @@ def box_parts(spec: BlockSpec, rows: tuple[int, ...], slabs: list[Slab]) -> list
         index.reverse()
         firsts = [i * size for i, size in zip(index, sizes, strict=True)]
         lasts = [min(f + size, d) for f, size, d in zip(firsts, sizes, shape, strict=True)]
-        for number, slab in enumerate(slabs):
+        bounds.append((firsts, lasts))
+    for number, slab in enumerate(slabs):
+        for position, (firsts, lasts) in enumerate(bounds):
             in_slab, in_block = [], []
             for first, last, origin, extent in zip(
                 firsts, lasts, slab.origin, slab.shape, strict=True
@@ -205,7 +223,30 @@ def box_parts(spec: BlockSpec, rows: tuple[int, ...], slabs: list[Slab]) -> list
                 in_block.append(slice(low - first, high - first))
             else:
                 numel = math.prod(s.stop - s.start for s in in_slab)
-                parts.append(BoxPart(position, number, tuple(in_slab), tuple(in_block), numel))
+                part = BoxPart(position, number, tuple(in_slab), tuple(in_block), numel)
+                before = parts[-1] if parts else None
+                # merge with the part before when the blocks are neighbours along the last dim
+                # (next position, same rows, the columns go on) and equal parts of their blocks
+                # (so, whole along the last dim: a block cut by the slab has no such neighbour)
+                if (
+                    before is not None
+                    and before.slab == number
+                    and before.position + before.count == position
+                    and before.in_block == part.in_block
+                    and before.in_slab[:-1] == part.in_slab[:-1]
+                    and before.in_slab[-1].stop == part.in_slab[-1].start
+                ):
+                    side_by_side = slice(before.in_slab[-1].start, part.in_slab[-1].stop)
+                    parts[-1] = BoxPart(
+                        before.position,
+                        number,
+                        (*before.in_slab[:-1], side_by_side),
+                        before.in_block,
+                        before.numel + numel,
+                        before.count + 1,
+                    )
+                else:
+                    parts.append(part)
     return parts
 
 
@@ -214,14 +255,14 @@ def gather_parts(piece: torch.Tensor, slabs: list[Slab], parts: list[BoxPart]) -
     if not parts:
         return piece.new_empty(0)
     views = [slab.view(piece) for slab in slabs]
-    return torch.cat([views[p.slab][p.in_slab].reshape(-1) for p in parts])
+    return torch.cat([p.of_slab(views[p.slab]).reshape(-1) for p in parts])
 
 
 def gather_block_parts(blocks: torch.Tensor, parts: list[BoxPart]) -> torch.Tensor:
     """The values of ``parts`` of a piece in row form ``(rows, *block_shape)`` (1-D)."""
     if not parts:
         return blocks.new_empty(0)
-    return torch.cat([blocks[(p.position, *p.in_block)].reshape(-1) for p in parts])
+    return torch.cat([p.of_blocks(blocks).reshape(-1) for p in parts])
 
 
 def scatter_parts(
@@ -231,7 +272,7 @@ def scatter_parts(
     views = [slab.view(piece) for slab in slabs]
     offset = 0
     for p in parts:
-        region = views[p.slab][p.in_slab]
+        region = p.of_slab(views[p.slab])
         region.copy_(values[offset : offset + p.numel].view(region.shape))
         offset += p.numel
 
@@ -240,6 +281,6 @@ def scatter_block_parts(blocks: torch.Tensor, values: torch.Tensor, parts: list[
     """Write ``values`` (laid out as :func:`gather_block_parts` does) into a piece in row form."""
     offset = 0
     for p in parts:
-        region = blocks[(p.position, *p.in_block)]
+        region = p.of_blocks(blocks)
         region.copy_(values[offset : offset + p.numel].view(region.shape))
         offset += p.numel

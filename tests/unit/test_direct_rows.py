@@ -94,7 +94,8 @@ def _pieces(cut, shape, world, whole):
     "shape, block_size, world",
     [((37, 20), 8, 3), ((16, 16), 8, 2), ((61, 61), 8, 4), ((10, 7, 9), 4, 4), ((45,), 8, 4)],
 )
-def test_parts_rebuild_rows_and_shards(shape, block_size, world, cut):
+@pytest.mark.parametrize("interleaved", [True, False], ids=["interleaved", "runs"])
+def test_parts_rebuild_rows_and_shards(shape, block_size, world, cut, interleaved):
     spec = _spec(shape, block_size)
     assert blocks_are_boxes(spec)
     whole = torch.randn(shape, dtype=torch.float64)
@@ -102,7 +103,10 @@ def test_parts_rebuild_rows_and_shards(shape, block_size, world, cut):
     shards, slabs = _pieces(cut, shape, world, whole)
     if cut is _row_ranges:  # a range of whole rows is one box
         assert all(len(s) <= 1 for s in slabs)
-    owners = [tuple(range(o, spec.rows, 3)) for o in range(3)]  # three owners, rows interleaved
+    if interleaved:  # three owners, rows dealt out in turn
+        owners = [tuple(range(o, spec.rows, 3)) for o in range(3)]
+    else:  # three owners, runs of rows (blocks side by side: merged parts)
+        owners = [tuple(range(*chunk_range(spec.rows, 3, o))) for o in range(3)]
     rebuilt_shards = [torch.zeros_like(s) for s in shards]
     for held in owners:
         piece = torch.zeros(len(held), *spec.block_shape, dtype=whole.dtype)
@@ -133,6 +137,22 @@ def test_flat_slabs_tile_any_range_with_boxes(shape):
                 assert torch.equal(slab.view(piece), index[box])
                 covered += index[box].reshape(-1).tolist()
             assert covered == list(range(start, stop)), (start, stop)
+
+
+def test_blocks_side_by_side_are_one_part():
+    """A run of whole blocks along the last dim inside one slab is one part (one copy)."""
+    spec = _spec((20, 32), 8)  # grid (3, 4) of (7, 8) blocks; the last block row padded
+    whole = torch.randn(20, 32, dtype=torch.float64)
+    slabs = flat_slabs((20, 32), 0, 20 * 32)
+    parts = box_parts(spec, tuple(range(12)), slabs)
+    assert [(p.position, p.count) for p in parts] == [(0, 4), (4, 4), (8, 4)]
+    piece = torch.zeros(12, *spec.block_shape, dtype=whole.dtype)
+    scatter_block_parts(piece, gather_parts(whole, slabs, parts), parts)
+    assert torch.equal(piece, spec.to_rows(whole))
+    # a shard that cuts the columns (a box of columns 4..27) leaves the edge blocks partial
+    box = box_slabs((tuple(range(20)), tuple(range(4, 28))))
+    counts = [p.count for p in box_parts(spec, (0, 1, 2, 3), box)]
+    assert counts == [1, 2, 1]
 
 
 def test_box_slabs_are_the_runs_of_a_box():
