@@ -56,6 +56,8 @@ class SplitExchange:
         """(parameter, owner, holder) -> the parts of the owner's blocks in the holder's shard."""
         self._slab_cache: dict[tuple[int, int], list[Slab]] = {}
         """(parameter, holder) -> the holder's shard as slabs."""
+        self._numels: dict[tuple[int, int, int], int] = {}
+        """(parameter, owner, holder) -> the elements of those parts."""
         self._piece_of = {(i, piece.owner): piece for i in self.direct for piece in self.split[i]}
         """(direct parameter, owner) -> that owner's piece of it."""
 
@@ -77,6 +79,15 @@ class SplitExchange:
             self._parts[key] = parts
         return parts
 
+    def _parts_numel(self, index: int, piece: Piece, holder: int) -> int:
+        """The elements of :meth:`_box_parts` (cached)."""
+        key = (index, piece.owner, holder)
+        numel = self._numels.get(key)
+        if numel is None:
+            numel = sum(p.numel for p in self._box_parts(index, piece, holder))
+            self._numels[key] = numel
+        return numel
+
     def _direct_grads(self, direct: list[int], grads: dict[int, torch.Tensor], device) -> None:
         """Shard holders send each owner of a piece the parts of their gradient in its blocks.
 
@@ -96,11 +107,11 @@ class SplitExchange:
                     values = None
                     if local is not None:
                         values = gather_parts(local, self._slabs(i, self.rank), parts)
-                    numel = sum(p.numel for p in parts)
+                    numel = self._parts_numel(i, piece, self.rank)
                     to[piece.owner].append((float(local is not None), values, numel))
                 if piece.owner == self.rank:
                     for source in layout.sources(self.rank):
-                        numel = sum(p.numel for p in self._box_parts(i, piece, source))
+                        numel = self._parts_numel(i, piece, source)
                         recv_splits[source] += [1, numel]
                         recv_items[source].append(i)
         send = pack_flagged([b for blocks in to for b in blocks], self.exact, device)
@@ -150,8 +161,9 @@ class SplitExchange:
                     for destination in range(self.world):
                         parts = self._box_parts(i, piece, destination)
                         values = None if blocks is None else gather_block_parts(blocks, parts)
-                        to[destination].append((flag, values, sum(p.numel for p in parts)))
-                numel = sum(p.numel for p in self._box_parts(i, piece, self.rank))
+                        numel = self._parts_numel(i, piece, destination)
+                        to[destination].append((flag, values, numel))
+                numel = self._parts_numel(i, piece, self.rank)
                 recv_splits[piece.owner] += [1, numel]
                 recv_items[piece.owner].append(i)
         send = pack_flagged([b for blocks in to for b in blocks], wire, device)
