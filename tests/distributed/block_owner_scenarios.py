@@ -438,17 +438,10 @@ def single_adaptive(world: int, steps: int, zero_masses: bool, fsdp2: bool = Fal
     return {"params": [p.detach().clone() for p in model.parameters()], "skipped": skipped}
 
 
-def train_split_fsdp1(rank: int, world: int, steps: int, direct: bool = True) -> dict:
-    """fp64 FSDP1 (``use_orig_params``) training with lossless SOAP, every block stepped.
-
-    ``direct``: False sends every split parameter through its assembler (in this rank's
-    process).
-    """
+def train_split_fsdp1(rank: int, world: int, steps: int) -> dict:
+    """fp64 FSDP1 (``use_orig_params``) training with lossless SOAP, every block stepped."""
     from torch.distributed.fsdp import FullyShardedDataParallel  # noqa: PLC0415
 
-    from distsoap.strategies.sharded import ShardedLossless  # noqa: PLC0415
-
-    ShardedLossless.direct_exchange = direct
     # FSDP1 hands an unused parameter a zero gradient, not None: no skipped blocks here
     model = ProblemModel(torch.float64, FSDP_SHAPES, "none")
     wrapped = FullyShardedDataParallel(model, use_orig_params=True, device_id=torch.device("cpu"))

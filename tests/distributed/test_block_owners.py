@@ -212,7 +212,7 @@ def test_fsdp1_split_parameters_match_single_process():
     """FSDP1's pieces are ranges of the flattened parameter, cut inside rows: the parts of a
     block in one are a few boxes, sent straight to its owner (the assembler's round trip, the
     other path, is held against one process under FSDP2 above)."""
-    results = run_ranks(bo.train_split_fsdp1, 3, steps=12, direct=True)
+    results = run_ranks(bo.train_split_fsdp1, 3, steps=12)
     split = _split(results[0]["pieces"])
     assert split and all(len(set(o)) >= 2 for o in split.values())
     first = results[0]

@@ -73,12 +73,10 @@ def train_fsdp_tp(
     steps: int = 6,
     strategy: str = "auto",
     options: dict | None = None,
-    direct: bool = True,
 ) -> dict:
     """FSDP2 (mesh ``(dp, tp)``) or HSDP (``(replicate, shard, tp)``) over tensor parallel.
 
-    ``options``: more SOAP keywords; ``direct``: False sends every split parameter through its
-    assembler (in this rank's process).
+    ``options``: more SOAP keywords.
     """
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
@@ -93,9 +91,6 @@ def train_fsdp_tp(
     model = make_model(dtype)
     parallelize_module(model, mesh["tp"], {"up": ColwiseParallel(), "down": RowwiseParallel()})
     fully_shard(model, mesh=mesh[names[:-1]])
-    from distsoap.strategies.sharded import ShardedLossless
-
-    ShardedLossless.direct_exchange = direct
     opt = SOAP(model.parameters(), strategy=strategy, **OPTIONS, **(options or {}))
     tp = mesh_shape[-1]
     dp_index = rank // tp  # the mesh is row-major: ranks of one dp coordinate are adjacent
