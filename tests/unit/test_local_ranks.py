@@ -5,7 +5,7 @@ Two spawned gloo processes per call: the functions they run are module-level so 
 
 import torch
 
-from distsoap.testing.local_ranks import run_ranks
+from distsoap.testing.local_ranks import preload, run_ranks
 
 
 def echo(rank: int, world: int, *args, **kwargs) -> dict:
@@ -32,3 +32,16 @@ def test_keyword_arguments_reach_every_rank_by_name():
 def test_timeout_and_threads_stay_with_run_ranks():
     results = run_ranks(threads_and_kwargs, 2, timeout=120, threads=1, strategy="ddp")
     assert results == [{"threads": 1, "kwargs": {"strategy": "ddp"}}] * 2
+
+
+def modules_at_entry(rank: int, world: int, names: list[str]) -> list[bool]:
+    import sys
+
+    return [name in sys.modules for name in names]
+
+
+def test_ranks_start_with_the_preloaded_modules():
+    # forked from the fork server that imported them once: a rank finds them already there
+    names = ["torch._dynamo", "distsoap.testing.no_such_module"]
+    preload(names[1])  # cannot import: left out, as multiprocessing leaves it
+    assert run_ranks(modules_at_entry, 2, names) == [[True, False]] * 2
