@@ -20,3 +20,7 @@ fi
 "$py" benchmarks/bench_step.py --preset gpu
 "$py" benchmarks/bench_spike.py --preset gpu
 "$py" benchmarks/bench_train.py --preset gpu
+# issue 18's lean combination on the CPU timing set's shapes (real gradients, ~1 GB on the device)
+"$py" benchmarks/bench_options.py --device cuda --preset cpu --rounds 3 \
+  --configs reference,default,lean_b128_tol0.05 --lean-variants 128:0.05 \
+  --out benchmarks/results/bench_options_gpu.json
