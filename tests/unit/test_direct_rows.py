@@ -9,6 +9,7 @@ interleaved rows (FSDP2 over tensor parallel's strided shards).
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -183,3 +184,68 @@ def test_where_the_direct_exchange_applies():
     merged = _spec((8, 6, 3, 3), 5, merge_dims=True, max_precond_dim=16)  # (8, 6, 9)
     assert not blocks_are_boxes(merged)
     assert not blocks_are_boxes(_spec((37, 20), None))  # no blocks
+
+
+def _random_case(seed: int):
+    """A parameter, a block size, a sharding and owners drawn at random (reproducibly).
+
+    Shardings: flat ranges cut anywhere (some empty), or a DTensor-like product of per-dim
+    partitions into arbitrary index subsets (not runs), as nested strided shards make them.
+    Owners: every block row given to one of up to four owners, in any pattern.
+    """
+    gen = torch.Generator().manual_seed(seed)
+
+    def draw(low: int, high: int) -> int:
+        return int(torch.randint(low, high + 1, (), generator=gen))
+
+    shape = (draw(2, 13), *(draw(1, 13) for _ in range(draw(0, 2))))
+    spec = _spec(shape, draw(1, max(shape) - 1))  # below the largest dim: blocks
+    world = draw(1, 5)
+    if seed % 2:  # flat ranges: sorted cut points, repeats give empty ranges
+        numel = math.prod(shape)
+        cuts = sorted(draw(0, numel) for _ in range(world - 1))
+        cuts = [0, *cuts, numel]
+        layout = ShardLayout(
+            shape, (numel,), 0, tuple(zip(cuts[:-1], cuts[1:], strict=True)), (0,) * world
+        )
+        pieces = [torch.arange(numel)[a:b] for a, b in layout.ranges]
+    else:  # boxes: each dim's indices dealt at random to up to two groups
+        groups = []
+        for size in shape:
+            count = draw(1, min(2, size))
+            label = torch.randint(0, count, (size,), generator=gen)
+            label[:count] = torch.arange(count)  # no empty group
+            groups.append(
+                [tuple(torch.nonzero(label == g).flatten().tolist()) for g in range(count)]
+            )
+        boxes = tuple(itertools.product(*groups))
+        layout = BoxLayout(shape, boxes)
+        layout.check_tiles()
+        index = torch.arange(math.prod(shape)).reshape(shape)
+        pieces = [index[layout._indices[r]].contiguous() for r in range(len(boxes))]
+        world = len(boxes)
+    label = torch.randint(0, draw(1, 4), (spec.rows,), generator=gen)
+    owners = [tuple(torch.nonzero(label == o).flatten().tolist()) for o in label.unique()]
+    return spec, shape, layout, pieces, world, owners
+
+
+@pytest.mark.parametrize("seed", range(60))
+def test_random_layouts_and_owners_round_trip(seed):
+    """Any sharding the direct exchange accepts, any owners: copies rebuild rows and shards."""
+    spec, shape, layout, index_pieces, world, owners = _random_case(seed)
+    assert direct_exchange_applies(spec, layout)
+    whole = torch.randn(shape, dtype=torch.float64)
+    flat = whole.reshape(-1)
+    shards = [flat[p.reshape(-1)].reshape(p.shape) for p in index_pieces]
+    slabs = [slabs_of(layout, r) for r in range(world)]
+    rows = spec.to_rows(whole)
+    rebuilt = [torch.zeros_like(s) for s in shards]
+    for held in owners:
+        piece = torch.zeros(len(held), *spec.block_shape, dtype=whole.dtype)
+        for shard, shard_slabs, back in zip(shards, slabs, rebuilt, strict=True):
+            parts = box_parts(spec, held, shard_slabs)
+            scatter_block_parts(piece, gather_parts(shard, shard_slabs, parts), parts)
+            scatter_parts(back, shard_slabs, gather_block_parts(piece, parts), parts)
+        assert torch.equal(piece, rows[list(held)]), (seed, held)  # exact: copies only
+    for shard, back in zip(shards, rebuilt, strict=True):
+        assert torch.equal(back, shard), seed
