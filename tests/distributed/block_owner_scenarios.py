@@ -30,6 +30,10 @@ param group whose ``max_precond_dim`` (4) leaves its blocks unrotated: its block
 included, still travel and are put back together like the others, with Adam's exact math."""
 FSDP_SHAPES = [(1,) if s == () else s for s in SPLIT_SHAPES]
 """The same for FSDP2, which shards no scalar."""
+MERGED_SHAPES = [(64, 8, 3, 3) if len(s) == 4 else s for s in FSDP_SHAPES]
+"""FSDP_SHAPES with a large conv weight: under ``merge_dims`` it is ``(64, 24, 3)``, cut into
+8 x 3 blocks of ``(8, 8, 3)`` (each factor full rank from the first gradient). Its blocks are
+boxes of the merged dims, not of the parameter's, so a split takes the assembler's round trip."""
 PADDED = len(SPLIT_SHAPES) - 1
 """Index of the padded parameter in the problem."""
 NAN_STEP, NAN_PARAM = 4, 5
@@ -107,10 +111,19 @@ def single(
     skips: str = "per_rank",
     shapes=None,
     dtype: torch.dtype = torch.float64,
+    **options,
 ) -> dict:
-    """One process on the full batch (``world``'s shards), optionally from a saved state."""
+    """One process on the full batch (``world``'s shards), optionally from a saved state;
+    ``options`` go to SOAP."""
     model = ProblemModel(dtype, shapes, skips)
-    opt = SOAP(model.param_groups(), strategy="single", nonfinite_grads="skip", **OPTIONS, **BLOCKS)
+    opt = SOAP(
+        model.param_groups(),
+        strategy="single",
+        nonfinite_grads="skip",
+        **OPTIONS,
+        **BLOCKS,
+        **options,
+    )
     if saved is not None:
         state = torch.load(io.BytesIO(saved), weights_only=False)
         model.load_state_dict(state["model"])
@@ -269,12 +282,19 @@ def single_bytes(
 
 
 def train_split_fsdp2(
-    rank: int, world: int, steps: int, hsdp: bool = False, direct: bool = True
+    rank: int,
+    world: int,
+    steps: int,
+    hsdp: bool = False,
+    direct: bool = True,
+    shapes=FSDP_SHAPES,
+    **options,
 ) -> dict:
     """fp64 FSDP2 training (dim 0 sharded over ``world`` ranks) with lossless SOAP.
 
     ``hsdp``: a ``(2, world / 2)`` mesh, replicated over its first dim (HSDP). ``direct``:
     False sends every split parameter through its assembler (in this rank's process).
+    ``shapes``: the problem's; ``options`` go to SOAP.
     """
     from torch.distributed.device_mesh import init_device_mesh  # noqa: PLC0415
     from torch.distributed.fsdp import fully_shard  # noqa: PLC0415
@@ -283,17 +303,22 @@ def train_split_fsdp2(
 
     ShardedLossless.direct_exchange = direct
 
-    model = ProblemModel(torch.float64, FSDP_SHAPES, "global")  # FSDP2 reduces every gradient
+    model = ProblemModel(torch.float64, shapes, "global")  # FSDP2 reduces every gradient
     shape, names = ((2, world // 2), ("replicate", "shard")) if hsdp else ((world,), ("shard",))
     fully_shard(model, mesh=init_device_mesh("cpu", shape, mesh_dim_names=names))
-    opt = SOAP(model.param_groups(), strategy="fsdp2", **OPTIONS, **BLOCKS)
+    opt = SOAP(model.param_groups(), strategy="fsdp2", **OPTIONS, **BLOCKS, **options)
     train(model, opt, range(steps), rank, world)
     strategy = opt.strategy
     return {
         "params": [p.full_tensor().detach().clone() for p in model.parameters()],
         "pieces": [(p.param, p.owner, p.rows) for ps in strategy.split.values() for p in ps],
         "split_shapes": {tuple(strategy.params[i].shape) for i in strategy.split},
+        "owners_by_shape": {
+            tuple(strategy.params[i].shape): sorted({p.owner for p in ps})
+            for i, ps in strategy.split.items()
+        },
         "direct": sorted(strategy.direct),
+        "direct_shapes": {tuple(strategy.params[i].shape) for i in strategy.direct},
         "split": sorted(strategy.split),
         "sent": dict(opt.comm_stats["total_bytes"]),
         "state_bytes": opt.state_bytes(),
@@ -457,6 +482,7 @@ def train_split_fsdp1(rank: int, world: int, steps: int) -> dict:
         "params": params,
         "pieces": [(p.param, p.owner, p.rows) for ps in strategy.split.values() for p in ps],
         "direct": sorted(strategy.direct),
+        "direct_shapes": {tuple(strategy.params[i].shape) for i in strategy.direct},
         "split": sorted(strategy.split),
         "sent": dict(opt.comm_stats["total_bytes"]),
         # whether some rank's flat range of a split parameter ends inside one of its rows
@@ -543,6 +569,7 @@ def train_split_deepspeed(
         "pieces": sorted(pieces, key=lambda p: (p[0], p[1])),
         "split_shapes": {tuple(strategy.layouts[i].full_shape) for i in strategy.split},
         "direct": sorted(strategy.direct),
+        "direct_shapes": {tuple(strategy.params[i].shape) for i in strategy.direct},
         "split": sorted(strategy.split),
         "sent": dict(soap.comm_stats["total_bytes"]),
         "state_bytes": soap.state_bytes(),
