@@ -463,14 +463,24 @@ def single_adaptive(world: int, steps: int, zero_masses: bool, fsdp2: bool = Fal
     return {"params": [p.detach().clone() for p in model.parameters()], "skipped": skipped}
 
 
-def train_split_fsdp1(rank: int, world: int, steps: int) -> dict:
-    """fp64 FSDP1 (``use_orig_params``) training with lossless SOAP, every block stepped."""
+def train_split_fsdp1(rank: int, world: int, steps: int, shapes=FSDP_SHAPES, **options) -> dict:
+    """fp64 FSDP1 (``use_orig_params``) training with lossless SOAP, every block stepped.
+
+    ``shapes``: the problem's; ``options`` go to SOAP.
+    """
     from torch.distributed.fsdp import FullyShardedDataParallel  # noqa: PLC0415
 
     # FSDP1 hands an unused parameter a zero gradient, not None: no skipped blocks here
-    model = ProblemModel(torch.float64, FSDP_SHAPES, "none")
+    model = ProblemModel(torch.float64, shapes, "none")
     wrapped = FullyShardedDataParallel(model, use_orig_params=True, device_id=torch.device("cpu"))
-    opt = SOAP(model.param_groups(), strategy="fsdp1", fsdp_model=wrapped, **OPTIONS, **BLOCKS)
+    opt = SOAP(
+        model.param_groups(),
+        strategy="fsdp1",
+        fsdp_model=wrapped,
+        **OPTIONS,
+        **BLOCKS,
+        **options,
+    )
     for step in range(steps):
         opt.zero_grad(set_to_none=True)
         wrapped(step, rank, (rank, world)).backward()
@@ -478,11 +488,15 @@ def train_split_fsdp1(rank: int, world: int, steps: int) -> dict:
     with FullyShardedDataParallel.summon_full_params(wrapped):
         params = [p.detach().clone() for p in model.parameters()]
     strategy = opt.strategy
+    whole = [tuple(layout.full_shape) for layout in strategy.layouts]  # params are flat views
     return {
         "params": params,
         "pieces": [(p.param, p.owner, p.rows) for ps in strategy.split.values() for p in ps],
+        "owners_by_shape": {
+            whole[i]: sorted({p.owner for p in ps}) for i, ps in strategy.split.items()
+        },
         "direct": sorted(strategy.direct),
-        "direct_shapes": {tuple(strategy.params[i].shape) for i in strategy.direct},
+        "direct_shapes": {whole[i] for i in strategy.direct},
         "split": sorted(strategy.split),
         "sent": dict(opt.comm_stats["total_bytes"]),
         # whether some rank's flat range of a split parameter ends inside one of its rows
