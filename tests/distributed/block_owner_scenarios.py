@@ -583,7 +583,6 @@ def train_split_deepspeed(
         "pieces": sorted(pieces, key=lambda p: (p[0], p[1])),
         "split_shapes": {tuple(strategy.layouts[i].full_shape) for i in strategy.split},
         "direct": sorted(strategy.direct),
-        "direct_shapes": {tuple(strategy.params[i].shape) for i in strategy.direct},
         "split": sorted(strategy.split),
         "sent": dict(soap.comm_stats["total_bytes"]),
         "state_bytes": soap.state_bytes(),
