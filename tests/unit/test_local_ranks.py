@@ -1,7 +1,10 @@
 """run_ranks (distsoap/testing/local_ranks.py) hands each rank its positional and keyword arguments.
 
-Two spawned gloo processes per call: the functions they run are module-level so they import.
+Two gloo processes per call, forked from run_ranks' fork server: the functions they run are
+module-level so they import.
 """
+
+import sys
 
 import torch
 
@@ -35,8 +38,6 @@ def test_timeout_and_threads_stay_with_run_ranks():
 
 
 def modules_at_entry(rank: int, world: int, names: list[str]) -> list[bool]:
-    import sys
-
     return [name in sys.modules for name in names]
 
 
