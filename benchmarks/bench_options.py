@@ -1,7 +1,7 @@
 r"""SOAP's state and refresh options on bench_step's GPT-shaped set: step, refresh time, state.
 
 For every configuration (the default, each option alone, the lean combination, and as peers the
-per-parameter reference and torch's AdamW) one run measures, on the same gradients:
+per-parameter reference and torch's AdamW, and the floor) one run measures, on the same gradients:
 
 - the time of one ``optimizer.step()``, mean over ``--cycles`` refresh cycles after a warm-up
   cycle (the first call and ``precondition_frequency`` updates), as bench_step times it;
@@ -16,7 +16,9 @@ The configurations: ``default``; each option alone (``bf16_factors``, ``bf16_bas
 ``--tolerances``, ``bf16_moments``); ``lean``: bf16 factors and bases, ``block_size``
 ``--lean-block`` (256) and ``refresh_tolerance`` ``--lean-tolerance`` (0.1), with
 ``lean_tol<t>`` (``lean_b<b>_tol<t>``) for the ``--lean-variants`` tolerances ``t`` (``b:t``:
-another block size too); the peers ``reference`` and ``adamw``.
+another block size too); the peers ``reference`` and ``adamw``; and ``floor``, the products and
+QRs one SOAP step cannot avoid timed as plain torch calls on the same shapes (``common.time_floor``,
+bench_step's floor), the yardstick of how far the default's step can still fall.
 ``--masses default,...`` first traces, untimed, the off-diagonal mass before each refresh of
 these configurations (what the adaptive refresh compares with its tolerance) and after it.
 
@@ -61,6 +63,7 @@ from common import (
     gpt_shapes,
     random_grads,
     sync,
+    time_floor,
     write_results,
 )
 
@@ -70,7 +73,7 @@ from distsoap.demo.model import GPT, GPTConfig
 from distsoap.demo.train import lr_factor
 from distsoap.math.adaptive import off_diagonal_mass
 
-PEERS = ("reference", "adamw")
+PEERS = ("reference", "adamw", "floor")
 
 
 def option_sets(
@@ -213,7 +216,7 @@ class Measured:
     Attributes:
         step_ms: Mean milliseconds per ``optimizer.step()`` over the timed cycles.
         refresh_ms: Milliseconds in ``finish_refreshes`` per timed step (None for the peers).
-        state_bytes: Bytes of optimizer state after the run.
+        state_bytes: Bytes of optimizer state after the run (None for the floor).
         skipped: Refreshes skipped by the adaptive refresh in the timed cycles (parameters).
         due: Refreshes due in the timed cycles (parameters with a factored dim x cycles).
         fallbacks: Blocks whose bf16 bases the drift guard sent back to fp32.
@@ -221,7 +224,7 @@ class Measured:
 
     step_ms: float
     refresh_ms: float | None
-    state_bytes: int
+    state_bytes: int | None
     skipped: int
     due: int
     fallbacks: int
@@ -305,6 +308,20 @@ def measure(
         fallbacks=state_count(opt, "basis_fallbacks"),
     )
     return result
+
+
+def measure_floor(
+    grads: Sequence[Sequence[torch.Tensor]],
+    max_dim: int,
+    frequency: int,
+    cycles: int,
+    device: torch.device,
+) -> Measured:
+    """The floor (``common.time_floor``) over the same cycles, as a peer: no state, no refresh."""
+    step = time_floor(grads[0], max_dim, frequency, cycles, device)
+    return Measured(
+        step_ms=step * 1e3, refresh_ms=None, state_bytes=None, skipped=0, due=0, fallbacks=0
+    )
 
 
 def masses(opt: SOAP) -> list[float]:
@@ -405,17 +422,23 @@ def summarise(
     out: dict[str, dict[str, Any]] = {}
     for name in names:
         runs = [r[name] for r in rounds]
+        state = runs[-1].state_bytes
         row: dict[str, Any] = {
             "step_ms": spread([m.step_ms for m in runs]),
-            "state_bytes": runs[-1].state_bytes,
-            "state_bytes_per_param": runs[-1].state_bytes / n_params,
+            "state_bytes": state,
+            "state_bytes_per_param": None if state is None else state / n_params,
             "skipped": [m.skipped for m in runs],
             "due": runs[-1].due,
             "basis_fallbacks": runs[-1].fallbacks,
         }
         if runs[0].refresh_ms is not None:
             row["refresh_ms_per_step"] = spread([m.refresh_ms for m in runs])
-        for peer, key in (("reference", "step_x_reference"), ("default", "step_x_default")):
+        peers = (
+            ("reference", "step_x_reference"),
+            ("default", "step_x_default"),
+            ("floor", "step_x_floor"),
+        )
+        for peer, key in peers:
             if peer in rounds[0] and name != peer:
                 row[key] = spread([r[name].step_ms / r[peer].step_ms for r in rounds])
         if "default" in rounds[0] and name != "default" and runs[0].refresh_ms is not None:
@@ -424,8 +447,8 @@ def summarise(
                 row["refresh_x_default"] = spread(
                     [r[name].refresh_ms / d for r, d in zip(rounds, ref)]
                 )
-        if "default" in rounds[0]:
-            row["state_x_default"] = runs[-1].state_bytes / rounds[-1]["default"].state_bytes
+        if "default" in rounds[0] and state is not None:
+            row["state_x_default"] = state / rounds[-1]["default"].state_bytes
         out[name] = row
     return out
 
@@ -433,7 +456,7 @@ def summarise(
 def print_table(summary: dict[str, dict[str, Any]]) -> None:
     """The summary as a text table (median [min, max] over rounds)."""
     header = (
-        f"{'config':14s} {'step ms':>22s} {'x reference':>20s} {'x default':>20s} "
+        f"{'config':14s} {'step ms':>22s} {'x reference':>20s} {'x default':>20s} {'x floor':>20s} "
         f"{'refresh ms/step':>22s} {'refresh x default':>20s} {'B/param':>8s} "
         f"{'state x def':>11s} {'skipped/due':>12s} {'fallbk':>6s}"
     )
@@ -441,12 +464,14 @@ def print_table(summary: dict[str, dict[str, Any]]) -> None:
     for name, row in summary.items():
         skipped = f"{statistics.median(row['skipped']):g}/{row['due']}" if row["due"] else "-"
         state_x = row.get("state_x_default")
+        per_param = row["state_bytes_per_param"]
+        per_param = "-" if per_param is None else f"{per_param:.2f}"
         print(
             f"{name:14s} {fmt(row['step_ms'], 1):>22s} {fmt(row.get('step_x_reference')):>20s} "
-            f"{fmt(row.get('step_x_default')):>20s} "
+            f"{fmt(row.get('step_x_default')):>20s} {fmt(row.get('step_x_floor')):>20s} "
             f"{fmt(row.get('refresh_ms_per_step'), 1):>22s} "
-            f"{fmt(row.get('refresh_x_default')):>20s} {row['state_bytes_per_param']:8.2f} "
-            f"{state_x if state_x is None else f'{state_x:.3f}'!s:>11s} {skipped:>12s} "
+            f"{fmt(row.get('refresh_x_default')):>20s} {per_param:>8s} "
+            f"{'-' if state_x is None else f'{state_x:.3f}':>11s} {skipped:>12s} "
             f"{row['basis_fallbacks']:6d}"
         )
 
@@ -495,10 +520,11 @@ def main() -> None:
         [lean_variant(v) for v in args.lean_variants.split(",") if v],
     )
     built = makers(sets, preset["max_precond_dim"], args.frequency)
-    names = list(built) if args.configs == "all" else args.configs.split(",")
-    unknown = [n for n in names if n not in built]
+    known = [*built, "floor"]
+    names = known if args.configs == "all" else args.configs.split(",")
+    unknown = [n for n in names if n not in known]
     if unknown:
-        p.error(f"unknown configs {unknown}; known: {sorted(built)}")
+        p.error(f"unknown configs {unknown}; known: {sorted(known)}")
 
     count = 1 + args.frequency * (1 + args.cycles)
     start = time.perf_counter()
@@ -538,13 +564,19 @@ def main() -> None:
         order = names[r % len(names) :] + names[: r % len(names)]
         measured = {}
         for name in order:
-            measured[name] = measure(built[name], grads, args.frequency, args.cycles, device)
+            if name == "floor":
+                measured[name] = measure_floor(
+                    grads, preset["max_precond_dim"], args.frequency, args.cycles, device
+                )
+            else:
+                measured[name] = measure(built[name], grads, args.frequency, args.cycles, device)
             gc.collect()  # the last configuration's optimizer and parameters
             m = measured[name]
             refresh = "" if m.refresh_ms is None else f", refresh {m.refresh_ms:.1f} ms/step"
+            state = "" if m.state_bytes is None else f", {m.state_bytes / n_params:.2f} B/param"
             print(
-                f"round {r + 1}/{args.rounds} {name:14s} step {m.step_ms:7.1f} ms{refresh}, "
-                f"{m.state_bytes / n_params:.2f} B/param, skipped {m.skipped}/{m.due}",
+                f"round {r + 1}/{args.rounds} {name:14s} step {m.step_ms:7.1f} ms{refresh}"
+                f"{state}, skipped {m.skipped}/{m.due}",
                 flush=True,
             )
         rounds.append({n: measured[n] for n in names})

@@ -27,43 +27,10 @@ from common import (
     gpt_shapes,
     optimizers,
     random_grads,
-    time_calls,
+    time_floor,
     time_optimizer,
     write_results,
 )
-
-
-def time_floor(shapes, grads, max_dim, frequency, cycles, device) -> float:
-    """Seconds per step of the unavoidable products, refresh amortised over the cycle."""
-    mats = [(g, [d if d <= max_dim else None for d in g.shape]) for g in grads[0] if g.dim() == 2]
-    bases = [
-        [torch.linalg.qr(torch.randn(d, d, device=device))[0] if d else None for d in ds]
-        for _, ds in mats
-    ]
-    factors = [[b @ b.T if b is not None else None for b in bs] for bs in bases]
-
-    def per_step():
-        for (g, _), (ql, qr) in zip(mats, bases):
-            x = ql.T @ g if ql is not None else g  # rotate in
-            x = x @ qr if qr is not None else x
-            x = ql @ x if ql is not None else x  # rotate out
-            x = x @ qr.T if qr is not None else x
-            if ql is not None:
-                g @ g.T  # factor products
-            if qr is not None:
-                g.T @ g
-
-    def refresh():
-        for fs, bs in zip(factors, bases):
-            for f, b in zip(fs, bs):
-                if f is not None:
-                    torch.linalg.qr(f @ b)
-
-    per_step()
-    refresh()
-    products = time_calls(per_step, device, warmup=0, repeats=1, number=cycles * frequency)
-    refreshes = time_calls(refresh, device, warmup=0, repeats=1, number=cycles)
-    return products.times[0] + refreshes.times[0] / frequency
 
 
 def main() -> None:
@@ -92,9 +59,7 @@ def main() -> None:
         for name, make in makers.items():
             seconds = time_optimizer(make, shapes, grads, args.frequency, args.cycles, device)
             best[name] = min(best.get(name, float("inf")), seconds)
-        floor = time_floor(
-            shapes, grads, preset["max_precond_dim"], args.frequency, args.cycles, device
-        )
+        floor = time_floor(grads[0], preset["max_precond_dim"], args.frequency, args.cycles, device)
         best["floor (products + refresh)"] = min(
             best.get("floor (products + refresh)", float("inf")), floor
         )

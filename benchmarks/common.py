@@ -7,6 +7,7 @@ this file by path (``tests/unit/test_bench_common.py``).
 - ``GPT_PRESETS`` / ``gpt_shapes``: the GPT-shaped parameter sets of the step-time benchmarks,
   ``TINY_LAYERS`` / ``tiny_gpt_shapes``: the tiny ones of the host-overhead benchmarks;
 - ``HPARAMS``, ``optimizers``, ``time_optimizer``: the contenders and how a step is timed;
+  ``time_floor``: the products and QRs a SOAP step cannot avoid, as plain torch calls;
 - ``sync``, ``time_calls`` / ``Timing``: warm-up, then rounds of calls timed between device
   synchronisations;
 - ``base_parser``, ``chosen_preset``: the command-line options the scripts share;
@@ -203,6 +204,61 @@ def time_optimizer(
 
     timing = time_calls(step, device, warmup=frequency + 1, repeats=1, number=cycles * frequency)
     return timing.times[0]
+
+
+def time_floor(
+    grads: Sequence[torch.Tensor],
+    max_dim: int,
+    frequency: int,
+    cycles: int,
+    device: torch.device,
+) -> float:
+    """Seconds per step of the products one SOAP step cannot avoid, refresh amortised.
+
+    Per matrix of ``grads`` (dims above ``max_dim`` not rotated): the gradient rotated in, the
+    update rotated out and the two factor products, every step; the refresh's ``GG Q`` product
+    and QR per factor, once per ``frequency`` steps. Each is a plain torch call on one matrix,
+    on random orthonormal bases (the time of these calls does not depend on the values).
+
+    Args:
+        grads: One gradient set (one tensor per parameter; vectors are skipped).
+        max_dim: ``max_precond_dim``.
+        frequency: Steps per refresh cycle.
+        cycles: Refresh cycles timed.
+        device: Where the tensors live.
+
+    Returns:
+        The seconds per step.
+    """
+    mats = [(g, [d if d <= max_dim else None for d in g.shape]) for g in grads if g.dim() == 2]
+    bases = [
+        [torch.linalg.qr(torch.randn(d, d, device=device))[0] if d else None for d in ds]
+        for _, ds in mats
+    ]
+    factors = [[b @ b.T if b is not None else None for b in bs] for bs in bases]
+
+    def per_step() -> None:
+        for (g, _), (ql, qr) in zip(mats, bases):
+            x = ql.T @ g if ql is not None else g  # rotate in
+            x = x @ qr if qr is not None else x
+            x = ql @ x if ql is not None else x  # rotate out
+            x = x @ qr.T if qr is not None else x
+            if ql is not None:
+                g @ g.T  # factor products
+            if qr is not None:
+                g.T @ g
+
+    def refresh() -> None:
+        for fs, bs in zip(factors, bases):
+            for f, b in zip(fs, bs):
+                if f is not None:
+                    torch.linalg.qr(f @ b)
+
+    per_step()
+    refresh()
+    products = time_calls(per_step, device, warmup=0, repeats=1, number=cycles * frequency)
+    refreshes = time_calls(refresh, device, warmup=0, repeats=1, number=cycles)
+    return products.times[0] + refreshes.times[0] / frequency
 
 
 def optimizers(max_dim: int, frequency: int) -> dict[str, Callable]:

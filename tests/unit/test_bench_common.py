@@ -136,3 +136,21 @@ def test_gpt_shapes():
     assert len(shapes) == 1 + 8 * 4 + 2
     assert shapes[0] == (4096, 256)
     assert len(common.tiny_gpt_shapes(16)) == 1 + 8 * 16 + 2
+
+
+def test_time_floor_times_the_products_of_the_rotated_dims_only(monkeypatch):
+    """The floor's refresh QRs one ``GG Q`` per rotated dim; vectors and dims above the cap none."""
+    shapes = []
+    real_qr = torch.linalg.qr
+
+    def recording_qr(matrix):
+        shapes.append(tuple(matrix.shape))
+        return real_qr(matrix)
+
+    grads = [torch.randn(6, 4), torch.randn(8), torch.randn(3, 5)]
+    monkeypatch.setattr(torch.linalg, "qr", recording_qr)
+    seconds = common.time_floor(grads, max_dim=5, frequency=2, cycles=3, device="cpu")
+    assert seconds > 0
+    # the random bases (one per rotated dim), then the refresh: 1 untimed + 3 timed cycles
+    rotated = [(4, 4), (3, 3), (5, 5)]
+    assert shapes == rotated + rotated * 4
