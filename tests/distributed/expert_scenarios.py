@@ -79,6 +79,14 @@ def reference(
     return [p.detach() for p in dense_params] + [stacked] if dense else [stacked]
 
 
+def one_process(num_experts: int, dtype: torch.dtype, steps: int) -> list[torch.Tensor]:
+    """Single-process SOAP on the same stacked model (the same loss and gradients as the ranks)."""
+    model = MoE(num_experts, dtype)
+    opt = SOAP(model.param_groups(), strategy="single", **OPTIONS)
+    _train(model, opt, range(steps))
+    return model.full()
+
+
 def _distribute(model: MoE, layout: str) -> None:
     """Make every parameter a DTensor on the layout's mesh (dense ones sharded on dim 0)."""
     from torch.distributed.device_mesh import init_device_mesh

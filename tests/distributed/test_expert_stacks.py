@@ -15,6 +15,7 @@ from distsoap.testing.local_ranks import run_ranks
 from tests.distributed.expert_scenarios import (
     LAYOUTS,
     nan_on_one_rank,
+    one_process,
     reference,
     save_and_resume,
     train,
@@ -59,10 +60,21 @@ def test_sharded_experts_match_separate_experts(layout):
         )
 
 
-def test_fp32_sharded_experts_match_separate_experts():
-    want = reference(5, torch.float32, STEPS)
+def test_fp32_sharded_experts_match_one_process():
+    """In fp32, against one process on the same stacked model, to 2e-3 of each parameter's norm.
+
+    The ranks see the one process's gradients; only where SOAP's work runs differs (batched
+    products over 1-2 experts instead of 5, whose rounding may depend on the batch size), so
+    the runs are equal up to rounding, and this small problem amplifies rounding: a one-ulp
+    perturbation of the initial weights moves the one-process run by up to 4.1e-4 of a
+    parameter's norm after 6 steps (3 seeds, measured on an AMD EPYC; separate experts up to
+    2.8e-4). 2e-3 is 5x that, and 9x below what one expert's one missing update costs (1.8e-2).
+    The fp64 tests above hold stacks against separate experts to 1e-10.
+    """
+    want = one_process(5, torch.float32, STEPS)
     for result in run_ranks(train, 4, "fsdp2", "ep_on_two_mesh_dims", STEPS, torch.float32):
-        _close(result["full"], want, 1e-4)  # fp32 eigh/QR rounding over 2 refreshes
+        for got, expected in zip(result["full"], want, strict=True):
+            assert (got - expected).norm() <= 2e-3 * expected.norm()
 
 
 def test_experts_held_whole_cost_no_exchange():

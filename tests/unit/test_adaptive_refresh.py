@@ -160,7 +160,11 @@ def test_a_skipped_row_is_untouched_and_the_others_refresh_as_without_the_test()
     plain = _stack(factor, basis, shape)
     refresh_rows(plain, [0, 2], 2, torch.float64)  # the same rows, no test
     for key, value in tensors.items():
-        assert torch.equal(value[[0, 2]], plain[key][[0, 2]]), key  # the same operations
+        # the same operations, but on a stack of 3 rows against one of 2: a batched product's
+        # rounding may depend on the batch size (it does on an AMD EPYC), so fp64 to 1e-12
+        torch.testing.assert_close(
+            value[[0, 2]], plain[key][[0, 2]], rtol=1e-12, atol=1e-12, msg=key
+        )
         assert torch.equal(value[1], _stack(factor, basis, shape)[key][1]), key  # untouched
 
 
