@@ -73,8 +73,6 @@ from distsoap.demo.model import GPT, GPTConfig
 from distsoap.demo.train import lr_factor
 from distsoap.math.adaptive import off_diagonal_mass
 
-PEERS = ("reference", "adamw", "floor")
-
 
 def option_sets(
     blocks: Sequence[int],
